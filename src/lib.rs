@@ -1,0 +1,19 @@
+//! canary-router: canary routing for Envoy.
+//!
+//! For each request the filter removes any client-sent route header, decides which version serves the
+//! request (override, user-group rules, sticky percentage split) and writes that version into the route
+//! header; Envoy's route table then sends the request to the version's cluster.
+//!
+//! The crate is split so the logic is plain, host-testable Rust:
+//! - [`config`]: the JSON contract and its validation,
+//! - [`decision`]: the routing decision,
+//! - [`hash`]: the specified sticky hash,
+//! - `filter` (wasm32 only): the proxy-wasm glue that reads headers in and writes the decision out.
+
+pub mod config;
+pub mod decision;
+pub mod hash;
+pub mod metrics;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;

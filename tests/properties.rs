@@ -1,0 +1,128 @@
+//! Properties of the sticky split that users depend on, checked over many keys and configurations.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use canary_router::config::{parse, Config};
+use canary_router::decision::{decide, Reason, Request};
+use proptest::prelude::*;
+
+/// A request that carries only a user key in `x-user-id`.
+struct UserRequest<'a>(&'a str);
+
+impl Request for UserRequest<'_> {
+    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+        (name == "x-user-id").then(|| self.0.as_bytes().to_vec())
+    }
+}
+
+/// A rollout with sticky keys and the given canary percents (basis points / 100).
+fn config(salt: &str, canary_basis_points: &[u32]) -> Config {
+    let canaries: Vec<String> = canary_basis_points
+        .iter()
+        .enumerate()
+        .map(|(i, bp)| {
+            format!(
+                r#"{{"version":"c{i}","percent":{}.{:02}}}"#,
+                bp / 100,
+                bp % 100
+            )
+        })
+        .collect();
+    let json = format!(
+        r#"{{"rollouts":[{{"name":"web","stable":"stable","canaries":[{}],
+            "sticky":{{"keys":[{{"header":"x-user-id"}}],"salt":"{salt}"}}}}]}}"#,
+        canaries.join(",")
+    );
+    parse(json.as_bytes()).unwrap()
+}
+
+/// The version index a user gets; the random source must never matter when a key is present.
+fn version(config: &Config, user: &str) -> usize {
+    let mut draws = 0;
+    let d = decide(config, &mut UserRequest(user), &mut || {
+        draws += 1;
+        7
+    })
+    .unwrap();
+    assert_eq!(d.reason, Reason::Sticky);
+    assert_eq!(draws, 0, "a present key never draws randomness");
+    d.version
+}
+
+/// Canary percents (in basis points) whose sum is at most 100 %.
+fn canary_split() -> impl Strategy<Value = Vec<u32>> {
+    prop::collection::vec(0u32..=10_000, 1..=3)
+        .prop_filter("sum at most 100%", |v| v.iter().sum::<u32>() <= 10_000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_user_keeps_their_version(split in canary_split(), user in "\\PC{1,40}") {
+        let c = config("s", &split);
+        let first = version(&c, &user);
+        for _ in 0..3 {
+            prop_assert_eq!(version(&c, &user), first);
+        }
+    }
+
+    #[test]
+    fn raising_a_percent_never_moves_a_user_back_to_stable(
+        split in canary_split(),
+        which in 0usize..3,
+        raise in 1u32..=10_000,
+    ) {
+        let which = which % split.len();
+        let mut raised = split.clone();
+        raised[which] = (raised[which] + raise).min(10_000 - (split.iter().sum::<u32>() - split[which]));
+        let before = config("web", &split);
+        let after = config("web", &raised);
+        for i in 0..2_000 {
+            let user = format!("user-{i}");
+            let (b, a) = (version(&before, &user), version(&after, &user));
+            prop_assert!(!(b != 0 && a == 0), "{user} moved canary {b} -> stable ({split:?} -> {raised:?})");
+            if split.len() == 1 && b == 1 {
+                prop_assert_eq!(a, 1, "with one canary, its users stay as it grows");
+            }
+        }
+    }
+}
+
+#[test]
+fn each_share_is_within_half_a_point_over_100_000_users() {
+    for split in [vec![1250], vec![500, 2500, 0], vec![9999], vec![1, 4999]] {
+        let c = config("web-2026-11", &split);
+        let mut counts = vec![0u32; split.len() + 1];
+        let users = 100_000;
+        for i in 0..users {
+            counts[version(&c, &format!("user-{i}"))] += 1;
+        }
+        let stable_bp = 10_000 - split.iter().sum::<u32>();
+        let expected: Vec<u32> = std::iter::once(stable_bp)
+            .chain(split.iter().copied())
+            .collect();
+        for (v, (&got, &bp)) in counts.iter().zip(&expected).enumerate() {
+            let got_pct = f64::from(got) * 100.0 / f64::from(users);
+            let want_pct = f64::from(bp) / 100.0;
+            assert!(
+                (got_pct - want_pct).abs() <= 0.5,
+                "split {split:?}: version {v} got {got_pct:.3}%, configured {want_pct}%"
+            );
+        }
+    }
+}
+
+#[test]
+fn two_salts_choose_different_cohorts() {
+    let (a, b) = (
+        config("web-2026-10", &[1000]),
+        config("web-2026-11", &[1000]),
+    );
+    let users: Vec<String> = (0..20_000).map(|i| format!("user-{i}")).collect();
+    let cohort_a: Vec<&String> = users.iter().filter(|u| version(&a, u) == 1).collect();
+    let both = cohort_a.iter().filter(|u| version(&b, u) == 1).count();
+    // Independent cohorts overlap by about 10 % of a 10 % cohort; the same cohort would overlap fully.
+    let overlap = both as f64 / cohort_a.len() as f64;
+    assert!(cohort_a.len() > 1_800, "cohort size {}", cohort_a.len());
+    assert!(overlap < 0.2, "cohorts overlap by {:.1}%", overlap * 100.0);
+}
