@@ -50,17 +50,14 @@ impl RootContext for CanaryRoot {
                     .collect();
                 log(
                     LogLevel::Info,
-                    &format!("canary-router: config accepted: {}", config.summary()),
+                    &format!("config accepted: {}", config.summary()),
                 );
                 self.active = Some(Rc::new(Active { config, counters }));
                 true
             }
             Err(err) => {
                 // Returning false makes Envoy refuse this config; under ECDS the last good one keeps serving.
-                log(
-                    LogLevel::Error,
-                    &format!("canary-router: config rejected: {err}"),
-                );
+                log(LogLevel::Error, &format!("config rejected: {err}"));
                 false
             }
         }

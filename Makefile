@@ -1,0 +1,53 @@
+# canary-router task runner: people and CI call the same targets. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+PYTHON      := $(VENV)/bin/python
+ENVOY       := $(VENV)/bin/envoy
+WASM_TARGET := wasm32-wasip1
+WASM        := target/$(WASM_TARGET)/release/canary_router.wasm
+BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml
+# A base id no test uses, so validation can run beside a running Envoy.
+VALIDATE_BASE_ID := 77
+
+.PHONY: help setup wasm unit lint validate integration test clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## Install what the build and tests need: the wasm target, Envoy 1.40.0 and pytest in .venv
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
+
+$(VENV)/.installed: tests/requirements.txt
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	$(ENVOY) --version
+	touch $@
+
+wasm: setup ## Build the filter: target/wasm32-wasip1/release/canary_router.wasm
+	cargo build --release --target $(WASM_TARGET)
+	@ls -l $(WASM) | awk '{printf "built %s (%d bytes)\n", $$9, $$5}'
+
+unit: ## Host tests: config contract, decision order, golden hash vectors, properties
+	cargo test --release
+
+lint: setup ## rustfmt and clippy, on the host and on wasm32-wasip1 (warnings are errors)
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --target $(WASM_TARGET) --lib -- -D warnings
+
+validate: wasm ## envoy --mode validate on every shipped bootstrap
+	@for f in $(BOOTSTRAPS); do \
+	  $(ENVOY) --mode validate -c $$f --base-id $(VALIDATE_BASE_ID) -l warning >/dev/null 2>/tmp/canary-router-validate.log \
+	    && echo "valid: $$f" || { cat /tmp/canary-router-validate.log; echo "INVALID: $$f"; exit 1; }; \
+	done
+
+integration: wasm ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
+	cd tests/integration && ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests
+
+clean: ## Remove build output (keeps .venv)
+	cargo clean

@@ -1,0 +1,125 @@
+"""Configuration delivered by ECDS from a watched directory: live changes, refusals, no lost requests."""
+
+import json
+import threading
+import time
+from collections import Counter
+
+from harness import expected_version
+
+ECDS_STATS = "extension_config_discovery.http_filter.canary-router."
+
+
+def config(percent: float, **rollout) -> str:
+    web = {"name": "web", "stable": "v1", "canaries": [{"version": "v2", "percent": percent}],
+           "sticky": {"keys": [{"header": "x-user-id"}]}}
+    web.update(rollout)
+    return json.dumps({"rollouts": [web]}, indent=2)
+
+
+def served_share(envoy, users=200) -> float:
+    conn = envoy.connection()
+    served = Counter(envoy.get("/", {"x-user-id": f"share-{i}"}, conn=conn).served_by for i in range(users))
+    return served["v2"] / users * 100
+
+
+def publish_and_wait(envoy, plugin_config: str, stat: str = "update_success"):
+    before = envoy.stat(ECDS_STATS + stat)
+    envoy.publish(plugin_config)
+    envoy.wait_stat(ECDS_STATS + stat, before + 1)
+
+
+class Traffic:
+    """Concurrent keep-alive clients that record every outcome until stopped."""
+
+    def __init__(self, envoy, clients=6):
+        self.envoy = envoy
+        self.stop_flag = threading.Event()
+        self.lock = threading.Lock()
+        self.statuses = Counter()
+        self.errors: list[str] = []
+        self.mismatches: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(c,), daemon=True) for c in range(clients)]
+
+    def _run(self, client: int):
+        conn = self.envoy.connection()
+        i = 0
+        while not self.stop_flag.is_set():
+            user = f"c{client}-u{i % 500}"
+            i += 1
+            try:
+                r = self.envoy.get("/", {"x-user-id": user}, conn=conn)
+            except Exception as err:  # a dropped connection is a failure the test must see
+                with self.lock:
+                    self.errors.append(f"{user}: {err!r}")
+                conn.close()
+                conn = self.envoy.connection()
+                continue
+            with self.lock:
+                self.statuses[r.status] += 1
+                if r.status == 200 and r.received("x-version") != [r.served_by]:
+                    self.mismatches.append(f"{user}: served by {r.served_by}, header {r.received('x-version')}")
+        conn.close()
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(self.statuses.values())
+
+
+def test_percentage_changes_apply_live_with_zero_failed_requests(start_envoy):
+    envoy = start_envoy("envoy-ecds.yaml", plugin_config=config(0))
+    assert served_share(envoy) == 0
+    steps = [5, 25, 50, 75, 100, 50, 0, 100]
+    with Traffic(envoy) as traffic:
+        for percent in steps:
+            publish_and_wait(envoy, config(percent))
+            # Every request decided after the update uses the new split, exactly as the spec says.
+            conn = envoy.connection()
+            for i in range(50):
+                user = f"check-{percent}-{i}"
+                assert envoy.get("/", {"x-user-id": user}, conn=conn).served_by == \
+                    expected_version("web", user, "v1", [("v2", percent)]), (percent, user)
+            conn.close()
+            time.sleep(0.2)  # let the concurrent clients run on this config too
+    assert traffic.total() > 500, traffic.statuses
+    assert traffic.errors == [], traffic.errors[:5]
+    assert set(traffic.statuses) == {200}, traffic.statuses
+    assert traffic.mismatches == [], traffic.mismatches[:5]
+    assert envoy.stat(ECDS_STATS + "update_rejected") == 0
+    assert envoy.stat("listener_manager.total_listeners_draining") == 0
+    assert envoy.stat("http.ingress.downstream_cx_destroy_remote_active_rq") == 0
+
+
+def test_a_refused_config_changes_nothing_and_the_next_good_one_applies(start_envoy):
+    envoy = start_envoy("envoy-ecds.yaml", plugin_config=config(100))
+    assert served_share(envoy) == 100
+    refusals = [
+        ('{"rollouts": [{"name": "web", "stable": "v1", "canaries": [{"version": "v2", "percent": 150}]}]}',
+         "config rejected: rollouts[0].canaries[0].percent: 150 is not allowed: "
+         "a number from 0 to 100 with at most two decimals"),
+        ('{"rollouts": [], "extra": 1}',
+         "config rejected: extra: unknown field `extra`, expected `route_header` or `rollouts`"),
+        ('{"rollouts": [', "config rejected: rollouts: EOF while parsing a list"),
+        (config(60, canaries=[{"version": "v2", "percent": 60}, {"version": "v3", "percent": 41}]),
+         "config rejected: rollouts[0].canaries: a total of 101% is not allowed: "
+         "canary percents that add up to at most 100"),
+    ]
+    with Traffic(envoy, clients=3) as traffic:
+        for bad, message in refusals:
+            publish_and_wait(envoy, bad, stat="update_rejected")
+            assert message in envoy.log(), f"expected the filter to log: {message}"
+            assert served_share(envoy, users=100) == 100, f"the last good config keeps serving after: {bad}"
+        publish_and_wait(envoy, config(0))
+        assert served_share(envoy) == 0
+    assert set(traffic.statuses) == {200} and traffic.errors == [], (traffic.statuses, traffic.errors[:5])
+    assert traffic.mismatches == []

@@ -1,0 +1,181 @@
+"""The decision contract, end to end: a real Envoy 1.40 routes real requests by the filter's header."""
+
+import json
+import re
+from collections import Counter
+
+from harness import expected_version
+
+
+def rollout_config(percent=50.0, **rollout) -> str:
+    web = {"name": "web", "stable": "v1", "canaries": [{"version": "v2", "percent": percent}]}
+    web.update(rollout)
+    return json.dumps({"rollouts": [web]})
+
+
+STICKY = {"sticky": {"keys": [{"header": "x-user-id"}, {"cookie": "session"}]}}
+
+
+def test_each_request_reaches_the_version_written_into_the_route_header(start_envoy):
+    # The default route is v1: a request reaches v2 only if Envoy matched the route again after the
+    # filter set `x-version: v2` (ABI 0.2.1 semantics). An SDK/ABI change that drops it fails here.
+    envoy = start_envoy(plugin_config=rollout_config(50, **STICKY))
+    seen = Counter()
+    conn = envoy.connection()
+    for i in range(300):
+        user = f"user-{i}"
+        r = envoy.get("/", {"x-user-id": user}, conn=conn)
+        assert r.status == 200
+        assert r.received("x-version") == [r.served_by], f"{user}: header {r.received('x-version')}"
+        assert r.served_by == expected_version("web", user, "v1", [("v2", 50)]), user
+        seen[r.served_by] += 1
+    assert seen["v1"] > 100 and seen["v2"] > 100, seen
+
+
+def test_a_client_sent_route_header_is_never_trusted(start_envoy):
+    envoy = start_envoy(plugin_config=rollout_config(0, **STICKY))
+    spoofs = [
+        [("x-version", "v2")],
+        [("x-version", "v2"), ("x-version", "v2")],
+        [("X-Version", "v2"), ("x-user-id", "alice")],
+        [("x-version", "")],
+    ]
+    for headers in spoofs:
+        r = envoy.get("/", headers)
+        assert (r.status, r.served_by, r.received("x-version")) == (200, "v1", ["v1"]), headers
+
+
+def test_requests_no_rollout_matches_get_no_route_header_and_the_stable_default(start_envoy):
+    config = rollout_config(100, match={"hosts": ["shop.example.com"], "path_prefix": "/shop"})
+    envoy = start_envoy(plugin_config=config)
+    r = envoy.get("/shop/cart", {"host": "SHOP.example.com:8080", "x-version": "v1"})
+    assert (r.served_by, r.received("x-version")) == ("v2", ["v2"]), "matched: 100% canary"
+    for host, path in [("other.org", "/shop"), ("shop.example.com", "/"), ("example.com", "/shop")]:
+        r = envoy.get(path, {"host": host, "x-version": "v2"})
+        assert r.status == 200
+        assert (r.served_by, r.received("x-version")) == ("v1", []), (host, path)
+
+
+def test_the_split_matches_the_spec_and_users_stick(start_envoy):
+    envoy = start_envoy(plugin_config=rollout_config(25, sticky={"keys": [{"header": "x-user-id"}], "salt": "s1"}))
+    users = [f"u{i}@example.com" for i in range(3000)]
+    served = {}
+    conns = [envoy.connection() for _ in range(4)]
+    for i, user in enumerate(users):
+        r = envoy.get("/", {"x-user-id": user}, conn=conns[i % 4])
+        assert r.status == 200
+        served[user] = r.served_by
+        assert r.served_by == expected_version("s1", user, "v1", [("v2", 25)]), user
+    share = sum(v == "v2" for v in served.values()) / len(users) * 100
+    assert abs(share - 25) < 2.5, f"canary share {share:.1f}% for 25%"
+    # Stickiness: the same users again, on other connections, in another order.
+    for i, user in enumerate(reversed(users[:500])):
+        assert envoy.get("/", {"x-user-id": user}, conn=conns[(i + 1) % 4]).served_by == served[user], user
+
+
+def test_rules_decide_before_the_split(start_envoy):
+    config = rollout_config(
+        50,
+        **STICKY,
+        rules=[
+            {"header": "x-user-group", "values": ["beta", "staff"], "version": "v2"},
+            {"cookie": "plan", "values": ["enterprise"], "version": "v1"},
+        ],
+    )
+    envoy = start_envoy(plugin_config=config)
+    split = [("v2", 50)]
+    stable_users = [u for u in (f"s{i}" for i in range(200)) if expected_version("web", u, "v1", split) == "v1"][:20]
+    canary_users = [u for u in (f"c{i}" for i in range(200)) if expected_version("web", u, "v1", split) == "v2"][:20]
+    for user in stable_users:
+        r = envoy.get("/", {"x-user-id": user, "x-user-group": "staff"})
+        assert (r.served_by, r.received("x-version")) == ("v2", ["v2"]), user
+        assert envoy.get("/", {"x-user-id": user, "x-user-group": "guest"}).served_by == "v1"
+    for user in canary_users:
+        r = envoy.get("/", {"x-user-id": user, "cookie": "theme=dark; plan=enterprise"})
+        assert r.served_by == "v1", user
+        assert envoy.get("/", {"x-user-id": user, "cookie": "plan=free"}).served_by == "v2"
+
+
+def test_override_with_and_without_a_token(start_envoy):
+    token_config = rollout_config(
+        0, **STICKY, override={"header": "x-version-override", "token_header": "x-override-token", "token": "s3cret"}
+    )
+    envoy = start_envoy(plugin_config=token_config)
+    r = envoy.get("/", {"x-version-override": "v2", "x-override-token": "s3cret"})
+    assert (r.served_by, r.received("x-version")) == ("v2", ["v2"])
+    for token in [None, "wrong", "s3cre", "S3CRET", "s3cret2"]:
+        headers = {"x-version-override": "v2"}
+        if token is not None:
+            headers["x-override-token"] = token
+        r = envoy.get("/", headers)
+        assert r.served_by == "v1", f"token {token!r} must not unlock the override"
+    for headers in [{"x-version-override": "v2", "x-override-token": "s3cret"}, {"x-version-override": "v9"},
+                    {"x-override-token": "s3cret"}]:
+        r = envoy.get("/", headers)
+        assert r.received("x-version-override") == [] and r.received("x-override-token") == [], \
+            f"override headers must not reach the upstream: {headers}"
+
+    envoy.stop()
+    envoy = start_envoy(plugin_config=rollout_config(0, override={"header": "x-version-override"}))
+    r = envoy.get("/", {"x-version-override": "v2"})
+    assert (r.served_by, r.received("x-version-override")) == ("v2", [])
+    assert envoy.get("/", {"x-version-override": "v1"}).served_by == "v1"
+
+
+SET_COOKIE = re.compile(r"^canary_id=([0-9a-f]{16}); Max-Age=3600; Path=/; HttpOnly; SameSite=Lax$")
+
+
+def test_an_assigned_cookie_makes_a_new_user_stick(start_envoy):
+    envoy = start_envoy(plugin_config=rollout_config(50, assign_cookie={"name": "canary_id", "max_age_seconds": 3600}))
+    seen = Counter()
+    for _ in range(60):
+        first = envoy.get("/")
+        cookies = first.header("set-cookie")
+        assert len(cookies) == 1, cookies
+        match = SET_COOKIE.match(cookies[0])
+        assert match, cookies[0]
+        key = match.group(1)
+        assert first.served_by == expected_version("web", key, "v1", [("v2", 50)])
+        seen[first.served_by] += 1
+        for _ in range(2):
+            again = envoy.get("/", {"cookie": f"other=1; canary_id={key}"})
+            assert again.served_by == first.served_by
+            assert again.header("set-cookie") == [], "a user with a key gets no new cookie"
+    assert seen["v1"] and seen["v2"], seen
+
+
+def test_without_any_key_each_request_is_decided_at_random(start_envoy):
+    envoy = start_envoy(plugin_config=rollout_config(30))
+    conn = envoy.connection()
+    served = Counter(envoy.get("/", conn=conn).served_by for _ in range(600))
+    assert abs(served["v2"] / 600 * 100 - 30) < 8, served
+
+
+def test_counters_are_prometheus_labels(start_envoy):
+    config = rollout_config(50, **STICKY, rules=[{"header": "x-user-group", "values": ["beta"], "version": "v2"}],
+                            match={"hosts": ["shop.example.com"]})
+    envoy = start_envoy(plugin_config=config)
+    served = Counter()
+    for i in range(100):
+        served[envoy.get("/", {"host": "shop.example.com", "x-user-id": f"p{i}"}).served_by] += 1
+    for _ in range(3):
+        envoy.get("/", {"host": "shop.example.com", "x-user-group": "beta"})
+    for _ in range(4):
+        envoy.get("/", {"host": "elsewhere.org"})
+    metrics = envoy.admin("/stats/prometheus")
+    expect = {
+        'canary_router_requests{rollout="web",version="v1",reason="sticky"}': served["v1"],
+        'canary_router_requests{rollout="web",version="v2",reason="sticky"}': served["v2"],
+        'canary_router_requests{rollout="web",version="v2",reason="rule"}': 3,
+        'canary_router_requests{reason="no_match"}': 4,
+    }
+    for series, value in expect.items():
+        assert f"{series} {value}\n" in metrics, f"missing `{series} {value}` in:\n" + "\n".join(
+            line for line in metrics.splitlines() if "canary_router" in line)
+
+
+def test_an_invalid_config_at_startup_is_refused_with_its_reason(start_envoy):
+    envoy = start_envoy(plugin_config=rollout_config(150), expect_ready=False)
+    assert envoy.wait_exit() != 0, "Envoy must not start with an invalid inline config"
+    assert ("config rejected: rollouts[0].canaries[0].percent: 150 is not allowed: "
+            "a number from 0 to 100 with at most two decimals") in envoy.log()

@@ -1,0 +1,56 @@
+"""The files in envoy/ agree with each other and work as shipped, so the examples cannot rot."""
+
+import json
+import os
+import re
+
+import ecds
+from harness import ENVOY_DIR, expected_version, indent, shipped_plugin_config
+
+
+def read(name: str) -> str:
+    with open(os.path.join(ENVOY_DIR, name)) as f:
+        return f.read()
+
+
+def test_the_inline_bootstrap_embeds_the_shipped_plugin_config_verbatim():
+    assert indent(shipped_plugin_config()) in read("envoy-inline.yaml")
+
+
+def test_the_shipped_ecds_resource_is_what_the_publisher_writes():
+    assert json.loads(read("ecds/canary-router.json")) == \
+        ecds.discovery_response(shipped_plugin_config(), version="1")
+
+
+def test_every_shipped_filter_uses_fail_reload():
+    assert "failure_policy: FAIL_RELOAD" in read("envoy-inline.yaml")
+    resource = json.loads(read("ecds/canary-router.json"))["resources"][0]
+    assert resource["typed_config"]["config"]["failure_policy"] == "FAIL_RELOAD"
+
+
+def test_every_version_of_the_shipped_config_has_a_route_in_each_bootstrap():
+    config = json.loads(shipped_plugin_config())
+    versions = {v for r in config["rollouts"] for v in [r["stable"]] + [c["version"] for c in r["canaries"]]}
+    for bootstrap in ("envoy-inline.yaml", "envoy-ecds.yaml"):
+        text = read(bootstrap)
+        routed = set(re.findall(r"name: x-version, string_match: \{ exact: ([^ }]+) \}", text))
+        assert routed == versions, f"{bootstrap} routes {routed}, the config has {versions}"
+
+
+def test_the_shipped_inline_setup_routes_as_documented(start_envoy):
+    envoy = start_envoy("envoy-inline.yaml")  # the shipped plugin config, unchanged
+    conn = envoy.connection()
+    for i in range(200):
+        user = f"shipped-{i}"
+        r = envoy.get("/", {"x-user-id": user}, conn=conn)
+        assert r.served_by == expected_version("web", user, "v1", [("v2", 10)]), user
+    assert envoy.get("/", {"x-user-group": "beta", "x-user-id": "x"}, conn=conn).served_by == "v2"
+    first = envoy.get("/", conn=conn)
+    assert first.header("set-cookie")[0].startswith("canary_id="), first.header_pairs
+
+
+def test_the_shipped_ecds_setup_starts_with_the_shipped_resource(start_envoy):
+    envoy = start_envoy("envoy-ecds.yaml")
+    assert envoy.get("/", {"x-user-group": "staff"}).served_by == "v2"
+    dump = envoy.admin("/config_dump?resource=ecds_filters")
+    assert '"name": "canary-router"' in dump
