@@ -90,6 +90,11 @@ def test_rules_decide_before_the_split(start_envoy):
         r = envoy.get("/", {"x-user-id": user, "x-user-group": "staff"})
         assert (r.served_by, r.received("x-version")) == ("v2", ["v2"]), user
         assert envoy.get("/", {"x-user-id": user, "x-user-group": "guest"}).served_by == "v1"
+        # A repeated header: the first value is the one compared (as Envoy hands it to the filter).
+        assert envoy.get("/", [("x-user-id", user), ("x-user-group", "guest"), ("x-user-group", "staff")]
+                         ).served_by == "v1"
+        assert envoy.get("/", [("x-user-id", user), ("x-user-group", "staff"), ("x-user-group", "guest")]
+                         ).served_by == "v2"
     for user in canary_users:
         r = envoy.get("/", {"x-user-id": user, "cookie": "theme=dark; plan=enterprise"})
         assert r.served_by == "v1", user
