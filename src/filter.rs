@@ -23,10 +23,11 @@ fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
-/// A configuration accepted by `on_configure`, with the ids of its counters by slot.
+/// A configuration accepted by `on_configure`, with the ids of its counters by slot (`None`: the host
+/// refused to define that counter; it is then skipped, never confused with another id).
 struct Active {
     config: Config,
-    counters: Vec<u32>,
+    counters: Vec<Option<u32>>,
 }
 
 /// One per plugin configuration and worker; Envoy makes new ones on every config update.
@@ -46,7 +47,7 @@ impl RootContext for CanaryRoot {
             Ok(config) => {
                 let counters = metrics::counter_names(&config)
                     .iter()
-                    .map(|name| hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0))
+                    .map(|name| hostcalls::define_metric(MetricType::Counter, name).ok())
                     .collect();
                 log(
                     LogLevel::Info,
@@ -129,7 +130,7 @@ impl HttpContext for CanaryStream {
                 self.set_cookie = d.set_cookie(config);
             }
         }
-        if let Some(&id) = active
+        if let Some(&Some(id)) = active
             .counters
             .get(metrics::counter_slot(config, decision.as_ref()))
         {
