@@ -1,9 +1,11 @@
-"""Fixtures: upstreams per version and Envoys that print their log when a test fails."""
+"""Fixtures: upstreams per version, demo apps, and Envoys that print their log when a test fails."""
 
 import os
+import tempfile
 
 import pytest
 
+import lab
 from harness import ENVOY_BIN, WASM, Envoy, Upstream
 
 
@@ -20,8 +22,14 @@ def pytest_runtest_makereport(item, call):
     setattr(item, "rep_" + report.when, report)
 
 
+def _failed(request) -> bool:
+    return any(getattr(request.node, f"rep_{when}", None) is not None and getattr(request.node, f"rep_{when}").failed
+               for when in ("setup", "call"))
+
+
 @pytest.fixture
 def upstreams():
+    """Python upstreams that report the headers they received."""
     servers = {"v1": Upstream("v1"), "v2": Upstream("v2")}
     yield servers
     for server in servers.values():
@@ -29,19 +37,44 @@ def upstreams():
 
 
 @pytest.fixture
-def start_envoy(request, upstreams):
-    """start_envoy(bootstrap, plugin_config=None, expect_ready=True) -> a started Envoy."""
-    started: list[Envoy] = []
+def processes(request):
+    """Every Envoy a test starts: stopped after the test, their logs printed if it failed."""
+    started: list[lab.EnvoyProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+    if _failed(request):
+        for process in started:
+            print(f"\n{process.name} (base-id {process.base_id}, {process.config_path}):\n{process.log()}")
 
-    def start(bootstrap="envoy-inline.yaml", plugin_config=None, expect_ready=True, workers=2):
-        envoy = Envoy(bootstrap, upstreams, plugin_config, workers=workers)
-        started.append(envoy)
-        return envoy.start(expect_ready=expect_ready)
 
-    yield start
-    failed = any(getattr(request.node, f"rep_{when}", None) and getattr(request.node, f"rep_{when}").failed
-                 for when in ("setup", "call"))
-    for envoy in started:
-        envoy.stop()
-        if failed:
-            print(f"\nEnvoy (base-id {envoy.base_id}, {envoy.config_path}):\n{envoy.log()}")
+@pytest.fixture
+def start_envoy(upstreams, processes):
+    """start_envoy(bootstrap, plugin_config=None, expect_ready=True, upstream_ports=None) -> a started Envoy."""
+
+    def start(bootstrap="envoy-inline.yaml", plugin_config=None, expect_ready=True, workers=2, upstream_ports=None):
+        ports = upstream_ports or {v: u.port for v, u in upstreams.items()}
+        envoy = Envoy(bootstrap, ports, plugin_config, workers=workers)
+        processes.append(envoy)
+        envoy.start()
+        if expect_ready:
+            envoy.wait_ready()
+        return envoy
+
+    return start
+
+
+@pytest.fixture
+def demo_apps(processes):
+    """The shipped demo apps (envoy/demo-app-v*.yaml), one Envoy each, on free ports."""
+    workdir = tempfile.mkdtemp(prefix="canary-router-apps-")
+    apps = {}
+    for version in ("v1", "v2"):
+        port = lab.free_port()
+        app = lab.EnvoyProcess(f"app-{version}", lab.render_app(version, port), workdir, workers=1)
+        app.port = port
+        processes.append(app)
+        apps[version] = app.start()
+    for app in apps.values():
+        app.wait_serving(app.port)
+    return apps

@@ -10,42 +10,20 @@
 from __future__ import annotations
 
 import http.client
-import itertools
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.request
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENVOY_DIR = os.path.join(ROOT, "envoy")
-# CANARY_ROUTER_WASM: run the suite against another build of the filter.
-WASM = os.environ.get("CANARY_ROUTER_WASM") or os.path.join(ROOT, "target", "wasm32-wasip1", "release", "canary_router.wasm")
-ENVOY_BIN = os.environ.get("ENVOY_BIN") or os.path.join(ROOT, ".venv", "bin", "envoy")
-
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import ecds  # noqa: E402  (tools/ecds.py: the same publisher users run)
-
-# Defaults written in the shipped bootstraps; tests substitute each (and check it was there).
-SHIPPED_ADMIN_PORT = "port_value: 9901"
-SHIPPED_LISTENER = "address: 0.0.0.0, port_value: 10000"
-SHIPPED_UPSTREAM_PORTS = {"v1": "port_value: 8001", "v2": "port_value: 8002"}
-SHIPPED_WASM = f"filename: {ecds.DEFAULT_WASM}"
-SHIPPED_ECDS_PATH = "path: envoy/ecds/canary-router.json"
-SHIPPED_ECDS_DIR = "watched_directory: { path: envoy/ecds }"
-INLINE_CONFIG_INDENT = " " * 20
-READY_DEADLINE_S = 30.0
-
-
-def shipped_plugin_config() -> str:
-    with open(os.path.join(ENVOY_DIR, "plugin-config.json")) as f:
-        return f.read()
-
+import lab  # noqa: E402  (tools/lab.py: renders the shipped envoy/ files, runs Envoy)
+from lab import ENVOY_BIN, ENVOY_DIR, WASM, indent, shipped_plugin_config  # noqa: E402,F401
 
 # --------------------------------------------------------------------------------------------------
 # The documented split, reimplemented.
@@ -74,12 +52,6 @@ def expected_version(salt: str, key: str | bytes, stable: str, canaries: list[tu
 # --------------------------------------------------------------------------------------------------
 # Upstreams.
 # --------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Upstream:
     """An app version: answers 200 with {"served_by": version, "headers": {name: [values]}}."""
@@ -128,138 +100,22 @@ class Upstream:
 # Envoy.
 # --------------------------------------------------------------------------------------------------
 
-_base_ids = itertools.count((os.getpid() % 500) * 20 + 1000)
+class Envoy(lab.EnvoyProcess):
+    """The front Envoy on a shipped bootstrap, with test ports and the test's plugin config."""
 
-
-def substitute(text: str, replacements: dict[str, str], source: str) -> str:
-    for old, new in replacements.items():
-        if old not in text:
-            raise AssertionError(f"{source} no longer contains {old!r}: update the test harness with it")
-        text = text.replace(old, new)
-    return text
-
-
-class Envoy:
-    """One Envoy process on a bootstrap from envoy/, with test ports, paths and plugin config."""
-
-    def __init__(self, bootstrap: str, upstreams: dict[str, Upstream], plugin_config: str | None = None,
+    def __init__(self, bootstrap: str, upstream_ports: dict[str, int], plugin_config: str | None = None,
                  workers: int = 2):
-        self.workdir = tempfile.mkdtemp(prefix="canary-router-test-")
-        self.admin_port = free_port()
-        self.port = free_port()
-        self.base_id = next(_base_ids)
-        self.ecds_dir = os.path.join(self.workdir, "ecds")
+        workdir = tempfile.mkdtemp(prefix="canary-router-test-")
+        self.port = lab.free_port()
+        self.ecds_dir = os.path.join(workdir, "ecds")
         os.makedirs(self.ecds_dir)
-        source = os.path.join(ENVOY_DIR, bootstrap)
-        with open(source) as f:
-            text = f.read()
-        replacements = {
-            SHIPPED_ADMIN_PORT: f"port_value: {self.admin_port}",
-            SHIPPED_LISTENER: f"address: 127.0.0.1, port_value: {self.port}",
-        }
-        for version, shipped in SHIPPED_UPSTREAM_PORTS.items():
-            replacements[shipped] = f"port_value: {upstreams[version].port}"
-        if "config_discovery" in text:
-            replacements[SHIPPED_ECDS_PATH] = f"path: {self.ecds_dir}/{ecds.RESOURCE_FILE}"
-            replacements[SHIPPED_ECDS_DIR] = f"watched_directory: {{ path: {self.ecds_dir} }}"
-            if plugin_config is None:
-                # The shipped resource file itself, with only the .wasm path made absolute.
-                with open(os.path.join(ENVOY_DIR, "ecds", ecds.RESOURCE_FILE)) as f:
-                    shipped = substitute(f.read(), {ecds.DEFAULT_WASM: WASM}, "envoy/ecds/" + ecds.RESOURCE_FILE)
-                with open(os.path.join(self.ecds_dir, ecds.RESOURCE_FILE), "w") as f:
-                    f.write(shipped)
-            else:
-                self.publish(plugin_config)
-        else:
-            replacements[SHIPPED_WASM] = f"filename: {WASM}"
-            if plugin_config is not None:
-                replacements[indent(shipped_plugin_config())] = indent(plugin_config)
-        self.config_path = os.path.join(self.workdir, bootstrap)
-        with open(self.config_path, "w") as f:
-            f.write(substitute(text, replacements, source))
-        self.log_path = os.path.join(self.workdir, "envoy.log")
-        self.process: subprocess.Popen | None = None
-        self.workers = workers
-
-    # -- lifecycle ---------------------------------------------------------------------------------
-
-    def start(self, expect_ready: bool = True) -> "Envoy":
-        self.log_file = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [ENVOY_BIN, "-c", self.config_path, "--base-id", str(self.base_id),
-             "--concurrency", str(self.workers), "-l", "info", "--drain-time-s", "1"],
-            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.workdir,
-        )
-        if expect_ready:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, deadline_s: float = READY_DEADLINE_S):
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"Envoy exited with {self.process.returncode} before ready\n{self.log()}")
-            try:
-                if self.admin("/ready").strip() == "LIVE":
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"Envoy not ready within {deadline_s}s\n{self.log()}")
-
-    def wait_exit(self, timeout_s: float = READY_DEADLINE_S) -> int:
-        return self.process.wait(timeout=timeout_s)
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if getattr(self, "log_file", None):
-            self.log_file.close()
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "----- Envoy log -----\n" + f.read() + "----- end of Envoy log -----"
-        except OSError:
-            return "(no Envoy log)"
-
-    # -- admin and stats ---------------------------------------------------------------------------
-
-    def admin(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
-            return r.read().decode()
-
-    def stats(self) -> dict[str, int]:
-        out = {}
-        for line in self.admin("/stats?usedonly").splitlines():
-            name, _, value = line.partition(": ")
-            if value.strip().lstrip("-").isdigit():
-                out[name] = int(value)
-        return out
-
-    def stat(self, name: str) -> int:
-        return self.stats().get(name, 0)
-
-    def wait_stat(self, name: str, at_least: int, deadline_s: float = 15.0) -> int:
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            value = self.stat(name)
-            if value >= at_least:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"{name} did not reach {at_least} within {deadline_s}s: {self.stat(name)}\n{self.log()}")
-
-    # -- ECDS --------------------------------------------------------------------------------------
+        where = lab.FrontAddresses(listener_port=self.port, admin_port=lab.free_port(),
+                                   upstream_ports=upstream_ports)
+        text = lab.render_front(bootstrap, where, ecds_dir=self.ecds_dir, plugin_config=plugin_config)
+        super().__init__("envoy", text, workdir, admin_port=where.admin_port, workers=workers)
 
     def publish(self, plugin_config: str) -> str:
         return ecds.publish(self.ecds_dir, plugin_config, wasm_path=WASM)
-
-    # -- traffic -----------------------------------------------------------------------------------
 
     def connection(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -285,12 +141,6 @@ def _pairs(headers) -> list[tuple[str, str]]:
     return list(headers.items()) if isinstance(headers, dict) else list(headers)
 
 
-def indent(text: str) -> str:
-    if not text.endswith("\n"):
-        text += "\n"
-    return "".join(INLINE_CONFIG_INDENT + line if line.strip() else line for line in text.splitlines(True))
-
-
 class Response:
     def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes):
         self.status = status
@@ -305,12 +155,73 @@ class Response:
         return json.loads(self.body)
 
     @property
+    def reports_headers(self) -> bool:
+        return self.header("x-served-by") == [] and "headers" in self.json
+
+    @property
     def served_by(self) -> str:
-        return self.json["served_by"]
+        """The version that answered: the demo apps say it in `x-served-by`, the Python upstreams in the body."""
+        named = self.header("x-served-by")
+        return named[0] if named else self.json["served_by"]
 
     def received(self, name: str) -> list[str]:
         """The values of a request header as the upstream received it."""
         return self.json["headers"].get(name.lower(), [])
+
+
+class Traffic:
+    """Concurrent keep-alive clients that record every outcome until stopped."""
+
+    def __init__(self, envoy, clients=6):
+        self.envoy = envoy
+        self.stop_flag = threading.Event()
+        self.lock = threading.Lock()
+        self.statuses = Counter()
+        self.served = Counter()
+        self.errors: list[str] = []
+        self.mismatches: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(c,), daemon=True) for c in range(clients)]
+
+    def _run(self, client: int):
+        conn = self.envoy.connection()
+        i = 0
+        while not self.stop_flag.is_set():
+            user = f"c{client}-u{i % 500}"
+            i += 1
+            try:
+                r = self.envoy.get("/", {"x-user-id": user}, conn=conn)
+            except Exception as err:  # a dropped connection is a failure the test must see
+                with self.lock:
+                    self.errors.append(f"{user}: {err!r}")
+                conn.close()
+                conn = self.envoy.connection()
+                continue
+            with self.lock:
+                self.statuses[r.status] += 1
+                if r.status == 200:
+                    self.served[r.served_by] += 1
+                    # Python upstreams report the route header they got: it must name the version serving.
+                    if r.reports_headers and r.received("x-version") != [r.served_by]:
+                        self.mismatches.append(f"{user}: served by {r.served_by}, header {r.received('x-version')}")
+        conn.close()
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(self.statuses.values())
+
+    def snapshot(self) -> tuple[Counter, Counter]:
+        with self.lock:
+            return Counter(self.statuses), Counter(self.served)
 
 
 def raw_request(port: int, request: bytes, timeout: float = 10.0) -> int:

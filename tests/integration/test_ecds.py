@@ -1,11 +1,10 @@
 """Configuration delivered by ECDS from a watched directory: live changes, refusals, no lost requests."""
 
 import json
-import threading
 import time
 from collections import Counter
 
-from harness import expected_version
+from harness import Traffic, expected_version
 
 ECDS_STATS = "extension_config_discovery.http_filter.canary-router."
 
@@ -27,53 +26,6 @@ def publish_and_wait(envoy, plugin_config: str, stat: str = "update_success"):
     before = envoy.stat(ECDS_STATS + stat)
     envoy.publish(plugin_config)
     envoy.wait_stat(ECDS_STATS + stat, before + 1)
-
-
-class Traffic:
-    """Concurrent keep-alive clients that record every outcome until stopped."""
-
-    def __init__(self, envoy, clients=6):
-        self.envoy = envoy
-        self.stop_flag = threading.Event()
-        self.lock = threading.Lock()
-        self.statuses = Counter()
-        self.errors: list[str] = []
-        self.mismatches: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(c,), daemon=True) for c in range(clients)]
-
-    def _run(self, client: int):
-        conn = self.envoy.connection()
-        i = 0
-        while not self.stop_flag.is_set():
-            user = f"c{client}-u{i % 500}"
-            i += 1
-            try:
-                r = self.envoy.get("/", {"x-user-id": user}, conn=conn)
-            except Exception as err:  # a dropped connection is a failure the test must see
-                with self.lock:
-                    self.errors.append(f"{user}: {err!r}")
-                conn.close()
-                conn = self.envoy.connection()
-                continue
-            with self.lock:
-                self.statuses[r.status] += 1
-                if r.status == 200 and r.received("x-version") != [r.served_by]:
-                    self.mismatches.append(f"{user}: served by {r.served_by}, header {r.received('x-version')}")
-        conn.close()
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(timeout=30)
-
-    def total(self) -> int:
-        with self.lock:
-            return sum(self.statuses.values())
 
 
 def test_percentage_changes_apply_live_with_zero_failed_requests(start_envoy):

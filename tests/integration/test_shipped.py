@@ -54,3 +54,22 @@ def test_the_shipped_ecds_setup_starts_with_the_shipped_resource(start_envoy):
     assert envoy.get("/", {"x-user-group": "staff"}).served_by == "v2"
     dump = envoy.admin("/config_dump?resource=ecds_filters")
     assert '"name": "canary-router"' in dump
+
+
+def _without_filter_and_header(text: str) -> str:
+    body = text[text.index("node:\n"):]
+    start = body.index("          - name: canary-router\n")
+    end = body.index("          - name: envoy.filters.http.router")
+    return body[:start] + body[end:]
+
+
+def test_the_inline_and_ecds_bootstraps_differ_only_in_how_the_filter_config_arrives():
+    assert _without_filter_and_header(read("envoy-inline.yaml")) == _without_filter_and_header(read("envoy-ecds.yaml"))
+
+
+def test_the_two_demo_apps_differ_only_in_version_and_port():
+    v1, v2 = read("demo-app-v1.yaml"), read("demo-app-v2.yaml")
+    normalised = [text.replace("v1", "vN").replace("v2", "vN").replace("8001", "PORT").replace("8002", "PORT")
+                  for text in (v1, v2)]
+    assert normalised[0] == normalised[1]
+    assert '{\\"version\\":\\"v1\\"}' in v1 and '{\\"version\\":\\"v2\\"}' in v2

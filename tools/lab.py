@@ -1,0 +1,241 @@
+"""Run the shipped envoy/ files as they are, with only ports, addresses and paths substituted.
+
+The tests, the local demo and the compose check all render bootstraps here, so none of them can drift from
+what users run. Every substitution names the exact text it replaces and fails loudly when that text is gone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import ecds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENVOY_DIR = os.path.join(ROOT, "envoy")
+ENVOY_BIN = os.environ.get("ENVOY_BIN") or os.path.join(ROOT, ".venv", "bin", "envoy")
+# CANARY_ROUTER_WASM: run against another build of the filter.
+WASM = os.environ.get("CANARY_ROUTER_WASM") or os.path.join(ROOT, ecds.DEFAULT_WASM)
+
+# Text in the shipped front bootstraps (envoy-inline.yaml, envoy-ecds.yaml) that renders replace.
+SHIPPED_ADMIN = "address: 127.0.0.1, port_value: 9901"
+SHIPPED_LISTENER = "address: 0.0.0.0, port_value: 10000"
+SHIPPED_UPSTREAMS = {
+    "v1": "address: 127.0.0.1, port_value: 8001",
+    "v2": "address: 127.0.0.1, port_value: 8002",
+}
+SHIPPED_WASM = f"filename: {ecds.DEFAULT_WASM}"
+SHIPPED_ECDS_PATH = "path: envoy/ecds/canary-router.json"
+SHIPPED_ECDS_DIR = "watched_directory: { path: envoy/ecds }"
+# Text in the shipped demo apps (demo-app-v1.yaml, demo-app-v2.yaml).
+SHIPPED_APP_LISTENER = {"v1": "address: 0.0.0.0, port_value: 8001", "v2": "address: 0.0.0.0, port_value: 8002"}
+INLINE_CONFIG_INDENT = " " * 20
+
+
+def read_shipped(name: str) -> str:
+    with open(os.path.join(ENVOY_DIR, name)) as f:
+        return f.read()
+
+
+def shipped_plugin_config() -> str:
+    return read_shipped("plugin-config.json")
+
+
+def substitute(text: str, replacements: dict[str, str], source: str) -> str:
+    for old, new in replacements.items():
+        if old not in text:
+            raise ValueError(f"{source} no longer contains {old!r}: update tools/lab.py with it")
+        text = text.replace(old, new)
+    return text
+
+
+def indent(text: str) -> str:
+    """The plugin config as embedded in envoy-inline.yaml's `value: |` block."""
+    if not text.endswith("\n"):
+        text += "\n"
+    return "".join(INLINE_CONFIG_INDENT + line if line.strip() else line for line in text.splitlines(True))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class FrontAddresses:
+    """Where a rendered front Envoy listens and where it finds the two app versions."""
+    listener_port: int
+    admin_port: int
+    upstream_ports: dict[str, int]
+    listener_address: str = "127.0.0.1"
+    upstream_host: str = "127.0.0.1"
+
+
+def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_dir: str | None = None,
+                 plugin_config: str | None = None) -> str:
+    """A shipped front bootstrap with test/demo addresses. For the ECDS bootstrap, `ecds_dir` receives the
+    first resource: `plugin_config` if given, else the shipped envoy/ecds/canary-router.json."""
+    text = read_shipped(bootstrap)
+    replacements = {
+        SHIPPED_ADMIN: f"address: 127.0.0.1, port_value: {where.admin_port}",
+        SHIPPED_LISTENER: f"address: {where.listener_address}, port_value: {where.listener_port}",
+    }
+    for version, shipped in SHIPPED_UPSTREAMS.items():
+        replacements[shipped] = f"address: {where.upstream_host}, port_value: {where.upstream_ports[version]}"
+    if "config_discovery" in text:
+        if ecds_dir is None:
+            raise ValueError(f"{bootstrap} reads its filter config by ECDS: give ecds_dir")
+        replacements[SHIPPED_ECDS_PATH] = f"path: {ecds_dir}/{ecds.RESOURCE_FILE}"
+        replacements[SHIPPED_ECDS_DIR] = f"watched_directory: {{ path: {ecds_dir} }}"
+        if plugin_config is None:
+            resource = substitute(read_shipped(f"ecds/{ecds.RESOURCE_FILE}"), {ecds.DEFAULT_WASM: wasm},
+                                  f"envoy/ecds/{ecds.RESOURCE_FILE}")
+            with open(os.path.join(ecds_dir, ecds.RESOURCE_FILE), "w") as f:
+                f.write(resource)
+        else:
+            ecds.publish(ecds_dir, plugin_config, wasm_path=wasm)
+    else:
+        replacements[SHIPPED_WASM] = f"filename: {wasm}"
+        if plugin_config is not None:
+            replacements[indent(shipped_plugin_config())] = indent(plugin_config)
+    return substitute(text, replacements, bootstrap)
+
+
+def render_app(version: str, port: int, address: str = "127.0.0.1") -> str:
+    name = f"demo-app-{version}.yaml"
+    return substitute(read_shipped(name), {SHIPPED_APP_LISTENER[version]: f"address: {address}, port_value: {port}"},
+                      name)
+
+
+_base_ids = itertools.count((os.getpid() % 400) * 25 + 1000)
+
+
+def next_base_id() -> int:
+    """A --base-id no other Envoy of this process uses (shared-memory names must not collide)."""
+    return next(_base_ids)
+
+
+class EnvoyProcess:
+    """One Envoy: started on a rendered config, with its log kept for when something fails."""
+
+    def __init__(self, name: str, config_text: str, workdir: str, admin_port: int | None = None,
+                 workers: int = 2, envoy_bin: str = ENVOY_BIN):
+        self.name = name
+        self.workdir = workdir
+        self.admin_port = admin_port
+        self.workers = workers
+        self.envoy_bin = envoy_bin
+        self.base_id = next_base_id()
+        self.config_path = os.path.join(workdir, f"{name}.yaml")
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        with open(self.config_path, "w") as f:
+            f.write(config_text)
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    def start(self) -> "EnvoyProcess":
+        self._log_file = open(self.log_path, "a")
+        self.process = subprocess.Popen(
+            [self.envoy_bin, "-c", self.config_path, "--base-id", str(self.base_id),
+             "--concurrency", str(self.workers), "-l", "info", "--drain-time-s", "1"],
+            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.workdir,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches the demo, which then stops us
+        )
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, deadline_s: float = 30.0):
+        """Wait for the admin /ready (or, without admin, for `ready_probe`) within a deadline."""
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name}: Envoy exited with {self.process.returncode} before it was ready\n"
+                                   + self.log())
+            try:
+                if self.admin("/ready").strip() == "LIVE":
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: not ready within {deadline_s}s\n{self.log()}")
+
+    def wait_serving(self, port: int, path: str = "/healthz", deadline_s: float = 30.0):
+        """For an Envoy without admin: wait until it answers 200 on `path`."""
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name}: Envoy exited with {self.process.returncode}\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: not serving on {port} within {deadline_s}s\n{self.log()}")
+
+    def wait_exit(self, timeout_s: float = 30.0) -> int:
+        return self.process.wait(timeout=timeout_s)
+
+    def stop(self):
+        """SIGTERM, then SIGKILL after 10 s."""
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def kill(self):
+        """SIGKILL: the app dies as in a crash, with no draining."""
+        if self.alive():
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f"----- {self.name} log ({self.log_path}) -----\n{f.read()}----- end of {self.name} log -----"
+        except OSError:
+            return f"(no log for {self.name})"
+
+    # -- admin ---------------------------------------------------------------------------------------
+
+    def admin(self, path: str) -> str:
+        if self.admin_port is None:
+            raise OSError(f"{self.name} has no admin interface")
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def stats(self) -> dict[str, int]:
+        out = {}
+        for line in self.admin("/stats?usedonly").splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+    def stat(self, name: str) -> int:
+        return self.stats().get(name, 0)
+
+    def wait_stat(self, name: str, at_least: int, deadline_s: float = 15.0) -> int:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            value = self.stat(name)
+            if value >= at_least:
+                return value
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: {name} did not reach {at_least} within {deadline_s}s "
+                           f"(now {self.stat(name)})\n{self.log()}")
