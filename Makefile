@@ -7,11 +7,11 @@ PYTHON      := $(VENV)/bin/python
 ENVOY       := $(VENV)/bin/envoy
 WASM_TARGET := wasm32-wasip1
 WASM        := target/$(WASM_TARGET)/release/canary_router.wasm
-BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml
+BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/demo-app-v1.yaml envoy/demo-app-v2.yaml
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup wasm unit lint validate integration test clean
+.PHONY: help setup wasm unit lint validate integration test demo clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ integration: wasm ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopba
 	cd tests/integration && ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests
+
+demo: wasm ## The local demo, no Docker: two app versions, Envoy, a canary ramp 0→100 % under traffic
+	$(PYTHON) tools/demo.py local $(DEMO_ARGS)
 
 clean: ## Remove build output (keeps .venv)
 	cargo clean

@@ -6,8 +6,10 @@ what users run. Every substitution names the exact text it replaces and fails lo
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -35,6 +37,31 @@ SHIPPED_ECDS_DIR = "watched_directory: { path: envoy/ecds }"
 # Text in the shipped demo apps (demo-app-v1.yaml, demo-app-v2.yaml).
 SHIPPED_APP_LISTENER = {"v1": "address: 0.0.0.0, port_value: 8001", "v2": "address: 0.0.0.0, port_value: 8002"}
 INLINE_CONFIG_INDENT = " " * 20
+
+
+# --------------------------------------------------------------------------------------------------
+# The documented split, reimplemented in Python from the README (not from the Rust code), so tests and
+# the demo check Envoy against the spec.
+# --------------------------------------------------------------------------------------------------
+
+def fnv1a64(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for byte in data:
+        h ^= byte
+        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def expected_version(salt: str, key: str | bytes, stable: str, canaries: list[tuple[str, float]]) -> str:
+    """The version the contract says a user key gets: canaries own consecutive bucket ranges from 0."""
+    key_bytes = key.encode() if isinstance(key, str) else key
+    bucket = fnv1a64(salt.encode() + b":" + key_bytes) % 10_000
+    end = 0
+    for version, percent in canaries:
+        end += round(percent * 100)
+        if bucket < end:
+            return version
+    return stable
 
 
 def read_shipped(name: str) -> str:
@@ -121,6 +148,14 @@ def next_base_id() -> int:
     return next(_base_ids)
 
 
+def _die_with_parent():
+    """Linux: SIGTERM this child when the process that started it dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 class EnvoyProcess:
     """One Envoy: started on a rendered config, with its log kept for when something fails."""
 
@@ -146,6 +181,7 @@ class EnvoyProcess:
              "--concurrency", str(self.workers), "-l", "info", "--drain-time-s", "1"],
             stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.workdir,
             start_new_session=True,  # a Ctrl-C in the terminal reaches the demo, which then stops us
+            preexec_fn=_die_with_parent,
         )
         return self
 

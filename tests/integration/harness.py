@@ -3,8 +3,8 @@
 - `Upstream`: an HTTP server that answers as one version and reports the headers it received.
 - `Envoy`: renders a shipped `envoy/` bootstrap with test ports and paths, starts Envoy 1.40 with a unique
   --base-id, waits on /ready with a deadline, and prints Envoy's log when a test fails.
-- `expected_version`: an independent implementation of the documented split (FNV-1a 64 over
-  salt ":" key, modulo 10 000), so the tests check Envoy against the spec, not against the filter's code.
+- `expected_version` (from tools/lab.py): an independent implementation of the documented split, so the
+  tests check Envoy against the spec, not against the filter's code.
 """
 
 from __future__ import annotations
@@ -23,31 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import ecds  # noqa: E402  (tools/ecds.py: the same publisher users run)
 import lab  # noqa: E402  (tools/lab.py: renders the shipped envoy/ files, runs Envoy)
-from lab import ENVOY_BIN, ENVOY_DIR, WASM, indent, shipped_plugin_config  # noqa: E402,F401
-
-# --------------------------------------------------------------------------------------------------
-# The documented split, reimplemented.
-# --------------------------------------------------------------------------------------------------
-
-def fnv1a64(data: bytes) -> int:
-    h = 0xCBF29CE484222325
-    for byte in data:
-        h ^= byte
-        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
-
-
-def expected_version(salt: str, key: str | bytes, stable: str, canaries: list[tuple[str, float]]) -> str:
-    """The version the contract says a user key gets: canaries own consecutive bucket ranges from 0."""
-    key_bytes = key.encode() if isinstance(key, str) else key
-    bucket = fnv1a64(salt.encode() + b":" + key_bytes) % 10_000
-    end = 0
-    for version, percent in canaries:
-        end += round(percent * 100)
-        if bucket < end:
-            return version
-    return stable
-
+from lab import ENVOY_BIN, ENVOY_DIR, WASM, expected_version, fnv1a64, indent, shipped_plugin_config  # noqa: E402,F401
 
 # --------------------------------------------------------------------------------------------------
 # Upstreams.

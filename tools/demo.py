@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""canary-router demo: watch a canary grow from 0 to 100 % under live traffic, with zero failed requests.
+
+    make demo                      # the same as: .venv/bin/python tools/demo.py local
+
+`local` starts everything on this machine (no Docker): the two demo app versions (envoy/demo-app-v*.yaml)
+and Envoy with the shipped ECDS bootstrap (envoy/envoy-ecds.yaml). It then simulates a few hundred users,
+steps the canary percentage by publishing new filter configs, shows each version's share live, prints a
+summary, and stops every process it started, on Ctrl-C too.
+
+`drive` does the traffic and the ramp against an Envoy that is already running (e.g. `docker compose up`):
+
+    python3 tools/demo.py drive --url http://127.0.0.1:10000 --admin http://127.0.0.1:9901 --ecds-dir .run/ecds
+
+Ports (flags, or environment variables): listener 10000 (DEMO_PORT), admin 9901 (DEMO_ADMIN_PORT),
+app v1 8001 (DEMO_V1_PORT), app v2 8002 (DEMO_V2_PORT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter, deque
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ecds  # noqa: E402
+import lab  # noqa: E402
+
+ECDS_SUCCESS = "extension_config_discovery.http_filter.canary-router.update_success"
+RUN_DIR = os.path.join(lab.ROOT, ".run", "demo")
+
+
+def plugin_config(percent: float) -> str:
+    """The shipped example config (envoy/plugin-config.json) with the canary at `percent`."""
+    config = json.loads(lab.shipped_plugin_config())
+    config["rollouts"][0]["canaries"][0]["percent"] = percent
+    return json.dumps(config, indent=2)
+
+
+class Users:
+    """Simulated users on keep-alive connections; each request is one user's, chosen at random."""
+
+    def __init__(self, url: str, users: int, clients: int):
+        parsed = urllib.parse.urlsplit(url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        # Realistic, diverse ids (seeded, so every run has the same users).
+        id_rng = random.Random(2026)
+        self.user_ids = [f"{id_rng.getrandbits(64):016x}" for _ in range(users)]
+        self.stop_flag = threading.Event()
+        self.lock = threading.Lock()
+        self.total = Counter()        # version -> requests, whole run
+        self.non_2xx = Counter()      # status (or error) -> count, whole run
+        self.recent: deque[tuple[float, str]] = deque()  # (time, version) for the live window
+        self.step = Counter()         # version -> requests in the current step
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, seed: int):
+        rng = random.Random(seed)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        while not self.stop_flag.is_set():
+            user = rng.choice(self.user_ids)
+            try:
+                conn.request("GET", "/", headers={"x-user-id": user})
+                response = conn.getresponse()
+                response.read()
+                version = response.getheader("x-served-by") or "?"
+                status = response.status
+            except (OSError, http.client.HTTPException) as err:
+                conn.close()
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+                with self.lock:
+                    self.non_2xx[type(err).__name__] += 1
+                continue
+            with self.lock:
+                if 200 <= status < 300:
+                    self.total[version] += 1
+                    self.step[version] += 1
+                    self.recent.append((time.monotonic(), version))
+                else:
+                    self.non_2xx[status] += 1
+        conn.close()
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+
+    def stop(self):
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout=15)
+
+    def window(self, seconds: float = 1.0) -> Counter:
+        """Versions served in the last `seconds`."""
+        cutoff = time.monotonic() - seconds
+        with self.lock:
+            while self.recent and self.recent[0][0] < cutoff:
+                self.recent.popleft()
+            return Counter(v for _, v in self.recent)
+
+    def new_step(self) -> Counter:
+        with self.lock:
+            finished, self.step = self.step, Counter()
+            return finished
+
+
+def bar(share: float, width: int = 24) -> str:
+    filled = round(share * width)
+    return "█" * filled + "·" * (width - filled)
+
+
+def status_line(percent: float, counts: Counter, errors: int, rate: float) -> str:
+    total = sum(counts.values()) or 1
+    v1, v2 = counts["v1"] / total, counts["v2"] / total
+    return (f"canary {percent:>5g}% │ v1 {bar(v1)} {v1 * 100:5.1f}% │ v2 {bar(v2)} {v2 * 100:5.1f}% │ "
+            f"{rate:6.0f} req/s │ non-2xx {errors}")
+
+
+def wait_applied(admin: str, before: int, deadline_s: float = 15.0) -> int:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = read_stat(admin, ECDS_SUCCESS)
+        if value > before:
+            return value
+        time.sleep(0.02)
+    raise RuntimeError(f"Envoy did not apply the new config within {deadline_s}s (see its log)")
+
+
+def read_stat(admin: str, name: str) -> int:
+    with urllib.request.urlopen(f"{admin}/stats?filter=^{name}$", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+    return 0
+
+
+def ramp(users: Users, admin: str, ecds_dir: str, wasm_path: str, steps: list[float], hold: float) -> list[tuple]:
+    """Publish each percentage, show the live split for `hold` seconds, and return per-step results."""
+    tty = sys.stdout.isatty()
+    results = []
+    for percent in steps:
+        before = read_stat(admin, ECDS_SUCCESS)
+        started = time.monotonic()
+        ecds.publish(ecds_dir, plugin_config(percent), wasm_path=wasm_path)
+        wait_applied(admin, before)
+        applied_ms = (time.monotonic() - started) * 1000
+        users.new_step()
+        step_start = time.monotonic()
+        next_print = step_start
+        line = ""
+        while time.monotonic() - step_start < hold:
+            time.sleep(0.1)
+            window = users.window(1.0)
+            line = status_line(percent, window, sum(users.non_2xx.values()), sum(window.values()))
+            if tty:
+                print("\r" + line, end="", flush=True)
+            elif time.monotonic() >= next_print:
+                print(line, flush=True)
+                next_print += 1.0
+        finished = users.new_step()
+        total = sum(finished.values()) or 1
+        # What the spec gives these users (FNV-1a buckets): the served share converges to it.
+        spec = sum(lab.expected_version("web", u, "v1", [("v2", percent)]) == "v2" for u in users.user_ids)
+        summary = (f"canary {percent:>5g}% │ applied in {applied_ms:4.0f} ms │ {total:6d} requests │ "
+                   f"v1 {finished['v1'] / total * 100:5.1f}% │ v2 {finished['v2'] / total * 100:5.1f}% "
+                   f"(these users' buckets: {spec / len(users.user_ids) * 100:.1f}%)")
+        print(("\r" + " " * len(line) + "\r") if tty else "", end="")
+        print(summary, flush=True)
+        results.append((percent, finished))
+    return results
+
+
+def summarize(users: Users, elapsed: float) -> int:
+    total = sum(users.total.values())
+    errors = sum(users.non_2xx.values())
+    print()
+    print(f"Summary: {total + errors} requests in {elapsed:.1f} s from {len(users.user_ids)} users")
+    for version in sorted(users.total):
+        print(f"  {version}: {users.total[version]:7d} ({users.total[version] / max(total, 1) * 100:.1f}%)")
+    print(f"  non-2xx: {errors}" + (f" {dict(users.non_2xx)}" if errors else " (a canary change lost no request)"))
+    return 0 if errors == 0 else 1
+
+
+def drive(url: str, admin: str, ecds_dir: str | None, wasm_path: str, steps: list[float], hold: float,
+          user_count: int, clients: int) -> int:
+    users = Users(url, user_count, clients)
+    started = time.monotonic()
+    users.start()
+    try:
+        if ecds_dir:
+            ramp(users, admin, ecds_dir, wasm_path, steps, hold)
+        else:
+            print("No --ecds-dir: watching only (Ctrl-C to stop).")
+            while True:
+                time.sleep(1)
+                window = users.window(1.0)
+                print(status_line(float("nan"), window, sum(users.non_2xx.values()), sum(window.values())))
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+    finally:
+        users.stop()
+    return summarize(users, time.monotonic() - started)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def local(args) -> int:
+    for path, hint in ((lab.ENVOY_BIN, "make setup"), (lab.WASM, "make wasm")):
+        if not os.path.exists(path):
+            print(f"missing {path}: run `{hint}` (or `make demo`, which does it)", file=sys.stderr)
+            return 2
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    ecds_dir = os.path.join(RUN_DIR, "ecds")
+    os.makedirs(ecds_dir)
+    processes: list[lab.EnvoyProcess] = []
+
+    def stop_all(*_):
+        for process in reversed(processes):
+            process.stop()
+
+    # SIGTERM (e.g. `kill`) stops the children too, like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        apps = {}
+        for version, port in (("v1", args.v1_port), ("v2", args.v2_port)):
+            app = lab.EnvoyProcess(f"app-{version}", lab.render_app(version, port), RUN_DIR, workers=1)
+            processes.append(app.start())
+            apps[version] = (app, port)
+        for app, port in apps.values():
+            app.wait_serving(port)
+        where = lab.FrontAddresses(listener_port=args.port, admin_port=args.admin_port,
+                                   upstream_ports={"v1": args.v1_port, "v2": args.v2_port})
+        text = lab.render_front("envoy-ecds.yaml", where, ecds_dir=ecds_dir, plugin_config=plugin_config(args.steps[0]))
+        envoy = lab.EnvoyProcess("envoy", text, RUN_DIR, admin_port=args.admin_port, workers=2)
+        processes.append(envoy.start())
+        envoy.wait_ready()
+        print(f"Envoy on http://127.0.0.1:{args.port} (admin http://127.0.0.1:{args.admin_port}), "
+              f"app v1 on :{args.v1_port}, app v2 on :{args.v2_port}; logs in {RUN_DIR}")
+        print(f"{args.users} users on {args.clients} connections; canary steps {args.steps}, {args.hold:g} s each\n")
+        return drive(f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.admin_port}", ecds_dir, lab.WASM,
+                     args.steps, args.hold, args.users, args.clients)
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+        return 130
+    except RuntimeError as err:
+        print(f"demo failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all()
+        print("stopped every process the demo started")
+
+
+def main(argv: list[str]) -> int:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--steps", type=lambda s: [float(x) for x in s.split(",")], default=[0, 5, 25, 50, 100],
+                        help="canary percentages, in order (default 0,5,25,50,100)")
+    common.add_argument("--hold", type=float, default=float(env("DEMO_HOLD", "4")), help="seconds per step (4)")
+    common.add_argument("--users", type=int, default=300, help="simulated users (300)")
+    common.add_argument("--clients", type=int, default=8, help="concurrent connections (8)")
+    p_local = sub.add_parser("local", parents=[common], help="start apps and Envoy here, then ramp (default)")
+    p_local.add_argument("--port", type=int, default=int(env("DEMO_PORT", "10000")))
+    p_local.add_argument("--admin-port", type=int, default=int(env("DEMO_ADMIN_PORT", "9901")))
+    p_local.add_argument("--v1-port", type=int, default=int(env("DEMO_V1_PORT", "8001")))
+    p_local.add_argument("--v2-port", type=int, default=int(env("DEMO_V2_PORT", "8002")))
+    p_drive = sub.add_parser("drive", parents=[common], help="traffic and ramp against a running Envoy")
+    p_drive.add_argument("--url", default="http://127.0.0.1:10000")
+    p_drive.add_argument("--admin", default="http://127.0.0.1:9901")
+    p_drive.add_argument("--ecds-dir", help="the watched ECDS directory to publish into (omit to only watch)")
+    p_drive.add_argument("--wasm-path", default=ecds.DEFAULT_WASM,
+                         help=f"the .wasm path as that Envoy sees it ({ecds.DEFAULT_WASM})")
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["local", *argv]
+    args = parser.parse_args(argv)
+    if args.command == "drive":
+        return drive(args.url, args.admin.rstrip("/"), args.ecds_dir, args.wasm_path, args.steps, args.hold,
+                     args.users, args.clients)
+    return local(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
