@@ -11,14 +11,23 @@ BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/demo-app-v1.y
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup wasm unit lint validate integration test demo clean
+.PHONY: help setup install-docker-compose wasm unit lint validate integration test demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed ## Install what the build and tests need: the wasm target, Envoy 1.40.0 and pytest in .venv
+setup: $(VENV)/.installed ## Install what the build and tests need: wasm target, Envoy 1.40.0 + pytest in .venv, docker-compose
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
+	@command -v docker-compose >/dev/null || $(MAKE) --no-print-directory install-docker-compose
+
+# Debian's docker-compose (v1) validates the compose file without a Docker engine.
+install-docker-compose:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
+	else \
+	  echo "docker-compose is missing: sudo apt-get install docker-compose (used to validate docker-compose.yaml)"; exit 1; \
+	fi
 
 $(VENV)/.installed: tests/requirements.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -38,16 +47,20 @@ lint: setup ## rustfmt and clippy, on the host and on wasm32-wasip1 (warnings ar
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --target $(WASM_TARGET) --lib -- -D warnings
 
-validate: wasm ## envoy --mode validate on every shipped bootstrap
+validate: wasm ## envoy --mode validate on every shipped Envoy config, and docker-compose config -q
 	@for f in $(BOOTSTRAPS); do \
 	  $(ENVOY) --mode validate -c $$f --base-id $(VALIDATE_BASE_ID) -l warning >/dev/null 2>/tmp/canary-router-validate.log \
 	    && echo "valid: $$f" || { cat /tmp/canary-router-validate.log; echo "INVALID: $$f"; exit 1; }; \
 	done
+	docker-compose -f docker-compose.yaml config -q && echo "valid: docker-compose.yaml"
 
 integration: wasm ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
 	cd tests/integration && ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests
+
+compose-prep: wasm ## Before `docker compose up`: build the filter on the host and create .run/ecds
+	mkdir -p .run/ecds
 
 demo: wasm ## The local demo, no Docker: two app versions, Envoy, a canary ramp 0→100 % under traffic
 	$(PYTHON) tools/demo.py local $(DEMO_ARGS)
