@@ -7,11 +7,12 @@ PYTHON      := $(VENV)/bin/python
 ENVOY       := $(VENV)/bin/envoy
 WASM_TARGET := wasm32-wasip1
 WASM        := target/$(WASM_TARGET)/release/canary_router.wasm
-BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/demo-app-v1.yaml envoy/demo-app-v2.yaml
+CANARYCTL   := target/release/canaryctl
+BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yaml envoy/demo-app-v1.yaml envoy/demo-app-v2.yaml
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup install-docker-compose wasm unit lint validate integration test demo compose-prep clean
+.PHONY: help setup install-docker-compose wasm canaryctl skew-wasm unit lint validate integration test demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,13 +39,20 @@ wasm: setup ## Build the filter: target/wasm32-wasip1/release/canary_router.wasm
 	cargo build --release --target $(WASM_TARGET)
 	@ls -l $(WASM) | awk '{printf "built %s (%d bytes)\n", $$9, $$5}'
 
-unit: ## Host tests: config contract, decision order, golden hash vectors, properties
-	cargo test --release
+canaryctl: ## Build the control plane: target/release/canaryctl
+	cargo build --release -p canaryctl
+
+# The filter as an older release would build (only for the version-skew test; see RawConfig::validate).
+skew-wasm: setup
+	RUSTFLAGS="--cfg canary_router_simulate_old_release" cargo build --release --target $(WASM_TARGET) --target-dir target/skew -p canary-router
+
+unit: ## Host tests: config contract, decision order, golden hash vectors, properties, canaryctl
+	cargo test --release --workspace
 
 lint: setup ## rustfmt and clippy, on the host and on wasm32-wasip1 (warnings are errors)
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
-	cargo clippy --target $(WASM_TARGET) --lib -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --target $(WASM_TARGET) -p canary-router --lib -- -D warnings
 
 validate: wasm install-docker-compose ## envoy --mode validate on every shipped Envoy config, and docker-compose config -q
 	@for f in $(BOOTSTRAPS); do \
@@ -53,7 +61,7 @@ validate: wasm install-docker-compose ## envoy --mode validate on every shipped 
 	done
 	docker-compose -f docker-compose.yaml config -q && echo "valid: docker-compose.yaml"
 
-integration: wasm install-docker-compose ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
+integration: wasm canaryctl skew-wasm install-docker-compose ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
 	cd tests/integration && ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests

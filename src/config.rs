@@ -7,7 +7,7 @@
 //!
 //! Every error names the field (as a JSON path), the value and what is allowed, in one line.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
 use crate::hash::BUCKETS;
@@ -51,80 +51,90 @@ fn quoted(value: &str) -> String {
 // ---------------------------------------------------------------------------------------------------------
 
 /// The plugin configuration as written by users (see the README's configuration reference).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub route_header: Option<String>,
     pub rollouts: Vec<RawRollout>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRollout {
     pub name: String,
-    #[serde(rename = "match")]
+    #[serde(rename = "match", skip_serializing_if = "Option::is_none")]
     pub match_: Option<RawMatch>,
     pub stable: String,
     pub canaries: Vec<RawCanary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sticky: Option<RawSticky>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub assign_cookie: Option<RawAssignCookie>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RawRule>,
-    #[serde(rename = "override")]
+    #[serde(rename = "override", skip_serializing_if = "Option::is_none")]
     pub override_: Option<RawOverride>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMatch {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCanary {
     pub version: String,
     pub percent: f64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSticky {
     pub keys: Vec<RawKey>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub salt: Option<String>,
 }
 
 /// `{"header": "x-user-id"}` or `{"cookie": "session"}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "lowercase")]
 pub enum RawKey {
     Header(String),
     Cookie(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAssignCookie {
     pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_age_seconds: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRule {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cookie: Option<String>,
     pub values: Vec<String>,
     pub version: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOverride {
     pub header: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
 }
 
@@ -247,6 +257,12 @@ pub fn percent_text(basis_points: u32) -> String {
 
 /// Parse and validate a plugin configuration.
 pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
+    parse_raw(json)?.validate()
+}
+
+/// Parse a plugin configuration into its raw, editable form, without the contract checks of
+/// [`RawConfig::validate`] (tools that edit a config validate the result).
+pub fn parse_raw(json: &[u8]) -> Result<RawConfig, ConfigError> {
     // serde would read a struct from an array too, with a baffling message; say what is expected.
     let text = json.trim_ascii();
     if !text.is_empty() && !text.starts_with(b"{") {
@@ -263,7 +279,7 @@ pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
         field: "config".to_string(),
         message: err.to_string(),
     })?;
-    raw.validate()
+    Ok(raw)
 }
 
 /// serde_path_to_error writes the root as "."; say "config" instead.
@@ -284,6 +300,17 @@ impl RawConfig {
         };
         if self.rollouts.is_empty() {
             return Err(invalid("rollouts", "[]", "at least one rollout"));
+        }
+        // Test support only: a build with `--cfg canary_router_simulate_old_release` acts like an older
+        // release that predates `assign_cookie`, so a real filter/control-plane version skew (the control
+        // plane accepts, the filter refuses) can be tested end to end. Never set in a shipped build.
+        #[cfg(canary_router_simulate_old_release)]
+        if let Some(i) = self.rollouts.iter().position(|r| r.assign_cookie.is_some()) {
+            return Err(ConfigError::Syntax {
+                field: format!("rollouts[{i}].assign_cookie"),
+                message: "unknown field `assign_cookie` (this build simulates a release that predates it)"
+                    .to_string(),
+            });
         }
         let mut rollouts: Vec<Rollout> = Vec::with_capacity(self.rollouts.len());
         for (index, raw) in self.rollouts.iter().enumerate() {
@@ -975,6 +1002,19 @@ mod tests {
         assert_eq!(
             config.rollouts[0].sticky_keys,
             vec![KeySource::Cookie("cid".into())]
+        );
+    }
+
+    #[test]
+    fn a_raw_config_written_back_reads_the_same() {
+        let raw = parse_raw(FULL.as_bytes()).unwrap();
+        let text = serde_json::to_string(&raw).unwrap();
+        assert_eq!(parse_raw(text.as_bytes()).unwrap(), raw);
+        assert!(!text.contains("null"), "absent fields stay absent: {text}");
+        let minimal = r#"{"rollouts":[{"name":"api","stable":"a","canaries":[{"version":"b","percent":12.5}]}]}"#;
+        assert_eq!(
+            serde_json::to_string(&parse_raw(minimal.as_bytes()).unwrap()).unwrap(),
+            minimal
         );
     }
 

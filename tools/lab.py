@@ -32,6 +32,7 @@ SHIPPED_UPSTREAMS = {
     "v2": "address: 127.0.0.1, port_value: 8002",
 }
 SHIPPED_WASM = f"filename: {ecds.DEFAULT_WASM}"
+SHIPPED_XDS = "address: 127.0.0.1, port_value: 18000"
 SHIPPED_ECDS_PATH = "path: envoy/ecds/canary-router.json"
 SHIPPED_ECDS_DIR = "watched_directory: { path: envoy/ecds }"
 # Text in the shipped demo apps (demo-app-v1.yaml, demo-app-v2.yaml).
@@ -102,12 +103,14 @@ class FrontAddresses:
     upstream_ports: dict[str, int]
     listener_address: str = "127.0.0.1"
     upstream_host: str = "127.0.0.1"
+    xds_port: int = 18000  # canaryctl serve, for envoy-ads.yaml
 
 
 def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_dir: str | None = None,
                  plugin_config: str | None = None) -> str:
     """A shipped front bootstrap with test/demo addresses. For the ECDS bootstrap, `ecds_dir` receives the
-    first resource: `plugin_config` if given, else the shipped envoy/ecds/canary-router.json."""
+    first resource: `plugin_config` if given, else the shipped envoy/ecds/canary-router.json. The ADS
+    bootstrap gets its config from canaryctl on `where.xds_port`."""
     text = read_shipped(bootstrap)
     replacements = {
         SHIPPED_ADMIN: f"address: 127.0.0.1, port_value: {where.admin_port}",
@@ -115,7 +118,10 @@ def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_d
     }
     for version, shipped in SHIPPED_UPSTREAMS.items():
         replacements[shipped] = f"address: {where.upstream_host}, port_value: {where.upstream_ports[version]}"
-    if "config_discovery" in text:
+    if "ads: {}" in text:
+        replacements[SHIPPED_XDS] = f"address: 127.0.0.1, port_value: {where.xds_port}"
+        replacements[SHIPPED_WASM] = f"filename: {wasm}"  # the fail-safe default_config
+    elif "config_discovery" in text:
         if ecds_dir is None:
             raise ValueError(f"{bootstrap} reads its filter config by ECDS: give ecds_dir")
         replacements[SHIPPED_ECDS_PATH] = f"path: {ecds_dir}/{ecds.RESOURCE_FILE}"
@@ -160,12 +166,13 @@ class EnvoyProcess:
     """One Envoy: started on a rendered config, with its log kept for when something fails."""
 
     def __init__(self, name: str, config_text: str, workdir: str, admin_port: int | None = None,
-                 workers: int = 2, envoy_bin: str = ENVOY_BIN):
+                 workers: int = 2, envoy_bin: str = ENVOY_BIN, extra_args: list[str] | None = None):
         self.name = name
         self.workdir = workdir
         self.admin_port = admin_port
         self.workers = workers
         self.envoy_bin = envoy_bin
+        self.extra_args = extra_args or []
         self.base_id = next_base_id()
         self.config_path = os.path.join(workdir, f"{name}.yaml")
         self.log_path = os.path.join(workdir, f"{name}.log")
@@ -178,7 +185,7 @@ class EnvoyProcess:
         self._log_file = open(self.log_path, "a")
         self.process = subprocess.Popen(
             [self.envoy_bin, "-c", self.config_path, "--base-id", str(self.base_id),
-             "--concurrency", str(self.workers), "-l", "info", "--drain-time-s", "1"],
+             "--concurrency", str(self.workers), "-l", "info", "--drain-time-s", "1", *self.extra_args],
             stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.workdir,
             start_new_session=True,  # a Ctrl-C in the terminal reaches the demo, which then stops us
             preexec_fn=_die_with_parent,
@@ -275,3 +282,101 @@ class EnvoyProcess:
             time.sleep(0.05)
         raise RuntimeError(f"{self.name}: {name} did not reach {at_least} within {deadline_s}s "
                            f"(now {self.stat(name)})\n{self.log()}")
+
+
+CANARYCTL = os.environ.get("CANARYCTL_BIN") or os.path.join(ROOT, "target", "release", "canaryctl")
+
+
+class Canaryctl:
+    """`canaryctl serve` on free ports, and its CLI pointed at it."""
+
+    def __init__(self, workdir: str, wasm_path: str = WASM, init_config: str | None = None,
+                 token: str | None = None, xds_port: int | None = None, admin_port: int | None = None):
+        self.workdir = workdir
+        self.xds_port = xds_port or free_port()
+        self.admin_port = admin_port or free_port()
+        self.state_path = os.path.join(workdir, "canaryctl-state.json")
+        self.log_path = os.path.join(workdir, "canaryctl.log")
+        self.wasm_path = wasm_path
+        self.token = token
+        self.init_config_path = None
+        if init_config is not None:
+            self.init_config_path = os.path.join(workdir, "init-config.json")
+            with open(self.init_config_path, "w") as f:
+                f.write(init_config)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def server(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self, deadline_s: float = 15.0) -> "Canaryctl":
+        args = [CANARYCTL, "serve", "--xds", f"127.0.0.1:{self.xds_port}", "--admin", f"127.0.0.1:{self.admin_port}",
+                "--state", self.state_path, "--wasm-path", self.wasm_path]
+        if self.init_config_path:
+            args += ["--init-config", self.init_config_path]
+        env = dict(os.environ)
+        env.pop("CANARYCTL_TOKEN", None)
+        if self.token:
+            env["CANARYCTL_TOKEN"] = self.token
+        self._log = open(self.log_path, "a")
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"canaryctl serve exited with {self.process.returncode}\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.server}/v1/status", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"canaryctl serve not answering within {deadline_s}s\n{self.log()}")
+
+    def run(self, *args: str, token: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run a CLI command against this server (`token`: sent with it, default none)."""
+        env = dict(os.environ)
+        env.pop("CANARYCTL_TOKEN", None)
+        if token:
+            env["CANARYCTL_TOKEN"] = token
+        return subprocess.run([CANARYCTL, "--server", self.server, *args], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+
+    def status(self) -> dict:
+        import json
+        with urllib.request.urlopen(f"{self.server}/v1/status", timeout=5) as r:
+            return json.load(r)
+
+    def wait_envoys(self, count: int, version: int | None = None, deadline_s: float = 30.0) -> dict:
+        """Wait until `count` Envoys are connected and have applied `version` (default: the desired one)."""
+        deadline = time.monotonic() + deadline_s
+        status = {}
+        while time.monotonic() < deadline:
+            status = self.status()
+            want = version if version is not None else status["desired"]["version"]
+            current = [e for e in status["envoys"] if e["connected"] and e["acked_version"] == want]
+            if len(current) >= count:
+                return status
+            time.sleep(0.05)
+        raise RuntimeError(f"{count} Envoys did not apply the config within {deadline_s}s: {status}\n{self.log()}")
+
+    def kill(self):
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f"----- canaryctl log -----\n{f.read()}----- end of canaryctl log -----"
+        except OSError:
+            return "(no canaryctl log)"

@@ -52,10 +52,13 @@ def processes(request):
 def start_envoy(upstreams, processes):
     """start_envoy(bootstrap, plugin_config=None, expect_ready=True, upstream_ports=None) -> a started Envoy."""
 
-    def start(bootstrap="envoy-inline.yaml", plugin_config=None, expect_ready=True, workers=2, upstream_ports=None):
+    def start(bootstrap="envoy-inline.yaml", plugin_config=None, expect_ready=True, workers=2, upstream_ports=None,
+              xds_port=18000, node_id=None, before_start=None):
         ports = upstream_ports or {v: u.port for v, u in upstreams.items()}
-        envoy = Envoy(bootstrap, ports, plugin_config, workers=workers)
+        envoy = Envoy(bootstrap, ports, plugin_config, workers=workers, xds_port=xds_port, node_id=node_id)
         processes.append(envoy)
+        if before_start:
+            before_start(envoy)
         envoy.start()
         if expect_ready:
             envoy.wait_ready()
@@ -78,3 +81,22 @@ def demo_apps(processes):
     for app in apps.values():
         app.wait_serving(app.port)
     return apps
+
+
+@pytest.fixture
+def canaryctl(request):
+    """canaryctl_factory(init_config, token=None, wasm_path=WASM) -> a started `canaryctl serve`."""
+    started: list[lab.Canaryctl] = []
+
+    def start(init_config=None, token=None, wasm_path=WASM, workdir=None):
+        server = lab.Canaryctl(workdir or tempfile.mkdtemp(prefix="canaryctl-test-"), wasm_path=wasm_path,
+                               init_config=init_config, token=token)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+    if _failed(request):
+        for server in started:
+            print(f"\n{server.log()}")

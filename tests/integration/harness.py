@@ -80,15 +80,17 @@ class Envoy(lab.EnvoyProcess):
     """The front Envoy on a shipped bootstrap, with test ports and the test's plugin config."""
 
     def __init__(self, bootstrap: str, upstream_ports: dict[str, int], plugin_config: str | None = None,
-                 workers: int = 2):
+                 workers: int = 2, xds_port: int = 18000, node_id: str | None = None):
         workdir = tempfile.mkdtemp(prefix="canary-router-test-")
         self.port = lab.free_port()
         self.ecds_dir = os.path.join(workdir, "ecds")
         os.makedirs(self.ecds_dir)
         where = lab.FrontAddresses(listener_port=self.port, admin_port=lab.free_port(),
-                                   upstream_ports=upstream_ports)
+                                   upstream_ports=upstream_ports, xds_port=xds_port)
         text = lab.render_front(bootstrap, where, ecds_dir=self.ecds_dir, plugin_config=plugin_config)
-        super().__init__("envoy", text, workdir, admin_port=where.admin_port, workers=workers)
+        extra = ["--service-node", node_id, "--service-cluster", "edge"] if node_id else []
+        super().__init__(node_id or "envoy", text, workdir, admin_port=where.admin_port, workers=workers,
+                         extra_args=extra)
 
     def publish(self, plugin_config: str) -> str:
         return ecds.publish(self.ecds_dir, plugin_config, wasm_path=WASM)

@@ -1,0 +1,316 @@
+//! canaryctl: adjust canary-router's canaries through xDS, for a fleet of Envoys.
+//!
+//! `canaryctl serve` is the control plane (ADS for the filter's ECDS resource, an admin API, a durable
+//! state file); every other command is a client of its admin API.
+
+mod admin;
+mod client;
+mod server;
+mod state;
+mod xds;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use serde_json::json;
+
+use client::{CliError, Client, Wait};
+use server::{FilterSettings, Server};
+use state::{Desired, StateFile};
+
+#[derive(Parser)]
+#[command(
+    name = "canaryctl",
+    version,
+    about = "Adjust canary-router's canaries through xDS, for a fleet of Envoys"
+)]
+struct Cli {
+    /// The admin API of `canaryctl serve`.
+    #[arg(
+        long,
+        global = true,
+        env = "CANARYCTL_SERVER",
+        default_value = "http://127.0.0.1:9902"
+    )]
+    server: String,
+    /// Bearer token for writes (serve: require it; other commands: send it).
+    #[arg(long, global = true, env = "CANARYCTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct WaitArgs {
+    /// How long to wait for every connected Envoy to apply the change.
+    #[arg(long, default_value = "30", value_name = "SECONDS")]
+    timeout: f64,
+    /// Save and push, but do not wait for the Envoys.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+impl WaitArgs {
+    fn wait(&self) -> Wait {
+        Wait {
+            enabled: !self.no_wait,
+            timeout: Duration::from_secs_f64(self.timeout.max(0.0)),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: xDS (ADS) for the Envoys and the admin API for these commands.
+    Serve {
+        /// Where Envoys connect (gRPC, ADS).
+        #[arg(long, default_value = "127.0.0.1:18000")]
+        xds: SocketAddr,
+        /// Where the admin API listens (JSON over HTTP; keep it on loopback or behind a token).
+        #[arg(long, default_value = "127.0.0.1:9902")]
+        admin: SocketAddr,
+        /// The durable state file: reloaded on start, rewritten atomically on every change.
+        #[arg(long, default_value = "canaryctl-state.json")]
+        state: String,
+        /// The plugin configuration to start from when there is no state file yet.
+        #[arg(long, value_name = "FILE")]
+        init_config: Option<String>,
+        /// The .wasm path as the Envoys see it.
+        #[arg(
+            long,
+            default_value = "target/wasm32-wasip1/release/canary_router.wasm"
+        )]
+        wasm_path: String,
+        /// The ECDS resource name (the filter's name in the Envoys' http_filters).
+        #[arg(long, default_value = "canary-router")]
+        filter_name: String,
+    },
+    /// Desired config and, per Envoy, the version it applied or refused.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set canary percentages of a rollout: canaryctl set web v2=12.5
+    Set {
+        rollout: String,
+        #[arg(required = true, value_name = "VERSION=PERCENT")]
+        percents: Vec<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Make a canary the new stable at 100 % (blue/green flip); the old stable stays as a canary at 0 %.
+    Promote {
+        rollout: String,
+        /// The canary to promote (needed when the rollout has several).
+        version: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Every canary of the rollout to 0 % at once.
+    Rollback {
+        rollout: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Replace the whole plugin configuration (validated; the diff is shown first).
+    Apply {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: String,
+        /// Show the diff only.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("canaryctl: cannot start: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("canaryctl: {}", err.message);
+            ExitCode::from(err.exit_code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let client = || Client::new(&cli.server, cli.token.clone());
+    match &cli.command {
+        Command::Serve {
+            xds,
+            admin,
+            state,
+            init_config,
+            wasm_path,
+            filter_name,
+        } => {
+            serve(
+                *xds,
+                *admin,
+                state,
+                init_config.as_deref(),
+                wasm_path,
+                filter_name,
+                cli.token.clone(),
+            )
+            .await
+        }
+        Command::Status { json } => client::status(&client()?, *json).await,
+        Command::Set {
+            rollout,
+            percents,
+            wait,
+        } => {
+            let body = client::set_body(rollout, percents)?;
+            client::write(&client()?, "/v1/set", body, &wait.wait()).await
+        }
+        Command::Promote {
+            rollout,
+            version,
+            wait,
+        } => {
+            let body = json!({ "rollout": rollout, "version": version });
+            client::write(&client()?, "/v1/promote", body, &wait.wait()).await
+        }
+        Command::Rollback { rollout, wait } => {
+            client::write(
+                &client()?,
+                "/v1/rollback",
+                json!({ "rollout": rollout }),
+                &wait.wait(),
+            )
+            .await
+        }
+        Command::Apply {
+            file,
+            dry_run,
+            wait,
+        } => client::apply(&client()?, file, *dry_run, &wait.wait()).await,
+    }
+}
+
+fn fail(message: impl Into<String>) -> CliError {
+    CliError {
+        message: message.into(),
+        exit_code: 1,
+    }
+}
+
+async fn serve(
+    xds_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    state_path: &str,
+    init_config: Option<&str>,
+    wasm_path: &str,
+    filter_name: &str,
+    token: Option<String>,
+) -> Result<(), CliError> {
+    if token.is_none() && !admin_addr.ip().is_loopback() {
+        return Err(fail(format!(
+            "the admin API on {admin_addr} would accept writes from anyone: set --token (or CANARYCTL_TOKEN), or listen on loopback"
+        )));
+    }
+    let state_file = StateFile::new(state_path);
+    let desired = match state_file.load().map_err(|err| fail(err.to_string()))? {
+        Some(desired) => {
+            eprintln!("canaryctl: state {state_path}: version {}", desired.version);
+            desired
+        }
+        None => {
+            let path = init_config.ok_or_else(|| {
+                fail(format!(
+                    "no state file at {state_path}: give --init-config FILE to start one"
+                ))
+            })?;
+            let text = std::fs::read(path).map_err(|err| fail(format!("{path}: {err}")))?;
+            let config =
+                state::parse_config(&text).map_err(|err| fail(format!("{path}: {err}")))?;
+            let desired = Desired {
+                version: 1,
+                updated_at_unix: state::now_unix(),
+                config,
+            };
+            state_file
+                .save(&desired)
+                .map_err(|err| fail(err.to_string()))?;
+            eprintln!("canaryctl: state {state_path} started from {path}: version 1");
+            desired
+        }
+    };
+    let filter = FilterSettings {
+        name: filter_name.to_string(),
+        wasm_path: wasm_path.to_string(),
+    };
+    let server = Arc::new(Server::new(filter, state_file, desired, token));
+
+    let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|err| fail(format!("admin API on {admin_addr}: {err}")))?;
+    let xds_listener = tokio::net::TcpListener::bind(xds_addr)
+        .await
+        .map_err(|err| fail(format!("xDS on {xds_addr}: {err}")))?;
+    eprintln!("canaryctl: serving ADS on {xds_addr}, admin API on http://{admin_addr}");
+
+    let shutdown = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+    };
+    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut stop_admin = stop_tx.subscribe();
+    let mut stop_xds = stop_tx.subscribe();
+
+    let admin = axum::serve(admin_listener, admin::router(server.clone())).with_graceful_shutdown(
+        async move {
+            let _ = stop_admin.recv().await;
+        },
+    );
+    let ads = AggregatedDiscoveryServiceServer::new(xds::Ads::new(server.clone()));
+    let xds = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(ads)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
+            async move {
+                let _ = stop_xds.recv().await;
+            },
+        );
+    let admin_task = tokio::spawn(async move { admin.await });
+    let xds_task = tokio::spawn(xds);
+    shutdown.await;
+    eprintln!("canaryctl: shutting down");
+    let _ = stop_tx.send(());
+    // xDS streams stay open until Envoys hang up; do not wait for them longer than a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = admin_task.await;
+        let _ = xds_task.await;
+    })
+    .await;
+    Ok(())
+}

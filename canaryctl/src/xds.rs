@@ -1,0 +1,169 @@
+//! The xDS side: state-of-the-world ADS serving one resource, the filter's `TypedExtensionConfig`
+//! (ECDS), to every Envoy that asks for it, and a new version to all of them as soon as it is desired.
+//!
+//! Per stream: the first request of the type (no nonce) gets the current config; a request that answers
+//! our last nonce is an ACK (no `error_detail`) or a NACK (with it); requests answering older nonces are
+//! stale and ignored. Other resource types are not ours and get no answer.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    async_data_source, data_source, AsyncDataSource, DataSource, TypedExtensionConfig,
+};
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+use envoy_types::pb::envoy::extensions::wasm::v3::{
+    plugin_config, FailurePolicy, PluginConfig, VmConfig,
+};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::{Any, StringValue};
+use envoy_types::util::pack_any;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::server::{FilterSettings, Server};
+use crate::state::Desired;
+
+pub const TYPED_EXTENSION_CONFIG: &str =
+    "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+
+/// The ECDS resource: the Wasm HTTP filter carrying the plugin configuration as JSON (FAIL_RELOAD, the
+/// same shape as envoy/envoy-inline.yaml and tools/ecds.py).
+pub fn filter_resource(filter: &FilterSettings, desired: &Desired) -> Any {
+    let json = serde_json::to_string(&desired.config).unwrap_or_default();
+    let plugin = PluginConfig {
+        name: filter.name.clone(),
+        root_id: filter.name.clone(),
+        configuration: Some(pack_any(StringValue { value: json })),
+        failure_policy: FailurePolicy::FailReload as i32,
+        vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+            vm_id: filter.name.clone(),
+            runtime: "envoy.wasm.runtime.v8".to_string(),
+            code: Some(AsyncDataSource {
+                specifier: Some(async_data_source::Specifier::Local(DataSource {
+                    specifier: Some(data_source::Specifier::Filename(filter.wasm_path.clone())),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    pack_any(TypedExtensionConfig {
+        name: filter.name.clone(),
+        typed_config: Some(pack_any(Wasm {
+            config: Some(plugin),
+        })),
+    })
+}
+
+pub struct Ads {
+    server: Arc<Server>,
+}
+
+impl Ads {
+    pub fn new(server: Arc<Server>) -> Self {
+        Self { server }
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let server = self.server.clone();
+        tokio::spawn(async move {
+            let stream = server.connect(peer);
+            serve_stream(&server, stream, inbound, tx).await;
+            server.disconnect(stream);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "canaryctl serves state-of-the-world ADS: use api_type GRPC, not DELTA_GRPC",
+        ))
+    }
+}
+
+async fn serve_stream(
+    server: &Server,
+    stream: u64,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) {
+    let mut desired = server.subscribe();
+    let mut nonces = 0u64;
+    // The nonce and version of our last response, until the Envoy answers it.
+    let mut pending: Option<(String, u64)> = None;
+    let mut subscribed = false;
+    loop {
+        let push = tokio::select! {
+            message = inbound.message() => {
+                let Ok(Some(request)) = message else { return };
+                if let Some(node) = &request.node {
+                    server.identify(stream, &node.id, &node.cluster);
+                }
+                if request.type_url != TYPED_EXTENSION_CONFIG {
+                    continue;
+                }
+                let wants_ours = request.resource_names.is_empty()
+                    || request.resource_names.contains(&server.filter.name);
+                if request.response_nonce.is_empty() {
+                    // A new subscription (or a resubscription after a reconnect): always answered.
+                    subscribed = wants_ours;
+                    subscribed
+                } else {
+                    if let Some((_, version)) = pending.take_if(|(nonce, _)| *nonce == request.response_nonce) {
+                        match &request.error_detail {
+                            None => server.acked(stream, version),
+                            Some(status) => server.nacked(stream, version, status.message.clone()),
+                        }
+                    }
+                    let was = subscribed;
+                    subscribed = wants_ours;
+                    subscribed && !was
+                }
+            }
+            changed = desired.changed(), if subscribed => {
+                if changed.is_err() {
+                    return;
+                }
+                true
+            }
+        };
+        if push {
+            let current = desired.borrow_and_update().clone();
+            nonces += 1;
+            let nonce = format!("{stream}-{nonces}");
+            let response = DiscoveryResponse {
+                version_info: current.version.to_string(),
+                resources: vec![filter_resource(&server.filter, &current)],
+                type_url: TYPED_EXTENSION_CONFIG.to_string(),
+                nonce: nonce.clone(),
+                ..Default::default()
+            };
+            pending = Some((nonce, current.version));
+            server.sent(stream, current.version);
+            if tx.send(Ok(response)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
