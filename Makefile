@@ -66,10 +66,10 @@ integration: wasm canaryctl skew-wasm install-docker-compose ## Real-Envoy tests
 
 test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests
 
-compose-prep: wasm ## Before `docker compose up`: build the filter on the host and create .run/ecds
-	mkdir -p .run/ecds
+compose-prep: wasm canaryctl ## Before `docker compose up`: build the filter and canaryctl, create .run/canaryctl
+	mkdir -p .run/canaryctl
 
-demo: wasm ## The local demo, no Docker: two app versions, Envoy, a canary ramp 0→100 % under traffic
+demo: wasm canaryctl ## The local demo, no Docker: two app versions, canaryctl, Envoy, a ramp 0→100 % under traffic
 	$(PYTHON) tools/demo.py local $(DEMO_ARGS)
 
 clean: ## Remove build output (keeps .venv)

@@ -3,17 +3,21 @@
 
     make demo                      # the same as: .venv/bin/python tools/demo.py local
 
-`local` starts everything on this machine (no Docker): the two demo app versions (envoy/demo-app-v*.yaml)
-and Envoy with the shipped ECDS bootstrap (envoy/envoy-ecds.yaml). It then simulates a few hundred users,
-steps the canary percentage by publishing new filter configs, shows each version's share live, prints a
-summary, and stops every process it started, on Ctrl-C too.
+`local` starts everything on this machine (no Docker): the two demo app versions (envoy/demo-app-v*.yaml),
+the control plane (`canaryctl serve`) and Envoy with the shipped ADS bootstrap (envoy/envoy-ads.yaml). It
+then simulates a few hundred users, steps the canary percentage with `canaryctl set` (each step waits until
+Envoy has applied it), shows each version's share live, prints a summary, and stops every process it
+started, on Ctrl-C too.
 
-`drive` does the traffic and the ramp against an Envoy that is already running (e.g. `docker compose up`):
+`drive` does the traffic and the ramp against an Envoy that is already running (e.g. `docker compose up`),
+through canaryctl or, without a control plane, by publishing files into a watched ECDS directory:
 
-    python3 tools/demo.py drive --url http://127.0.0.1:10000 --admin http://127.0.0.1:9901 --ecds-dir .run/ecds
+    python3 tools/demo.py drive --canaryctl http://127.0.0.1:9902
+    python3 tools/demo.py drive --ecds-dir .run/ecds --admin http://127.0.0.1:9901
 
-Ports (flags, or environment variables): listener 10000 (DEMO_PORT), admin 9901 (DEMO_ADMIN_PORT),
-app v1 8001 (DEMO_V1_PORT), app v2 8002 (DEMO_V2_PORT).
+Ports (flags, or environment variables): listener 10000 (DEMO_PORT), Envoy admin 9901 (DEMO_ADMIN_PORT),
+app v1 8001 (DEMO_V1_PORT), app v2 8002 (DEMO_V2_PORT), canaryctl xDS 18000 (DEMO_XDS_PORT) and admin API
+9902 (DEMO_CANARYCTL_PORT).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -144,15 +149,41 @@ def read_stat(admin: str, name: str) -> int:
     return 0
 
 
-def ramp(users: Users, admin: str, ecds_dir: str, wasm_path: str, steps: list[float], hold: float) -> list[tuple]:
+class EcdsPublisher:
+    """Steps by file: a new resource renamed into the watched directory, applied when Envoy counts it."""
+
+    def __init__(self, admin: str, ecds_dir: str, wasm_path: str):
+        self.admin, self.ecds_dir, self.wasm_path = admin, ecds_dir, wasm_path
+
+    def __call__(self, percent: float):
+        before = read_stat(self.admin, ECDS_SUCCESS)
+        ecds.publish(self.ecds_dir, plugin_config(percent), wasm_path=self.wasm_path)
+        wait_applied(self.admin, before)
+
+
+class CanaryctlPublisher:
+    """Steps by `canaryctl set`, which returns once every connected Envoy has ACKed the change."""
+
+    def __init__(self, server: str, token: str | None = None):
+        self.server, self.token = server, token
+
+    def __call__(self, percent: float):
+        env = dict(os.environ)
+        if self.token:
+            env["CANARYCTL_TOKEN"] = self.token
+        result = subprocess.run([lab.CANARYCTL, "--server", self.server, "set", "web", f"v2={percent:g}", "--timeout", "15"],
+                                capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"canaryctl set failed: {result.stderr.strip()}")
+
+
+def ramp(users: Users, publish, steps: list[float], hold: float) -> list[tuple]:
     """Publish each percentage, show the live split for `hold` seconds, and return per-step results."""
     tty = sys.stdout.isatty()
     results = []
     for percent in steps:
-        before = read_stat(admin, ECDS_SUCCESS)
         started = time.monotonic()
-        ecds.publish(ecds_dir, plugin_config(percent), wasm_path=wasm_path)
-        wait_applied(admin, before)
+        publish(percent)
         applied_ms = (time.monotonic() - started) * 1000
         users.new_step()
         step_start = time.monotonic()
@@ -191,22 +222,25 @@ def summarize(users: Users, elapsed: float) -> int:
     return 0 if errors == 0 else 1
 
 
-def drive(url: str, admin: str, ecds_dir: str | None, wasm_path: str, steps: list[float], hold: float,
-          user_count: int, clients: int) -> int:
+def drive(url: str, publish, steps: list[float], hold: float, user_count: int, clients: int) -> int:
+    """Traffic from `user_count` users; with a `publish`er, the canary ramp through `steps`."""
     users = Users(url, user_count, clients)
     started = time.monotonic()
     users.start()
     try:
-        if ecds_dir:
-            ramp(users, admin, ecds_dir, wasm_path, steps, hold)
+        if publish:
+            ramp(users, publish, steps, hold)
         else:
-            print("No --ecds-dir: watching only (Ctrl-C to stop).")
+            print("No --canaryctl or --ecds-dir: watching only (Ctrl-C to stop).")
             while True:
                 time.sleep(1)
                 window = users.window(1.0)
                 print(status_line(float("nan"), window, sum(users.non_2xx.values()), sum(window.values())))
     except KeyboardInterrupt:
         print("\ninterrupted")
+    except RuntimeError as err:
+        print(f"\nramp stopped: {err}", file=sys.stderr)
+        users.non_2xx["ramp failed"] += 1
     finally:
         users.stop()
     return summarize(users, time.monotonic() - started)
@@ -217,7 +251,7 @@ def _interrupt(signum, frame):
 
 
 def local(args) -> int:
-    for path, hint in ((lab.ENVOY_BIN, "make setup"), (lab.WASM, "make wasm")):
+    for path, hint in ((lab.ENVOY_BIN, "make setup"), (lab.WASM, "make wasm"), (lab.CANARYCTL, "make canaryctl")):
         if not os.path.exists(path):
             print(f"missing {path}: run `{hint}` (or `make demo`, which does it)", file=sys.stderr)
             return 2
@@ -240,17 +274,24 @@ def local(args) -> int:
             apps[version] = (app, port)
         for app, port in apps.values():
             app.wait_serving(port)
+        control = lab.Canaryctl(RUN_DIR, init_config=plugin_config(args.steps[0]), xds_port=args.xds_port,
+                                admin_port=args.canaryctl_port)
+        processes.append(control.start())
         where = lab.FrontAddresses(listener_port=args.port, admin_port=args.admin_port,
-                                   upstream_ports={"v1": args.v1_port, "v2": args.v2_port})
-        text = lab.render_front("envoy-ecds.yaml", where, ecds_dir=ecds_dir, plugin_config=plugin_config(args.steps[0]))
-        envoy = lab.EnvoyProcess("envoy", text, RUN_DIR, admin_port=args.admin_port, workers=2)
+                                   upstream_ports={"v1": args.v1_port, "v2": args.v2_port}, xds_port=args.xds_port)
+        text = lab.render_front("envoy-ads.yaml", where)
+        envoy = lab.EnvoyProcess("envoy", text, RUN_DIR, admin_port=args.admin_port, workers=2,
+                                 extra_args=["--service-node", "demo-envoy", "--service-cluster", "demo"])
         processes.append(envoy.start())
         envoy.wait_ready()
+        control.wait_envoys(1)
         print(f"Envoy on http://127.0.0.1:{args.port} (admin http://127.0.0.1:{args.admin_port}), "
-              f"app v1 on :{args.v1_port}, app v2 on :{args.v2_port}; logs in {RUN_DIR}")
-        print(f"{args.users} users on {args.clients} connections; canary steps {args.steps}, {args.hold:g} s each\n")
-        return drive(f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.admin_port}", ecds_dir, lab.WASM,
-                     args.steps, args.hold, args.users, args.clients)
+              f"app v1 on :{args.v1_port}, app v2 on :{args.v2_port}, canaryctl on {control.server}; "
+              f"logs in {RUN_DIR}")
+        print(f"{args.users} users on {args.clients} connections; canary steps {args.steps} by `canaryctl set`, "
+              f"{args.hold:g} s each\n")
+        return drive(f"http://127.0.0.1:{args.port}", CanaryctlPublisher(control.server), args.steps, args.hold,
+                     args.users, args.clients)
     except KeyboardInterrupt:
         print("\ninterrupted")
         return 130
@@ -277,18 +318,26 @@ def main(argv: list[str]) -> int:
     p_local.add_argument("--admin-port", type=int, default=int(env("DEMO_ADMIN_PORT", "9901")))
     p_local.add_argument("--v1-port", type=int, default=int(env("DEMO_V1_PORT", "8001")))
     p_local.add_argument("--v2-port", type=int, default=int(env("DEMO_V2_PORT", "8002")))
+    p_local.add_argument("--xds-port", type=int, default=int(env("DEMO_XDS_PORT", "18000")))
+    p_local.add_argument("--canaryctl-port", type=int, default=int(env("DEMO_CANARYCTL_PORT", "9902")))
     p_drive = sub.add_parser("drive", parents=[common], help="traffic and ramp against a running Envoy")
     p_drive.add_argument("--url", default="http://127.0.0.1:10000")
-    p_drive.add_argument("--admin", default="http://127.0.0.1:9901")
-    p_drive.add_argument("--ecds-dir", help="the watched ECDS directory to publish into (omit to only watch)")
+    p_drive.add_argument("--canaryctl", metavar="URL", help="ramp with `canaryctl set` against this admin API")
+    p_drive.add_argument("--token", default=env("CANARYCTL_TOKEN"), help="canaryctl token (CANARYCTL_TOKEN)")
+    p_drive.add_argument("--ecds-dir", help="or ramp by publishing into this watched ECDS directory")
+    p_drive.add_argument("--admin", default="http://127.0.0.1:9901", help="Envoy admin (with --ecds-dir)")
     p_drive.add_argument("--wasm-path", default=ecds.DEFAULT_WASM,
                          help=f"the .wasm path as that Envoy sees it ({ecds.DEFAULT_WASM})")
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["local", *argv]
     args = parser.parse_args(argv)
     if args.command == "drive":
-        return drive(args.url, args.admin.rstrip("/"), args.ecds_dir, args.wasm_path, args.steps, args.hold,
-                     args.users, args.clients)
+        publish = None
+        if args.canaryctl:
+            publish = CanaryctlPublisher(args.canaryctl, args.token)
+        elif args.ecds_dir:
+            publish = EcdsPublisher(args.admin.rstrip("/"), args.ecds_dir, args.wasm_path)
+        return drive(args.url, publish, args.steps, args.hold, args.users, args.clients)
     return local(args)
 
 

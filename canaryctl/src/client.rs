@@ -386,7 +386,7 @@ pub async fn wait_for_fleet(
                 pending.join(", ")
             )));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

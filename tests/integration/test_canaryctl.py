@@ -142,8 +142,13 @@ def test_a_ramp_0_100_0_in_20_steps_under_traffic_loses_no_request(start_envoy, 
         for percent in steps:
             result = server.run("set", "web", f"v2={percent}")
             assert result.returncode == 0 and "applied by 2/2 Envoys" in result.stdout, result.stdout + result.stderr
+            # Requests flow on every step's config, on both Envoys, before the next change.
+            marks = (a.total() + 30, b.total() + 30)
+            deadline = time.monotonic() + 10
+            while (a.total() < marks[0] or b.total() < marks[1]) and time.monotonic() < deadline:
+                time.sleep(0.01)
     for traffic in (a, b):
-        assert traffic.total() > 500, traffic.statuses
+        assert traffic.total() > 30 * len(steps), traffic.statuses
         assert traffic.errors == [] and set(traffic.statuses) == {200}, (traffic.statuses, traffic.errors[:3])
         assert traffic.mismatches == []
     assert all(share(e) == 0 for e in envoys)

@@ -17,6 +17,7 @@ import lab
 
 COMPOSE_FILE = os.path.join(lab.ROOT, "docker-compose.yaml")
 IMAGE = "envoyproxy/envoy:v1.40.0"
+CONTROL_PLANE_IMAGE = "debian:bookworm-slim"
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +59,9 @@ def replicate_mounts(service: dict, root: str) -> str:
     return workdir
 
 
-def test_every_service_runs_the_pinned_official_envoy_image(compose):
+def test_every_envoy_runs_the_pinned_official_image_and_canaryctl_a_slim_debian(compose):
     assert {name: s["image"] for name, s in compose["services"].items()} == \
-        {"app-v1": IMAGE, "app-v2": IMAGE, "envoy": IMAGE}
+        {"app-v1": IMAGE, "app-v2": IMAGE, "envoy": IMAGE, "canaryctl": CONTROL_PLANE_IMAGE}
 
 
 def test_the_wasm_mount_is_where_the_shipped_ecds_resource_points(compose):
@@ -91,7 +92,6 @@ def test_the_front_command_renders_a_config_envoy_validates(compose):
     with tempfile.TemporaryDirectory() as tmp:
         proc, workdir = run_front_command(compose, tmp, f"--mode validate --base-id {lab.next_base_id()} -l warning")
         assert proc.returncode == 0 and "OK" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-        assert os.path.exists(os.path.join(workdir, "ecds", ecds.RESOURCE_FILE)), "the ECDS directory is seeded"
         with open(os.path.join(tmp, "envoy.yaml")) as f:
             rendered = f.read()
     # Every address the Envoy configs need is a service of the compose file, on the port its config listens on.
@@ -110,7 +110,11 @@ def test_the_front_command_renders_a_config_envoy_validates(compose):
     assert published == {10000, 9901}
     assert "address: 0.0.0.0, port_value: 10000" in rendered
     assert "address: 0.0.0.0, port_value: 9901" in rendered
-    assert "path: ecds/canary-router.json" in rendered and "watched_directory: { path: ecds }" in rendered
+    # The filter config comes from the canaryctl service, on the port it serves xDS on.
+    control = compose["services"]["canaryctl"]["command"]
+    xds_port = control[control.index("--xds") + 1].rsplit(":", 1)[1]
+    assert f"address: canaryctl, port_value: {xds_port}" in rendered
+    assert "ads: {}" in rendered
 
 
 def test_the_health_check_passes_on_a_live_envoy_and_fails_without_one(compose, start_envoy):
@@ -121,3 +125,40 @@ def test_the_health_check_passes_on_a_live_envoy_and_fails_without_one(compose, 
     assert subprocess.run(live, timeout=10).returncode == 0
     dead = [arg.replace("/9901", f"/{lab.free_port()}") for arg in test[1:]]
     assert subprocess.run(dead, timeout=10, stderr=subprocess.DEVNULL).returncode != 0
+
+
+def test_the_canaryctl_service_starts_from_its_own_command(compose, tmp_path):
+    service = compose["services"]["canaryctl"]
+    envoy = compose["services"]["envoy"]
+    command = service["command"]
+    # It pushes the .wasm path as the front Envoy sees it (relative to that container's working dir).
+    wasm_target = next(t for _, t, _ in mounts(envoy) if t.endswith(".wasm"))
+    assert os.path.join(envoy["working_dir"], command[command.index("--wasm-path") + 1]) == wasm_target
+    # Its admin API listens beyond loopback in the container, so a token must be set (or it refuses to start).
+    assert command[command.index("--admin") + 1].startswith("0.0.0.0:")
+    assert service["environment"]["CANARYCTL_TOKEN"], "writes must need a token"
+    published = {str(p).split(":")[-1].split("/")[0] if not isinstance(p, dict) else str(p["target"])
+                 for p in service["ports"]}
+    assert published == {command[command.index("--admin") + 1].rsplit(":", 1)[1]}
+
+    # Run the same command here: mounts laid out under a root, listen addresses moved to free loopback ports.
+    root = str(tmp_path / "root")
+    replicate_mounts(service, root)
+    argv = []
+    for arg in command:
+        if arg.startswith("0.0.0.0:"):
+            arg = f"127.0.0.1:{lab.free_port()}"
+        elif arg.startswith("/"):
+            arg = root + arg
+        argv.append(arg)
+    env = dict(os.environ, PATH=f"{root}/usr/local/bin:{os.environ['PATH']}",
+               CANARYCTL_TOKEN=service["environment"]["CANARYCTL_TOKEN"])
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline() + proc.stderr.readline()
+        assert "started from" in line and "version 1" in line, line
+        state = root + command[command.index("--state") + 1]
+        assert os.path.exists(state), "the state lands in the writable mount"
+    finally:
+        proc.kill()
+        proc.wait()
