@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import json
 import os
 import signal
 import socket
@@ -162,12 +163,60 @@ def _die_with_parent():
         pass
 
 
-class EnvoyProcess:
+class ManagedProcess:
+    """A child process of ours with a log file: stopped with SIGTERM (then SIGKILL), killed like a crash,
+    and its log at hand for when something fails. Children die with us (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, name: str, log_path: str):
+        self.name = name
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    def _spawn(self, argv: list[str], cwd: str | None = None, env: dict | None = None):
+        self._log_file = open(self.log_path, "a")
+        self.process = subprocess.Popen(
+            argv, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches the demo, which then stops us
+            preexec_fn=_die_with_parent,
+        )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self):
+        """SIGTERM, then SIGKILL after 10 s."""
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def kill(self):
+        """SIGKILL: the process dies as in a crash, with no draining."""
+        if self.alive():
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f"----- {self.name} log ({self.log_path}) -----\n{f.read()}----- end of {self.name} log -----"
+        except OSError:
+            return f"(no log for {self.name})"
+
+
+class EnvoyProcess(ManagedProcess):
     """One Envoy: started on a rendered config, with its log kept for when something fails."""
 
     def __init__(self, name: str, config_text: str, workdir: str, admin_port: int | None = None,
                  workers: int = 2, envoy_bin: str = ENVOY_BIN, extra_args: list[str] | None = None):
-        self.name = name
+        super().__init__(name, os.path.join(workdir, f"{name}.log"))
         self.workdir = workdir
         self.admin_port = admin_port
         self.workers = workers
@@ -175,25 +224,14 @@ class EnvoyProcess:
         self.extra_args = extra_args or []
         self.base_id = next_base_id()
         self.config_path = os.path.join(workdir, f"{name}.yaml")
-        self.log_path = os.path.join(workdir, f"{name}.log")
         with open(self.config_path, "w") as f:
             f.write(config_text)
-        self.process: subprocess.Popen | None = None
-        self._log_file = None
 
     def start(self) -> "EnvoyProcess":
-        self._log_file = open(self.log_path, "a")
-        self.process = subprocess.Popen(
-            [self.envoy_bin, "-c", self.config_path, "--base-id", str(self.base_id),
-             "--concurrency", str(self.workers), "-l", "info", "--drain-time-s", "1", *self.extra_args],
-            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.workdir,
-            start_new_session=True,  # a Ctrl-C in the terminal reaches the demo, which then stops us
-            preexec_fn=_die_with_parent,
-        )
+        self._spawn([self.envoy_bin, "-c", self.config_path, "--base-id", str(self.base_id),
+                     "--concurrency", str(self.workers), "-l", "info", "--drain-time-s", "1", *self.extra_args],
+                    cwd=self.workdir)
         return self
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def wait_ready(self, deadline_s: float = 30.0):
         """Wait for the admin /ready (or, without admin, for `ready_probe`) within a deadline."""
@@ -228,32 +266,6 @@ class EnvoyProcess:
     def wait_exit(self, timeout_s: float = 30.0) -> int:
         return self.process.wait(timeout=timeout_s)
 
-    def stop(self):
-        """SIGTERM, then SIGKILL after 10 s."""
-        if self.alive():
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._log_file:
-            self._log_file.close()
-            self._log_file = None
-
-    def kill(self):
-        """SIGKILL: the app dies as in a crash, with no draining."""
-        if self.alive():
-            self.process.kill()
-            self.process.wait()
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f"----- {self.name} log ({self.log_path}) -----\n{f.read()}----- end of {self.name} log -----"
-        except OSError:
-            return f"(no log for {self.name})"
-
     # -- admin ---------------------------------------------------------------------------------------
 
     def admin(self, path: str) -> str:
@@ -287,16 +299,16 @@ class EnvoyProcess:
 CANARYCTL = os.environ.get("CANARYCTL_BIN") or os.path.join(ROOT, "target", "release", "canaryctl")
 
 
-class Canaryctl:
+class Canaryctl(ManagedProcess):
     """`canaryctl serve` on free ports, and its CLI pointed at it."""
 
     def __init__(self, workdir: str, wasm_path: str = WASM, init_config: str | None = None,
                  token: str | None = None, xds_port: int | None = None, admin_port: int | None = None):
+        super().__init__("canaryctl", os.path.join(workdir, "canaryctl.log"))
         self.workdir = workdir
         self.xds_port = xds_port or free_port()
         self.admin_port = admin_port or free_port()
         self.state_path = os.path.join(workdir, "canaryctl-state.json")
-        self.log_path = os.path.join(workdir, "canaryctl.log")
         self.wasm_path = wasm_path
         self.token = token
         self.init_config_path = None
@@ -304,7 +316,6 @@ class Canaryctl:
             self.init_config_path = os.path.join(workdir, "init-config.json")
             with open(self.init_config_path, "w") as f:
                 f.write(init_config)
-        self.process: subprocess.Popen | None = None
 
     @property
     def server(self) -> str:
@@ -319,9 +330,7 @@ class Canaryctl:
         env.pop("CANARYCTL_TOKEN", None)
         if self.token:
             env["CANARYCTL_TOKEN"] = self.token
-        self._log = open(self.log_path, "a")
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
+        self._spawn(args, env=env)
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -343,7 +352,6 @@ class Canaryctl:
                               env=env, timeout=timeout)
 
     def status(self) -> dict:
-        import json
         with urllib.request.urlopen(f"{self.server}/v1/status", timeout=5) as r:
             return json.load(r)
 
@@ -359,24 +367,3 @@ class Canaryctl:
                 return status
             time.sleep(0.05)
         raise RuntimeError(f"{count} Envoys did not apply the config within {deadline_s}s: {status}\n{self.log()}")
-
-    def kill(self):
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f"----- canaryctl log -----\n{f.read()}----- end of canaryctl log -----"
-        except OSError:
-            return "(no canaryctl log)"

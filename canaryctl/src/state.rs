@@ -235,16 +235,7 @@ pub fn promote(
     let mut changes = vec![format!(
         "{rollout}: stable {old_stable} → {chosen} (now 100%)"
     )];
-    for canary in &mut target.canaries {
-        if canary.percent != 0.0 && canary.version != chosen {
-            changes.push(format!(
-                "{rollout}: {} {} → 0%",
-                canary.version,
-                pct(canary.percent)
-            ));
-        }
-        canary.percent = 0.0;
-    }
+    changes.extend(zero_canaries(rollout, target, Some(&chosen)));
     if let Some(slot) = target.canaries.get_mut(position) {
         *slot = RawCanary {
             version: old_stable.clone(),
@@ -259,20 +250,26 @@ pub fn promote(
 /// Every canary of the rollout to 0 % at once: all users back on stable.
 pub fn rollback(config: &RawConfig, rollout: &str) -> Result<(RawConfig, Changes), StateError> {
     let mut next = config.clone();
-    let target = rollout_mut(&mut next, rollout)?;
+    let changes = zero_canaries(rollout, rollout_mut(&mut next, rollout)?, None);
+    validate(&next)?;
+    Ok((next, changes))
+}
+
+/// Every canary of `target` to 0 %, saying which changed (`quiet`: a version whose change is told
+/// otherwise, e.g. the one being promoted).
+fn zero_canaries(rollout: &str, target: &mut RawRollout, quiet: Option<&str>) -> Changes {
     let mut changes = Changes::new();
     for canary in &mut target.canaries {
-        if canary.percent != 0.0 {
+        if canary.percent != 0.0 && quiet != Some(canary.version.as_str()) {
             changes.push(format!(
                 "{rollout}: {} {} → 0%",
                 canary.version,
                 pct(canary.percent)
             ));
-            canary.percent = 0.0;
         }
+        canary.percent = 0.0;
     }
-    validate(&next)?;
-    Ok((next, changes))
+    changes
 }
 
 /// Replace the whole configuration; the changes are its diff against the current one.

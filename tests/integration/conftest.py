@@ -45,7 +45,7 @@ def processes(request):
         process.stop()
     if _failed(request):
         for process in started:
-            print(f"\n{process.name} (base-id {process.base_id}, {process.config_path}):\n{process.log()}")
+            print(f"\n{process.log()}")
 
 
 @pytest.fixture
@@ -84,19 +84,13 @@ def demo_apps(processes):
 
 
 @pytest.fixture
-def canaryctl(request):
-    """canaryctl_factory(init_config, token=None, wasm_path=WASM) -> a started `canaryctl serve`."""
-    started: list[lab.Canaryctl] = []
+def canaryctl(processes):
+    """canaryctl(init_config, token=None, wasm_path=WASM) -> a started `canaryctl serve`."""
 
     def start(init_config=None, token=None, wasm_path=WASM, workdir=None):
         server = lab.Canaryctl(workdir or tempfile.mkdtemp(prefix="canaryctl-test-"), wasm_path=wasm_path,
                                init_config=init_config, token=token)
-        started.append(server)
+        processes.append(server)
         return server.start()
 
-    yield start
-    for server in started:
-        server.stop()
-    if _failed(request):
-        for server in started:
-            print(f"\n{server.log()}")
+    return start
