@@ -12,7 +12,7 @@ BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yam
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup install-docker-compose wasm canaryctl skew-wasm unit lint validate integration test demo compose-prep clean
+.PHONY: help setup install-docker-compose wasm canaryctl skew-wasm unit lint validate integration test bench demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -68,6 +68,16 @@ test: unit validate integration ## Everything: host tests, config validation, re
 
 compose-prep: wasm canaryctl ## Before `docker compose up`: build the filter and canaryctl, create .run/canaryctl
 	mkdir -p .run/canaryctl
+
+NOOP_WASM := bench/noop-filter/target/$(WASM_TARGET)/release/noop_filter.wasm
+
+bench: wasm ## Benchmark the filter against Envoy alone, weighted_clusters, Lua and a no-op SDK filter (see BENCHMARKS.md)
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null; \
+	  else echo "bench needs wrk and nginx-light: sudo apt-get install wrk nginx-light"; exit 1; fi; }
+	cargo build --release --target $(WASM_TARGET) --manifest-path bench/noop-filter/Cargo.toml
+	cargo run --release --example microbench
+	$(PYTHON) tools/bench.py $(BENCH_ARGS)
 
 demo: wasm canaryctl ## The local demo, no Docker: two app versions, canaryctl, Envoy, a ramp 0→100 % under traffic
 	$(PYTHON) tools/demo.py local $(DEMO_ARGS)

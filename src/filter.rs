@@ -1,80 +1,261 @@
-//! The proxy-wasm glue: read headers in, write the decision out. No routing logic lives here.
+//! The proxy-wasm glue, written against the host ABI (0.2.1) directly: read headers in, write the decision
+//! out. No routing logic lives here.
 //!
-//! Host calls go through `proxy_wasm::hostcalls` and their errors are ignored or mapped to "absent",
-//! never unwrapped: a trap would fail the request (503) and, without FAIL_RELOAD, the worker's VM.
+//! Why not the proxy-wasm SDK: Envoy calls every callback a module exports, for every request, and the
+//! SDK exports all of them and dispatches each through boxed contexts; that alone cost more than the whole
+//! decision (see BENCHMARKS.md). This module exports only what the filter uses: memory allocation, VM
+//! start, configure, context create (to map a stream to its plugin config), request headers and response
+//! headers (for the assigned cookie). Nothing here unwraps or panics; a host error reads as "absent".
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::rc::Rc;
-
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::config::{self, Config};
 use crate::decision::{decide, Request};
 use crate::metrics;
 
-proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(CanaryRoot { active: None }) });
-}}
+/// The host functions used (proxy-wasm ABI 0.2.1, module "env").
+mod host {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        pub fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+        pub fn proxy_get_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            max_size: usize,
+            return_data: *mut *mut u8,
+            return_size: *mut usize,
+        ) -> u32;
+        pub fn proxy_get_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            return_data: *mut *mut u8,
+            return_size: *mut usize,
+        ) -> u32;
+        pub fn proxy_replace_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> u32;
+        pub fn proxy_remove_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+        ) -> u32;
+        pub fn proxy_add_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> u32;
+        pub fn proxy_define_metric(
+            metric_type: u32,
+            name_data: *const u8,
+            name_size: usize,
+            return_id: *mut u32,
+        ) -> u32;
+        pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    }
 
-/// A log line through the host; a failure to log is not worth failing a request for.
-fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    extern "C" {
+        /// WASI `random_get`, which Envoy provides to every wasm VM. Returns 0 on success.
+        pub fn random_get(buf: *mut u8, len: usize) -> i32;
+    }
 }
 
-/// A configuration accepted by `on_configure`, with the ids of its counters by slot (`None`: the host
-/// refused to define that counter; it is then skipped, never confused with another id).
+const STATUS_OK: u32 = 0;
+const ACTION_CONTINUE: u32 = 0;
+const REQUEST_HEADERS: u32 = 0;
+const RESPONSE_HEADERS: u32 = 2;
+const PLUGIN_CONFIGURATION: u32 = 7;
+const COUNTER: u32 = 0;
+const LOG_INFO: u32 = 2;
+const LOG_ERROR: u32 = 4;
+/// Old plugin configs kept for streams created before an update (ECDS makes a new root per update).
+const MAX_ROOTS: usize = 16;
+/// Streams created but not yet past their request headers; more means streams vanished without headers.
+const MAX_PENDING: usize = 4096;
+
+/// Take ownership of a buffer the host allocated through `proxy_on_memory_allocate`.
+fn owned(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() || size == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the host got `data` from `proxy_on_memory_allocate(size)`, a Vec<u8> of capacity `size`
+    // we leaked, and filled `size` bytes of it; it is handed to us once.
+    unsafe { Vec::from_raw_parts(data, size, size) }
+}
+
+fn log(level: u32, message: &str) {
+    // SAFETY: a pointer and length of a live string; the host only reads it.
+    let _ = unsafe { host::proxy_log(level, message.as_ptr(), message.len()) };
+}
+
+fn plugin_configuration() -> Vec<u8> {
+    let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: out-pointers to locals; on success the host allocated `size` bytes through our allocator.
+    let status = unsafe {
+        host::proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, usize::MAX, &mut data, &mut size)
+    };
+    if status == STATUS_OK {
+        owned(data, size)
+    } else {
+        Vec::new()
+    }
+}
+
+fn header(map: u32, name: &str) -> Option<Vec<u8>> {
+    let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: as in `plugin_configuration`.
+    let status = unsafe {
+        host::proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size)
+    };
+    (status == STATUS_OK).then(|| owned(data, size))
+}
+
+fn replace_header(map: u32, name: &str, value: &[u8]) {
+    // SAFETY: pointers and lengths of live buffers; the host copies them.
+    let _ = unsafe {
+        host::proxy_replace_header_map_value(
+            map,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    };
+}
+
+fn add_header(map: u32, name: &str, value: &[u8]) {
+    // SAFETY: as in `replace_header`.
+    let _ = unsafe {
+        host::proxy_add_header_map_value(
+            map,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    };
+}
+
+fn remove_header(map: u32, name: &str) {
+    // SAFETY: as in `replace_header`.
+    let _ = unsafe { host::proxy_remove_header_map_value(map, name.as_ptr(), name.len()) };
+}
+
+fn define_counter(name: &str) -> Option<u32> {
+    let mut id = 0u32;
+    // SAFETY: as in `replace_header`, and an out-pointer to a local.
+    let status = unsafe { host::proxy_define_metric(COUNTER, name.as_ptr(), name.len(), &mut id) };
+    (status == STATUS_OK).then_some(id)
+}
+
+/// A configuration accepted by `on_configure`, with the ids of its counters by slot.
 struct Active {
     config: Config,
     counters: Vec<Option<u32>>,
 }
 
-/// One per plugin configuration and worker; Envoy makes new ones on every config update.
-struct CanaryRoot {
-    active: Option<Rc<Active>>,
+/// Everything the VM keeps between calls (one VM per worker thread, so no locking).
+#[derive(Default)]
+struct State {
+    /// Plugin configs by root context id, newest last.
+    roots: Vec<(u32, Rc<Active>)>,
+    /// Streams created and not yet past their request headers: (stream context, root context).
+    pending: Vec<(u32, u32)>,
+    /// `set-cookie` values waiting for their stream's response headers.
+    cookies: Vec<(u32, String)>,
+    /// splitmix64 state (0: not seeded yet).
+    random: u64,
 }
 
-impl Context for CanaryRoot {}
+thread_local! {
+    static STATE: RefCell<State> = RefCell::new(State::default());
+}
 
-impl RootContext for CanaryRoot {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        match config::parse(&bytes) {
-            Ok(config) => {
-                let counters = metrics::counter_names(&config)
-                    .iter()
-                    .map(|name| hostcalls::define_metric(MetricType::Counter, name).ok())
-                    .collect();
-                log(
-                    LogLevel::Info,
-                    &format!("config accepted: {}", config.summary()),
-                );
-                self.active = Some(Rc::new(Active { config, counters }));
-                true
-            }
-            Err(err) => {
-                // Returning false makes Envoy refuse this config; under ECDS the last good one keeps serving.
-                log(LogLevel::Error, &format!("config rejected: {err}"));
-                false
-            }
+extern "C" {
+    fn __wasm_call_ctors();
+}
+
+/// WASI reactor initialisation: run static constructors once, before anything else.
+#[no_mangle]
+pub extern "C" fn _initialize() {
+    // SAFETY: called once by the host when the module is instantiated, as the WASI reactor ABI requires.
+    unsafe { __wasm_call_ctors() }
+}
+
+/// The ABI this module speaks. At 0.2.1 Envoy clears the route cache when a filter changes a request
+/// header, so the route is matched again with the route header we set (newer ABIs do not).
+#[no_mangle]
+pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+/// The host allocates here the buffers it returns (header values, the plugin configuration).
+#[no_mangle]
+pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+    let mut buffer: Vec<u8> = Vec::with_capacity(size);
+    let data = buffer.as_mut_ptr();
+    std::mem::forget(buffer);
+    data
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_vm_start(_root_context_id: u32, _vm_configuration_size: usize) -> bool {
+    true
+}
+
+/// A plugin config for a root context: validated, or refused (Envoy then keeps the last good one).
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(
+    root_context_id: u32,
+    _plugin_configuration_size: usize,
+) -> bool {
+    match config::parse(&plugin_configuration()) {
+        Ok(config) => {
+            let counters = metrics::counter_names(&config)
+                .iter()
+                .map(|name| define_counter(name))
+                .collect();
+            log(LOG_INFO, &format!("config accepted: {}", config.summary()));
+            let active = Rc::new(Active { config, counters });
+            STATE.with(|state| {
+                let mut state = state.borrow_mut();
+                state.roots.retain(|(id, _)| *id != root_context_id);
+                state.roots.push((root_context_id, active));
+                if state.roots.len() > MAX_ROOTS {
+                    state.roots.remove(0);
+                }
+            });
+            true
+        }
+        Err(err) => {
+            log(LOG_ERROR, &format!("config rejected: {err}"));
+            false
         }
     }
+}
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        // Never None: the SDK panics on None. Without a config the stream only removes the route header.
-        Some(Box::new(CanaryStream {
-            active: self.active.clone(),
-            set_cookie: None,
-        }))
+/// A new context: a root (root id 0) or a stream of the plugin config of `root_context_id`.
+#[no_mangle]
+pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32) {
+    if root_context_id == 0 {
+        return;
     }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
+    STATE.with(|state| {
+        let mut state = state.borrow_mut();
+        // With a single plugin config in this VM every stream uses it: nothing to remember.
+        if state.roots.len() > 1 {
+            if state.pending.len() >= MAX_PENDING {
+                state.pending.clear();
+            }
+            state.pending.push((context_id, root_context_id));
+        }
+    });
 }
 
 /// Reads request headers from the host, on demand.
@@ -82,108 +263,108 @@ struct HostRequest;
 
 impl Request for HostRequest {
     fn header(&mut self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
+        header(REQUEST_HEADERS, name)
     }
 }
 
-struct CanaryStream {
-    active: Option<Rc<Active>>,
-    /// A `set-cookie` value to add to the response (an assigned sticky key).
-    set_cookie: Option<String>,
-}
-
-impl Context for CanaryStream {}
-
-impl HttpContext for CanaryStream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(active) = &self.active else {
-            remove_request_header(config::DEFAULT_ROUTE_HEADER);
-            return Action::Continue;
-        };
-        let config = &active.config;
-        let decision = decide(config, &mut HostRequest, &mut next_random);
-        match &decision {
-            None => remove_request_header(&config.route_header),
-            Some(d) => {
-                if let Some(ov) = config
-                    .rollouts
-                    .get(d.rollout)
-                    .and_then(|r| r.override_.as_ref())
-                {
-                    if d.remove_override_header {
-                        remove_request_header(&ov.header);
-                    }
-                    if let (true, Some((token_header, _))) = (d.remove_token_header, &ov.token) {
-                        remove_request_header(token_header);
-                    }
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(
+    context_id: u32,
+    _num_headers: usize,
+    _end_of_stream: bool,
+) -> u32 {
+    let active = STATE.with(|state| {
+        let mut state = state.borrow_mut();
+        let root = state
+            .pending
+            .iter()
+            .position(|(ctx, _)| *ctx == context_id)
+            .map(|i| state.pending.swap_remove(i).1);
+        let by_root = root.and_then(|root| state.roots.iter().find(|(id, _)| *id == root));
+        by_root
+            .or_else(|| state.roots.last())
+            .map(|(_, active)| active.clone())
+    });
+    let Some(active) = active else {
+        remove_header(REQUEST_HEADERS, config::DEFAULT_ROUTE_HEADER);
+        return ACTION_CONTINUE;
+    };
+    let config = &active.config;
+    let decision = decide(config, &mut HostRequest, &mut next_random);
+    match &decision {
+        None => remove_header(REQUEST_HEADERS, &config.route_header),
+        Some(d) => {
+            if let Some(ov) = config
+                .rollouts
+                .get(d.rollout)
+                .and_then(|r| r.override_.as_ref())
+            {
+                if d.remove_override_header {
+                    remove_header(REQUEST_HEADERS, &ov.header);
                 }
-                // Replaces every client-sent value. At proxy-wasm ABI 0.2.1 (this SDK) Envoy clears the
-                // route cache on a request header change, so the route is matched again with this value;
-                // the real-Envoy tests prove it.
-                let _ = hostcalls::set_map_value(
-                    MapType::HttpRequestHeaders,
-                    &config.route_header,
-                    Some(d.version_name(config)),
-                );
-                self.set_cookie = d.set_cookie(config);
+                if let (true, Some((token_header, _))) = (d.remove_token_header, &ov.token) {
+                    remove_header(REQUEST_HEADERS, token_header);
+                }
+            }
+            // Replaces every client-sent value (one call), and makes Envoy match the route again.
+            replace_header(
+                REQUEST_HEADERS,
+                &config.route_header,
+                d.version_name(config).as_bytes(),
+            );
+            if let Some(cookie) = d.set_cookie(config) {
+                STATE.with(|state| {
+                    let mut state = state.borrow_mut();
+                    if state.cookies.len() >= MAX_PENDING {
+                        state.cookies.clear();
+                    }
+                    state.cookies.push((context_id, cookie));
+                });
             }
         }
-        if let Some(&Some(id)) = active
-            .counters
-            .get(metrics::counter_slot(config, decision.as_ref()))
-        {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
-        Action::Continue
     }
-
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(cookie) = self.set_cookie.take() {
-            let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, "set-cookie", &cookie);
-        }
-        Action::Continue
+    if let Some(&Some(id)) = active
+        .counters
+        .get(metrics::counter_slot(config, decision.as_ref()))
+    {
+        // SAFETY: a plain call with numbers.
+        let _ = unsafe { host::proxy_increment_metric(id, 1) };
     }
+    ACTION_CONTINUE
 }
 
-fn remove_request_header(name: &str) {
-    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+#[no_mangle]
+pub extern "C" fn proxy_on_response_headers(
+    context_id: u32,
+    _num_headers: usize,
+    _end_of_stream: bool,
+) -> u32 {
+    let cookie = STATE.with(|state| {
+        let mut state = state.borrow_mut();
+        let i = state
+            .cookies
+            .iter()
+            .position(|(ctx, _)| *ctx == context_id)?;
+        Some(state.cookies.swap_remove(i).1)
+    });
+    if let Some(cookie) = cookie {
+        add_header(RESPONSE_HEADERS, "set-cookie", cookie.as_bytes());
+    }
+    ACTION_CONTINUE
 }
 
-thread_local! {
-    /// splitmix64 state, seeded once per VM from the host's random source.
-    static RANDOM_STATE: Cell<u64> = const { Cell::new(0) };
-}
-
-#[link(wasm_import_module = "wasi_snapshot_preview1")]
-extern "C" {
-    /// WASI `random_get`, which Envoy provides to every wasm VM. Returns 0 on success.
-    fn random_get(buf: *mut u8, len: usize) -> i32;
-}
-
-fn seed() -> u64 {
-    let mut bytes = [0u8; 8];
-    // SAFETY: the host writes exactly `bytes.len()` bytes into a buffer we own for the call's duration.
-    let ok = unsafe { random_get(bytes.as_mut_ptr(), bytes.len()) } == 0;
-    let from_host = if ok { u64::from_le_bytes(bytes) } else { 0 };
-    let now = hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos() as u64);
-    from_host ^ now ^ 0x9e37_79b9_7f4a_7c15
-}
-
-/// The next pseudo-random number (splitmix64): for keys of users who have none.
+/// The next pseudo-random number (splitmix64), seeded once per VM from the host: for users without a key.
 fn next_random() -> u64 {
-    RANDOM_STATE.with(|state| {
-        let mut s = state.get();
-        if s == 0 {
-            s = seed();
+    STATE.with(|state| {
+        let mut state = state.borrow_mut();
+        if state.random == 0 {
+            let mut bytes = [0u8; 8];
+            // SAFETY: the host writes exactly `bytes.len()` bytes into a buffer we own for the call.
+            let ok = unsafe { host::random_get(bytes.as_mut_ptr(), bytes.len()) } == 0;
+            state.random = if ok { u64::from_le_bytes(bytes) } else { 0 } | 1;
         }
-        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        state.set(s);
-        let mut z = s;
+        state.random = state.random.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state.random;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)

@@ -8,7 +8,8 @@
 //! - [`config`]: the JSON contract and its validation,
 //! - [`decision`]: the routing decision,
 //! - [`hash`]: the specified sticky hash,
-//! - `filter` (wasm32 only): the proxy-wasm glue that reads headers in and writes the decision out.
+//! - `filter` (wasm32 only): the proxy-wasm glue (our own thin ABI 0.2.1 layer) that reads headers in and
+//!   writes the decision out.
 
 pub mod config;
 pub mod decision;

@@ -215,20 +215,23 @@ class EnvoyProcess(ManagedProcess):
     """One Envoy: started on a rendered config, with its log kept for when something fails."""
 
     def __init__(self, name: str, config_text: str, workdir: str, admin_port: int | None = None,
-                 workers: int = 2, envoy_bin: str = ENVOY_BIN, extra_args: list[str] | None = None):
+                 workers: int = 2, envoy_bin: str = ENVOY_BIN, extra_args: list[str] | None = None,
+                 cpus: str | None = None):
         super().__init__(name, os.path.join(workdir, f"{name}.log"))
         self.workdir = workdir
         self.admin_port = admin_port
         self.workers = workers
         self.envoy_bin = envoy_bin
         self.extra_args = extra_args or []
+        self.cpus = cpus  # pin every thread with `taskset -c <cpus>` (benchmarks)
         self.base_id = next_base_id()
         self.config_path = os.path.join(workdir, f"{name}.yaml")
         with open(self.config_path, "w") as f:
             f.write(config_text)
 
     def start(self) -> "EnvoyProcess":
-        self._spawn([self.envoy_bin, "-c", self.config_path, "--base-id", str(self.base_id),
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        self._spawn([*pin, self.envoy_bin, "-c", self.config_path, "--base-id", str(self.base_id),
                      "--concurrency", str(self.workers), "-l", "info", "--drain-time-s", "1", *self.extra_args],
                     cwd=self.workdir)
         return self

@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""The per-request cost of canary-router in Envoy, side by side with the alternatives, in one run.
+
+    make bench                       # = .venv/bin/python tools/bench.py (after building the artifacts)
+    .venv/bin/python tools/bench.py --rounds 7 --seconds 5
+
+One Envoy (one worker, pinned to CPU 1) has one listener per variant; nginx (the upstreams) and wrk (the
+load) share CPU 0. Variants run alternately (a b c … a b c …) for several rounds; the table shows medians:
+- (a) client → nginx directly (no Envoy)
+- (b) Envoy with the same routes and no filter: the limit
+- (c) Envoy's native weighted_clusters with a hash policy on the user header: no code
+- (d) a Lua filter doing the same decision (group rule + FNV-1a sticky split)
+- (e) a stock-SDK proxy-wasm filter that only sets one header: the floor of any proxy-wasm filter
+- (f) canary-router with the shipped config (a rule, header + cookie sticky keys, an assigned cookie)
+More variants (e.g. other builds of ours) are added to VARIANTS.
+
+Before measuring, every variant that decides must route a sample of users exactly as the spec says.
+Per variant: requests/s and p50/p99 latency at saturation (32 keep-alive connections) and at 1
+connection; Envoy CPU µs per request (from /proc, utime+stime over requests: the steadiest figure);
+ratios against (b). Then RSS per variant (an Envoy with that listener alone) and artifact sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lab  # noqa: E402
+
+NOOP_WASM = os.path.join(lab.ROOT, "bench", "noop-filter", "target", "wasm32-wasip1", "release", "noop_filter.wasm")
+LUA = os.path.join(lab.ROOT, "bench", "canary.lua")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+USERS = 1000
+
+
+def wasm_filter(name: str, wasm: str, config: str) -> str:
+    return f'''
+          - name: {name}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: {name}
+                root_id: {name}
+                failure_policy: FAIL_RELOAD
+                vm_config:
+                  vm_id: {name}
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: {wasm} }} }}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {json.dumps(config)}'''
+
+
+def lua_filter() -> str:
+    with open(LUA) as f:
+        code = f.read()
+    return f'''
+          - name: envoy.filters.http.lua
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              default_source_code: {{ inline_string: {json.dumps(code)} }}'''
+
+
+HEADER_ROUTES = '''
+              routes:
+              - match: { prefix: "/", headers: [{ name: x-version, string_match: { exact: v2 } }] }
+                route: { cluster: v2 }
+              - match: { prefix: "/" }
+                route: { cluster: v1 }'''
+
+WEIGHTED_ROUTES = '''
+              routes:
+              - match: { prefix: "/" }
+                route:
+                  hash_policy: [{ header: { header_name: x-user-id } }]
+                  weighted_clusters:
+                    clusters: [{ name: v1, weight: 90 }, { name: v2, weight: 10 }]'''
+
+
+def variants() -> dict[str, dict]:
+    """name -> {label, filters (YAML), routes (YAML), decides (checked against the spec)}."""
+    return {
+        "b": {"label": "Envoy, no filter", "filters": "", "routes": HEADER_ROUTES, "decides": False},
+        "c": {"label": "native weighted_clusters", "filters": "", "routes": WEIGHTED_ROUTES, "decides": False},
+        "d": {"label": "Lua, same decision", "filters": lua_filter(), "routes": HEADER_ROUTES, "decides": True},
+        "e": {"label": "stock-SDK wasm, sets 1 header", "filters": wasm_filter("noop", NOOP_WASM, "{}"),
+              "routes": HEADER_ROUTES, "decides": False},
+        "f": {"label": "canary-router wasm", "filters": wasm_filter("canary-router", lab.WASM, lab.shipped_plugin_config()),
+              "routes": HEADER_ROUTES, "decides": True},
+    }
+
+
+def listener(name: str, port: int, variant: dict) -> str:
+    return f'''
+  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          route_config:
+            virtual_hosts:
+            - name: app
+              domains: ["*"]{variant["routes"]}
+          http_filters:{variant["filters"]}
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}'''
+
+
+def bootstrap(admin_port: int, listeners: dict[str, int], upstreams: dict[str, int], chosen: dict[str, dict]) -> str:
+    parts = [f'''admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
+static_resources:
+  listeners:''']
+    for name, port in listeners.items():
+        parts.append(listener(name, port, chosen[name]))
+    parts.append("\n  clusters:")
+    for version, port in upstreams.items():
+        parts.append(f'''
+  - name: {version}
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {version}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}''')
+    return "".join(parts) + "\n"
+
+
+def nginx_conf(workdir: str, upstreams: dict[str, int]) -> str:
+    servers = "".join(f'''
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        keepalive_requests 1000000;
+        location / {{ add_header x-served-by {version}; return 200 "{version}\\n"; }}
+    }}''' for version, port in upstreams.items())
+    return f'''worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/tmp;
+    proxy_temp_path {workdir}/tmp;
+    fastcgi_temp_path {workdir}/tmp;
+    uwsgi_temp_path {workdir}/tmp;
+    scgi_temp_path {workdir}/tmp;{servers}
+}}
+'''
+
+
+WRK_SCRIPT = f'''-- {USERS} users, each with a user id header and a session cookie; requests cycle through them.
+local requests = {{}}
+for i = 1, {USERS} do
+  local user = "user-" .. i
+  requests[i] = wrk.format("GET", "/", {{["Host"] = "bench.local", ["x-user-id"] = user,
+                                       ["cookie"] = "theme=dark; session=" .. user}})
+end
+local n = 0
+request = function()
+  n = n % {USERS} + 1
+  return requests[n]
+end
+'''
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def parse_wrk(out: str) -> dict:
+    def latency(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "requests": requests,
+            "p50_ms": latency("50"), "p99_ms": latency("99"), "non2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+
+
+def run_wrk(port: int, connections: int, seconds: float, script: str) -> dict:
+    out = subprocess.run(["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency",
+                          "-s", script, f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    return parse_wrk(out)
+
+
+def check_routing(port: int, variant: str):
+    """Deciding variants must route a sample of users exactly as the spec says (10 % to v2, by FNV-1a)."""
+    for i in range(1, 201):
+        user = f"user-{i}"
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"x-user-id": user})
+        with urllib.request.urlopen(request, timeout=5) as r:
+            served = r.read().decode().strip()
+        want = lab.expected_version("web", user, "v1", [("v2", 10)])
+        if served != want:
+            raise RuntimeError(f"variant {variant} routes {user} to {served}, the spec says {want}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=4, help="per run at 32 connections")
+    parser.add_argument("--seconds-1conn", type=int, default=2, help="per run at 1 connection")
+    parser.add_argument("--variants", default="a,b,c,d,e,f")
+    parser.add_argument("--skip-rss", action="store_true")
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is missing: `make bench` installs wrk and nginx-light", file=sys.stderr)
+            return 2
+    workdir = tempfile.mkdtemp(prefix="canary-router-bench-")
+    os.makedirs(os.path.join(workdir, "tmp"))
+    script = os.path.join(workdir, "users.lua")
+    with open(script, "w") as f:
+        f.write(WRK_SCRIPT)
+    all_variants = variants()
+    chosen = [v for v in args.variants.split(",")]
+    envoy_variants = {v: all_variants[v] for v in chosen if v != "a"}
+    upstreams = {"v1": lab.free_port(), "v2": lab.free_port()}
+    with open(os.path.join(workdir, "nginx.conf"), "w") as f:
+        f.write(nginx_conf(workdir, upstreams))
+    nginx = lab.ManagedProcess("nginx", os.path.join(workdir, "nginx.log"))
+    nginx._spawn(["taskset", "-c", "0", "nginx", "-c", os.path.join(workdir, "nginx.conf"), "-p", workdir])
+    ports = {v: lab.free_port() for v in envoy_variants}
+    admin_port = lab.free_port()
+    envoy = lab.EnvoyProcess("envoy", bootstrap(admin_port, ports, upstreams, envoy_variants), workdir,
+                             admin_port=admin_port, workers=1, cpus="1")
+    envoy.start()
+    results: dict[str, dict[int, list[dict]]] = {v: {32: [], 1: []} for v in chosen}
+    try:
+        envoy.wait_ready(60)
+        time.sleep(0.3)
+        for v, spec in envoy_variants.items():
+            if spec["decides"]:
+                check_routing(ports[v], v)
+        print(f"routing checked; {args.rounds} rounds of {','.join(chosen)} "
+              f"({args.seconds:g} s at 32 connections, {args.seconds_1conn:g} s at 1)", file=sys.stderr)
+        for v in chosen:  # warm-up
+            run_wrk(upstreams["v1"] if v == "a" else ports[v], 32, 1, script)
+        for r in range(args.rounds):
+            for connections, seconds in ((32, args.seconds), (1, args.seconds_1conn)):
+                for v in chosen:
+                    port = upstreams["v1"] if v == "a" else ports[v]
+                    before = cpu_ticks(envoy.process.pid)
+                    result = run_wrk(port, connections, seconds, script)
+                    ticks = cpu_ticks(envoy.process.pid) - before
+                    result["cpu_us"] = ticks / CLK_TCK * 1e6 / max(result["requests"], 1) if v != "a" else None
+                    results[v][connections].append(result)
+                    if result["non2xx"] or result["socket_errors"]:
+                        raise RuntimeError(f"variant {v}: {result['non2xx']} non-2xx, socket errors {result['socket_errors']}")
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        envoy.stop()
+    rss = {} if args.skip_rss else measure_rss(workdir, envoy_variants, upstreams, script)
+    nginx.stop()
+    print_table(chosen, all_variants, results, rss, args)
+    return 0
+
+
+def measure_rss(workdir: str, envoy_variants: dict, upstreams: dict, script: str) -> dict[str, int]:
+    """RSS of an Envoy (one worker) with one variant's listener alone, after 2 s of load."""
+    rss = {}
+    for v, spec in envoy_variants.items():
+        port, admin_port = lab.free_port(), lab.free_port()
+        envoy = lab.EnvoyProcess(f"rss-{v}", bootstrap(admin_port, {v: port}, upstreams, {v: spec}), workdir,
+                                 admin_port=admin_port, workers=1, cpus="1")
+        envoy.start()
+        try:
+            envoy.wait_ready(60)
+            run_wrk(port, 32, 2, script)
+            rss[v] = rss_kb(envoy.process.pid)
+        finally:
+            envoy.stop()
+    return rss
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def print_table(chosen, all_variants, results, rss, args):
+    def m(v, c, key):
+        return median([r[key] for r in results[v][c] if r[key] is not None])
+
+    base_rps = m("b", 32, "rps") if "b" in chosen else float("nan")
+    base_cpu = m("b", 32, "cpu_us") if "b" in chosen else float("nan")
+    labels = {"a": "direct to nginx (no Envoy)"} | {k: v["label"] for k, v in all_variants.items()}
+    print(f"\nMedians of {args.rounds} alternating rounds; 32 connections for {args.seconds:g} s, "
+          f"1 connection for {args.seconds_1conn:g} s; Envoy: 1 worker on CPU 1.\n")
+    print("| variant | req/s (32 conns) | vs (b) | p50 ms | p99 ms | req/s (1 conn) | p50 ms | p99 ms "
+          "| Envoy CPU µs/req | added vs (b) | RSS MB | added |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for v in chosen:
+        cpu = m(v, 32, "cpu_us") if v != "a" else None
+        rss_mb = rss.get(v, 0) / 1024
+        base_rss = rss.get("b", 0) / 1024
+        print(f"| ({v}) {labels[v]} | {m(v, 32, 'rps'):,.0f} | {m(v, 32, 'rps') / base_rps:.2f}× | "
+              f"{m(v, 32, 'p50_ms'):.2f} | {m(v, 32, 'p99_ms'):.2f} | {m(v, 1, 'rps'):,.0f} | "
+              f"{m(v, 1, 'p50_ms'):.3f} | {m(v, 1, 'p99_ms'):.3f} | "
+              + (f"{cpu:.1f} | {cpu - base_cpu:+.1f} | " if cpu is not None else "– | – | ")
+              + (f"{rss_mb:.1f} | {rss_mb - base_rss:+.1f} |" if v in rss else "– | – |"))
+    print("\n| artifact | bytes |")
+    print("| --- | ---: |")
+    for name, path in (("canary_router.wasm (f)", lab.WASM), ("noop_filter.wasm (e)", NOOP_WASM), ("canary.lua (d)", LUA)):
+        print(f"| {name} | {os.path.getsize(path):,} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
