@@ -26,10 +26,8 @@ mod host {
             return_data: *mut *mut u8,
             return_size: *mut usize,
         ) -> u32;
-        pub fn proxy_get_header_map_value(
+        pub fn proxy_get_header_map_pairs(
             map_type: u32,
-            key_data: *const u8,
-            key_size: usize,
             return_data: *mut *mut u8,
             return_size: *mut usize,
         ) -> u32;
@@ -59,6 +57,7 @@ mod host {
             return_id: *mut u32,
         ) -> u32;
         pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        pub fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     }
 
     #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -109,15 +108,6 @@ fn plugin_configuration() -> Vec<u8> {
     }
 }
 
-fn header(map: u32, name: &str) -> Option<Vec<u8>> {
-    let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
-    // SAFETY: as in `plugin_configuration`.
-    let status = unsafe {
-        host::proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size)
-    };
-    (status == STATUS_OK).then(|| owned(data, size))
-}
-
 fn replace_header(map: u32, name: &str, value: &[u8]) {
     // SAFETY: pointers and lengths of live buffers; the host copies them.
     let _ = unsafe {
@@ -156,10 +146,31 @@ fn define_counter(name: &str) -> Option<u32> {
     (status == STATUS_OK).then_some(id)
 }
 
-/// A configuration accepted by `on_configure`, with the ids of its counters by slot.
+/// A configuration accepted by `on_configure`, with the ids of its counters by slot and the counts not
+/// yet handed to the host.
 struct Active {
     config: Config,
     counters: Vec<Option<u32>>,
+    /// Counted here and flushed once a second (`proxy_on_tick`): one host call per request saved.
+    unflushed: RefCell<Vec<u64>>,
+}
+
+/// How often counts reach Envoy's counters.
+const FLUSH_PERIOD_MS: u32 = 1000;
+
+fn flush_counts(roots: &[(u32, Rc<Active>)]) {
+    for (_, active) in roots {
+        let mut unflushed = active.unflushed.borrow_mut();
+        for (count, id) in unflushed.iter_mut().zip(&active.counters) {
+            if let (true, Some(id)) = (*count > 0, id) {
+                // SAFETY: a plain call with numbers.
+                let _ = unsafe {
+                    host::proxy_increment_metric(*id, i64::try_from(*count).unwrap_or(i64::MAX))
+                };
+                *count = 0;
+            }
+        }
+    }
 }
 
 /// Everything the VM keeps between calls (one VM per worker thread, so no locking).
@@ -217,18 +228,27 @@ pub extern "C" fn proxy_on_configure(
 ) -> bool {
     match config::parse(&plugin_configuration()) {
         Ok(config) => {
-            let counters = metrics::counter_names(&config)
+            let counters: Vec<Option<u32>> = metrics::counter_names(&config)
                 .iter()
                 .map(|name| define_counter(name))
                 .collect();
             log(LOG_INFO, &format!("config accepted: {}", config.summary()));
-            let active = Rc::new(Active { config, counters });
+            let unflushed = RefCell::new(vec![0; counters.len()]);
+            let active = Rc::new(Active {
+                config,
+                counters,
+                unflushed,
+            });
+            // SAFETY: a plain call with a number.
+            let _ = unsafe { host::proxy_set_tick_period_milliseconds(FLUSH_PERIOD_MS) };
             STATE.with(|state| {
                 let mut state = state.borrow_mut();
+                flush_counts(&state.roots);
                 state.roots.retain(|(id, _)| *id != root_context_id);
                 state.roots.push((root_context_id, active));
                 if state.roots.len() > MAX_ROOTS {
-                    state.roots.remove(0);
+                    let evicted = state.roots.remove(0);
+                    flush_counts(&[evicted]);
                 }
             });
             true
@@ -258,13 +278,50 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32)
     });
 }
 
-/// Reads request headers from the host, on demand.
-struct HostRequest;
+/// Reads request headers from the host: all of them in one call, the first time one is asked for.
+#[derive(Default)]
+struct HostRequest {
+    pairs: Option<Vec<u8>>,
+}
 
 impl Request for HostRequest {
-    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
-        header(REQUEST_HEADERS, name)
+    fn header(&mut self, name: &str) -> Option<&[u8]> {
+        let pairs = self.pairs.get_or_insert_with(|| {
+            let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
+            // SAFETY: out-pointers to locals; on success the host allocated `size` bytes through our allocator.
+            let status =
+                unsafe { host::proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size) };
+            if status == STATUS_OK {
+                owned(data, size)
+            } else {
+                Vec::new()
+            }
+        });
+        find_pair(pairs, name.as_bytes())
     }
+}
+
+/// The first value of `name` in a serialized header map: a u32 count, then (key size, value size) u32
+/// pairs, then each key and value followed by a NUL (proxy-wasm ABI). Malformed input reads as absent.
+fn find_pair<'p>(pairs: &'p [u8], name: &[u8]) -> Option<&'p [u8]> {
+    let u32_at = |at: usize| -> Option<usize> {
+        let bytes: [u8; 4] = pairs.get(at..at + 4)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(bytes)).ok()
+    };
+    let count = u32_at(0)?;
+    let mut data = 4usize.checked_add(count.checked_mul(8)?)?;
+    for i in 0..count {
+        let key_len = u32_at(4 + i * 8)?;
+        let value_len = u32_at(8 + i * 8)?;
+        let key = pairs.get(data..data.checked_add(key_len)?)?;
+        let value_at = data.checked_add(key_len)?.checked_add(1)?;
+        let value = pairs.get(value_at..value_at.checked_add(value_len)?)?;
+        if key == name {
+            return Some(value);
+        }
+        data = value_at.checked_add(value_len)?.checked_add(1)?;
+    }
+    None
 }
 
 #[no_mangle]
@@ -290,7 +347,7 @@ pub extern "C" fn proxy_on_request_headers(
         return ACTION_CONTINUE;
     };
     let config = &active.config;
-    let decision = decide(config, &mut HostRequest, &mut next_random);
+    let decision = decide(config, &mut HostRequest::default(), &mut next_random);
     match &decision {
         None => remove_header(REQUEST_HEADERS, &config.route_header),
         Some(d) => {

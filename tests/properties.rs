@@ -9,8 +9,8 @@ use proptest::prelude::*;
 struct UserRequest<'a>(&'a str);
 
 impl Request for UserRequest<'_> {
-    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
-        (name == "x-user-id").then(|| self.0.as_bytes().to_vec())
+    fn header(&mut self, name: &str) -> Option<&[u8]> {
+        (name == "x-user-id").then_some(self.0.as_bytes())
     }
 }
 

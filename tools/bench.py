@@ -228,6 +228,10 @@ def main() -> int:
     parser.add_argument("--seconds-1conn", type=int, default=2, help="per run at 1 connection")
     parser.add_argument("--variants", default="a,b,c,d,e,f")
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=WASM",
+                        help="another build of canary-router as a variant (same config), e.g. g=/tmp/x.wasm")
+    parser.add_argument("--probe", action="append", default=[], metavar="NAME=WASM",
+                        help="like --extra, for cost-breakdown builds that do not decide (no routing check)")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
@@ -239,7 +243,14 @@ def main() -> int:
     with open(script, "w") as f:
         f.write(WRK_SCRIPT)
     all_variants = variants()
-    chosen = [v for v in args.variants.split(",")]
+    extra_wasm = {}
+    for extra, decides in [(e, True) for e in args.extra] + [(p, False) for p in args.probe]:
+        name, path = extra.split("=", 1)
+        extra_wasm[name] = path
+        all_variants[name] = {"label": f"canary-router build {os.path.basename(path)}",
+                              "filters": wasm_filter(f"canary-router-{name}", path, lab.shipped_plugin_config()),
+                              "routes": HEADER_ROUTES, "decides": decides}
+    chosen = [v for v in args.variants.split(",")] + list(extra_wasm)
     envoy_variants = {v: all_variants[v] for v in chosen if v != "a"}
     upstreams = {"v1": lab.free_port(), "v2": lab.free_port()}
     with open(os.path.join(workdir, "nginx.conf"), "w") as f:
@@ -278,7 +289,7 @@ def main() -> int:
         envoy.stop()
     rss = {} if args.skip_rss else measure_rss(workdir, envoy_variants, upstreams, script)
     nginx.stop()
-    print_table(chosen, all_variants, results, rss, args)
+    print_table(chosen, all_variants, results, rss, args, extra_wasm)
     return 0
 
 
@@ -303,7 +314,7 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def print_table(chosen, all_variants, results, rss, args):
+def print_table(chosen, all_variants, results, rss, args, extra_wasm=None):
     def m(v, c, key):
         return median([r[key] for r in results[v][c] if r[key] is not None])
 
@@ -326,7 +337,9 @@ def print_table(chosen, all_variants, results, rss, args):
               + (f"{rss_mb:.1f} | {rss_mb - base_rss:+.1f} |" if v in rss else "– | – |"))
     print("\n| artifact | bytes |")
     print("| --- | ---: |")
-    for name, path in (("canary_router.wasm (f)", lab.WASM), ("noop_filter.wasm (e)", NOOP_WASM), ("canary.lua (d)", LUA)):
+    artifacts = [("canary_router.wasm (f)", lab.WASM), ("noop_filter.wasm (e)", NOOP_WASM), ("canary.lua (d)", LUA)]
+    artifacts += [(f"{os.path.basename(p)} ({n})", p) for n, p in (extra_wasm or {}).items()]
+    for name, path in artifacts:
         print(f"| {name} | {os.path.getsize(path):,} |")
 
 

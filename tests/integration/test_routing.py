@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 from collections import Counter
 
 from harness import expected_version
@@ -167,13 +168,19 @@ def test_counters_are_prometheus_labels(start_envoy):
         envoy.get("/", {"host": "shop.example.com", "x-user-group": "beta"})
     for _ in range(4):
         envoy.get("/", {"host": "elsewhere.org"})
-    metrics = envoy.admin("/stats/prometheus")
     expect = {
         'canary_router_requests{rollout="web",version="v1",reason="sticky"}': served["v1"],
         'canary_router_requests{rollout="web",version="v2",reason="sticky"}': served["v2"],
         'canary_router_requests{rollout="web",version="v2",reason="rule"}': 3,
         'canary_router_requests{reason="no_match"}': 4,
     }
+    # The filter hands its counts to Envoy once a second.
+    deadline = time.monotonic() + 5
+    while True:
+        metrics = envoy.admin("/stats/prometheus")
+        if all(f"{series} {value}\n" in metrics for series, value in expect.items()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     for series, value in expect.items():
         assert f"{series} {value}\n" in metrics, f"missing `{series} {value}` in:\n" + "\n".join(
             line for line in metrics.splitlines() if "canary_router" in line)
