@@ -173,15 +173,39 @@ fn flush_counts(roots: &[(u32, Rc<Active>)]) {
     }
 }
 
+/// A value per stream context, held from one callback to a later one. Bounded: if streams vanish
+/// without the later callback, the list is dropped whole rather than grow.
+struct PerStream<T>(Vec<(u32, T)>);
+
+impl<T> Default for PerStream<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T> PerStream<T> {
+    fn insert(&mut self, context_id: u32, value: T) {
+        if self.0.len() >= MAX_PENDING {
+            self.0.clear();
+        }
+        self.0.push((context_id, value));
+    }
+
+    fn take(&mut self, context_id: u32) -> Option<T> {
+        let i = self.0.iter().position(|(ctx, _)| *ctx == context_id)?;
+        Some(self.0.swap_remove(i).1)
+    }
+}
+
 /// Everything the VM keeps between calls (one VM per worker thread, so no locking).
 #[derive(Default)]
 struct State {
     /// Plugin configs by root context id, newest last.
     roots: Vec<(u32, Rc<Active>)>,
-    /// Streams created and not yet past their request headers: (stream context, root context).
-    pending: Vec<(u32, u32)>,
+    /// The root context of each stream not yet past its request headers.
+    pending: PerStream<u32>,
     /// `set-cookie` values waiting for their stream's response headers.
-    cookies: Vec<(u32, String)>,
+    cookies: PerStream<String>,
     /// splitmix64 state (0: not seeded yet).
     random: u64,
 }
@@ -270,10 +294,7 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32)
         let mut state = state.borrow_mut();
         // With a single plugin config in this VM every stream uses it: nothing to remember.
         if state.roots.len() > 1 {
-            if state.pending.len() >= MAX_PENDING {
-                state.pending.clear();
-            }
-            state.pending.push((context_id, root_context_id));
+            state.pending.insert(context_id, root_context_id);
         }
     });
 }
@@ -332,11 +353,7 @@ pub extern "C" fn proxy_on_request_headers(
 ) -> u32 {
     let active = STATE.with(|state| {
         let mut state = state.borrow_mut();
-        let root = state
-            .pending
-            .iter()
-            .position(|(ctx, _)| *ctx == context_id)
-            .map(|i| state.pending.swap_remove(i).1);
+        let root = state.pending.take(context_id);
         let by_root = root.and_then(|root| state.roots.iter().find(|(id, _)| *id == root));
         by_root
             .or_else(|| state.roots.last())
@@ -370,13 +387,7 @@ pub extern "C" fn proxy_on_request_headers(
                 d.version_name(config).as_bytes(),
             );
             if let Some(cookie) = d.set_cookie(config) {
-                STATE.with(|state| {
-                    let mut state = state.borrow_mut();
-                    if state.cookies.len() >= MAX_PENDING {
-                        state.cookies.clear();
-                    }
-                    state.cookies.push((context_id, cookie));
-                });
+                STATE.with(|state| state.borrow_mut().cookies.insert(context_id, cookie));
             }
         }
     }
@@ -396,14 +407,7 @@ pub extern "C" fn proxy_on_response_headers(
     _num_headers: usize,
     _end_of_stream: bool,
 ) -> u32 {
-    let cookie = STATE.with(|state| {
-        let mut state = state.borrow_mut();
-        let i = state
-            .cookies
-            .iter()
-            .position(|(ctx, _)| *ctx == context_id)?;
-        Some(state.cookies.swap_remove(i).1)
-    });
+    let cookie = STATE.with(|state| state.borrow_mut().cookies.take(context_id));
     if let Some(cookie) = cookie {
         add_header(RESPONSE_HEADERS, "set-cookie", cookie.as_bytes());
     }
