@@ -10,6 +10,7 @@ import ctypes
 import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -90,10 +91,28 @@ def indent(text: str) -> str:
     return "".join(INLINE_CONFIG_INDENT + line if line.strip() else line for line in text.splitlines(True))
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a server we start next. Taken below the kernel's ephemeral range: a port from that
+    range (what binding port 0 gives) can be grabbed by any outgoing connection before our server binds it,
+    and the server then fails with "Address already in use"."""
+    low, high = 10000, max(10001, min(_ephemeral_low(), 32768))
+    for _ in range(1000):
+        port = random.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 @dataclass
