@@ -95,53 +95,48 @@ fn log(level: u32, message: &str) {
     let _ = unsafe { host::proxy_log(level, message.as_ptr(), message.len()) };
 }
 
-fn plugin_configuration() -> Vec<u8> {
+/// A buffer the host returns through out-pointers, allocated with `proxy_on_memory_allocate`; empty when
+/// the host call fails.
+fn returned_buffer(call: impl FnOnce(*mut *mut u8, *mut usize) -> u32) -> Vec<u8> {
     let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
-    // SAFETY: out-pointers to locals; on success the host allocated `size` bytes through our allocator.
-    let status = unsafe {
-        host::proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, usize::MAX, &mut data, &mut size)
-    };
-    if status == STATUS_OK {
+    if call(&mut data, &mut size) == STATUS_OK {
         owned(data, size)
     } else {
         Vec::new()
     }
 }
 
-fn replace_header(map: u32, name: &str, value: &[u8]) {
+fn plugin_configuration() -> Vec<u8> {
+    // SAFETY: the out-pointers point to live locals of `returned_buffer`.
+    returned_buffer(|data, size| unsafe {
+        host::proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, usize::MAX, data, size)
+    })
+}
+
+/// `proxy_replace_header_map_value` or `proxy_add_header_map_value`.
+type HeaderWrite = unsafe extern "C" fn(u32, *const u8, usize, *const u8, usize) -> u32;
+
+fn write_header(write: HeaderWrite, map: u32, name: &str, value: &[u8]) {
     // SAFETY: pointers and lengths of live buffers; the host copies them.
-    let _ = unsafe {
-        host::proxy_replace_header_map_value(
-            map,
-            name.as_ptr(),
-            name.len(),
-            value.as_ptr(),
-            value.len(),
-        )
-    };
+    let _ = unsafe { write(map, name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
+}
+
+fn replace_header(map: u32, name: &str, value: &[u8]) {
+    write_header(host::proxy_replace_header_map_value, map, name, value);
 }
 
 fn add_header(map: u32, name: &str, value: &[u8]) {
-    // SAFETY: as in `replace_header`.
-    let _ = unsafe {
-        host::proxy_add_header_map_value(
-            map,
-            name.as_ptr(),
-            name.len(),
-            value.as_ptr(),
-            value.len(),
-        )
-    };
+    write_header(host::proxy_add_header_map_value, map, name, value);
 }
 
 fn remove_header(map: u32, name: &str) {
-    // SAFETY: as in `replace_header`.
+    // SAFETY: as in `write_header`.
     let _ = unsafe { host::proxy_remove_header_map_value(map, name.as_ptr(), name.len()) };
 }
 
 fn define_counter(name: &str) -> Option<u32> {
     let mut id = 0u32;
-    // SAFETY: as in `replace_header`, and an out-pointer to a local.
+    // SAFETY: as in `write_header`, and an out-pointer to a local.
     let status = unsafe { host::proxy_define_metric(COUNTER, name.as_ptr(), name.len(), &mut id) };
     (status == STATUS_OK).then_some(id)
 }
@@ -308,15 +303,10 @@ struct HostRequest {
 impl Request for HostRequest {
     fn header(&mut self, name: &str) -> Option<&[u8]> {
         let pairs = self.pairs.get_or_insert_with(|| {
-            let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
-            // SAFETY: out-pointers to locals; on success the host allocated `size` bytes through our allocator.
-            let status =
-                unsafe { host::proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size) };
-            if status == STATUS_OK {
-                owned(data, size)
-            } else {
-                Vec::new()
-            }
+            // SAFETY: the out-pointers point to live locals of `returned_buffer`.
+            returned_buffer(|data, size| unsafe {
+                host::proxy_get_header_map_pairs(REQUEST_HEADERS, data, size)
+            })
         });
         find_pair(pairs, name.as_bytes())
     }
