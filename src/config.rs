@@ -1,7 +1,9 @@
 //! The plugin configuration: the JSON contract users write, and its validated, ready-to-route form.
 //!
 //! Two steps, so that nothing invalid can reach the request path:
-//! 1. [`RawConfig`] mirrors the JSON exactly (`deny_unknown_fields`, so a typo is an error, not a silent default).
+//! 1. [`RawConfig`] mirrors the JSON exactly. It is read field by field with the small reader in `json.rs`:
+//!    unknown or repeated fields are errors, not silent defaults. (Not serde's derive: that, plus the path
+//!    tracking the error messages need, was over half of the `.wasm`. serde still writes these structs.)
 //! 2. [`RawConfig::validate`] checks every rule of the contract and builds [`Config`]: percentages as integer
 //!    bucket ranges, header names lower-cased, rule and override versions resolved to indexes.
 //!
@@ -11,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
 use crate::hash::BUCKETS;
+use crate::json::{number_value, quote, Reader};
 
 /// The route header used when `route_header` is absent.
 pub const DEFAULT_ROUTE_HEADER: &str = "x-version";
@@ -43,7 +46,7 @@ fn invalid(field: impl Into<String>, value: impl Into<String>, allowed: &str) ->
 
 /// A string value as it appears in the JSON, quoted and escaped, so that empty or odd values are visible.
 fn quoted(value: &str) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| format!("{value:?}"))
+    quote(value)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -51,16 +54,14 @@ fn quoted(value: &str) -> String {
 // ---------------------------------------------------------------------------------------------------------
 
 /// The plugin configuration as written by users (see the README's configuration reference).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RawConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route_header: Option<String>,
     pub rollouts: Vec<RawRollout>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RawRollout {
     pub name: String,
     #[serde(rename = "match", skip_serializing_if = "Option::is_none")]
@@ -71,30 +72,27 @@ pub struct RawRollout {
     pub sticky: Option<RawSticky>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub assign_cookie: Option<RawAssignCookie>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RawRule>,
     #[serde(rename = "override", skip_serializing_if = "Option::is_none")]
     pub override_: Option<RawOverride>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RawMatch {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RawCanary {
     pub version: String,
     pub percent: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RawSticky {
     pub keys: Vec<RawKey>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,23 +100,21 @@ pub struct RawSticky {
 }
 
 /// `{"header": "x-user-id"}` or `{"cookie": "session"}`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RawKey {
     Header(String),
     Cookie(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RawAssignCookie {
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_age_seconds: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RawRule {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
@@ -128,8 +124,7 @@ pub struct RawRule {
     pub version: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RawOverride {
     pub header: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -263,32 +258,367 @@ pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
 /// Parse a plugin configuration into its raw, editable form, without the contract checks of
 /// [`RawConfig::validate`] (tools that edit a config validate the result).
 pub fn parse_raw(json: &[u8]) -> Result<RawConfig, ConfigError> {
-    // serde would read a struct from an array too, with a baffling message; say what is expected.
+    // Say plainly that an object is expected, rather than "invalid type: array".
     let text = json.trim_ascii();
     if !text.is_empty() && !text.starts_with(b"{") {
         let shown = String::from_utf8_lossy(text.get(..40).unwrap_or(text)).into_owned();
         return Err(invalid("config", shown, "a JSON object"));
     }
-    let mut deserializer = serde_json::Deserializer::from_slice(json);
-    let raw: RawConfig =
-        serde_path_to_error::deserialize(&mut deserializer).map_err(|err| ConfigError::Syntax {
-            field: path_text(&err.path().to_string()),
-            message: err.inner().to_string(),
-        })?;
-    deserializer.end().map_err(|err| ConfigError::Syntax {
-        field: "config".to_string(),
-        message: err.to_string(),
-    })?;
+    let mut reader = Reader::new(json);
+    let raw = read_config(&mut reader, ROOT)?;
+    reader.end().map_err(|message| syntax(ROOT, message))?;
     Ok(raw)
 }
 
-/// serde_path_to_error writes the root as "."; say "config" instead.
-fn path_text(path: &str) -> String {
-    if path == "." || path.is_empty() {
-        "config".to_string()
-    } else {
-        path.to_string()
+/// Tools that embed a configuration in their own serde types (canaryctl's state file) read it through
+/// the same reader and contract as the filter. Positions in errors then refer to the re-serialized text.
+impl<'de> Deserialize<'de> for RawConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        parse_raw(value.to_string().as_bytes()).map_err(serde::de::Error::custom)
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Reading the JSON into the raw structs: one function per object of the contract. Field paths are built
+// as the reader descends ("rollouts[0].canaries[1].percent"), so every error names where it is.
+// ---------------------------------------------------------------------------------------------------------
+
+/// The path of the whole document in error messages.
+const ROOT: &str = "config";
+
+fn syntax(field: &str, message: String) -> ConfigError {
+    ConfigError::Syntax {
+        field: field.to_string(),
+        message,
+    }
+}
+
+fn child(at: &str, key: &str) -> String {
+    if at == ROOT {
+        key.to_string()
+    } else {
+        format!("{at}.{key}")
+    }
+}
+
+/// serde's wording for the known names: "`a`", "`a` or `b`", "one of `a`, `b`, `c`".
+fn expected_names(names: &[&str]) -> String {
+    match names {
+        [one] => format!("`{one}`"),
+        [a, b] => format!("`{a}` or `{b}`"),
+        _ => format!(
+            "one of {}",
+            names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Reads an object whose known fields are `fields`, calling `read` with each present field's index and
+/// path. Unknown and repeated fields are errors. Returns which fields were present, as a bit set.
+fn read_object(
+    r: &mut Reader,
+    at: &str,
+    fields: &[&str],
+    mut read: impl FnMut(&mut Reader, usize, &str) -> Result<(), ConfigError>,
+) -> Result<(), ConfigError> {
+    r.begin_object("an object")
+        .map_err(|message| syntax(at, message))?;
+    let mut seen: u32 = 0;
+    let mut first = true;
+    while let Some(key) = r
+        .next_key(&mut first)
+        .map_err(|message| syntax(at, message))?
+    {
+        let path = child(at, &key);
+        let Some(index) = fields.iter().position(|f| *f == key) else {
+            let message = format!("unknown field `{key}`, expected {}", expected_names(fields));
+            return Err(syntax(&path, r.key_error(&message)));
+        };
+        if seen & (1 << index) != 0 {
+            return Err(syntax(
+                &path,
+                r.key_error(&format!("duplicate field `{key}`")),
+            ));
+        }
+        seen |= 1 << index;
+        read(r, index, &path)?;
+    }
+    Ok(())
+}
+
+/// A required field, or "missing field" at the object's path.
+fn required<T>(r: &Reader, at: &str, name: &str, value: Option<T>) -> Result<T, ConfigError> {
+    value.ok_or_else(|| syntax(at, r.error(&format!("missing field `{name}`"))))
+}
+
+fn read_array<T>(
+    r: &mut Reader,
+    at: &str,
+    mut read: impl FnMut(&mut Reader, &str) -> Result<T, ConfigError>,
+) -> Result<Vec<T>, ConfigError> {
+    r.begin_array("an array")
+        .map_err(|message| syntax(at, message))?;
+    let mut items = Vec::new();
+    let mut first = true;
+    while r
+        .next_element(&mut first)
+        .map_err(|message| syntax(at, message))?
+    {
+        items.push(read(r, &format!("{at}[{}]", items.len()))?);
+    }
+    Ok(items)
+}
+
+fn read_string(r: &mut Reader, at: &str) -> Result<String, ConfigError> {
+    r.string("a string").map_err(|message| syntax(at, message))
+}
+
+fn read_strings(r: &mut Reader, at: &str) -> Result<Vec<String>, ConfigError> {
+    read_array(r, at, read_string)
+}
+
+/// An optional field: `null` is the same as leaving it out.
+fn read_optional<T>(
+    r: &mut Reader,
+    at: &str,
+    read: impl FnOnce(&mut Reader, &str) -> Result<T, ConfigError>,
+) -> Result<Option<T>, ConfigError> {
+    if r.null() {
+        Ok(None)
+    } else {
+        read(r, at).map(Some)
+    }
+}
+
+fn read_percent(r: &mut Reader, at: &str) -> Result<f64, ConfigError> {
+    let text = r
+        .number("a number")
+        .map_err(|message| syntax(at, message))?;
+    let value = number_value(text);
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(invalid(
+            at,
+            text,
+            "a number from 0 to 100 with at most two decimals",
+        ))
+    }
+}
+
+fn read_seconds(r: &mut Reader, at: &str) -> Result<u64, ConfigError> {
+    let expected = "a whole number of seconds";
+    let text = r.number(expected).map_err(|message| syntax(at, message))?;
+    text.parse::<u64>().map_err(|_| {
+        invalid(
+            at,
+            text,
+            "from 1 to 34560000 (400 days); leave it out for a session cookie",
+        )
+    })
+}
+
+fn read_config(r: &mut Reader, at: &str) -> Result<RawConfig, ConfigError> {
+    let (mut route_header, mut rollouts) = (None, None);
+    read_object(r, at, &["route_header", "rollouts"], |r, field, path| {
+        match field {
+            0 => route_header = read_optional(r, path, read_string)?,
+            _ => rollouts = Some(read_array(r, path, read_rollout)?),
+        }
+        Ok(())
+    })?;
+    Ok(RawConfig {
+        route_header,
+        rollouts: required(r, at, "rollouts", rollouts)?,
+    })
+}
+
+fn read_rollout(r: &mut Reader, at: &str) -> Result<RawRollout, ConfigError> {
+    let (mut name, mut match_, mut stable, mut canaries) = (None, None, None, None);
+    let (mut sticky, mut assign_cookie, mut rules, mut override_) = (None, None, Vec::new(), None);
+    let fields = [
+        "name",
+        "match",
+        "stable",
+        "canaries",
+        "sticky",
+        "assign_cookie",
+        "rules",
+        "override",
+    ];
+    read_object(r, at, &fields, |r, field, path| {
+        match field {
+            0 => name = Some(read_string(r, path)?),
+            1 => match_ = read_optional(r, path, read_match)?,
+            2 => stable = Some(read_string(r, path)?),
+            3 => canaries = Some(read_array(r, path, read_canary)?),
+            4 => sticky = read_optional(r, path, read_sticky)?,
+            5 => assign_cookie = read_optional(r, path, read_assign_cookie)?,
+            6 => {
+                rules = read_optional(r, path, |r, at| read_array(r, at, read_rule))?
+                    .unwrap_or_default()
+            }
+            _ => override_ = read_optional(r, path, read_override)?,
+        }
+        Ok(())
+    })?;
+    Ok(RawRollout {
+        name: required(r, at, "name", name)?,
+        match_,
+        stable: required(r, at, "stable", stable)?,
+        canaries: required(r, at, "canaries", canaries)?,
+        sticky,
+        assign_cookie,
+        rules,
+        override_,
+    })
+}
+
+fn read_match(r: &mut Reader, at: &str) -> Result<RawMatch, ConfigError> {
+    let (mut hosts, mut path_prefix) = (Vec::new(), None);
+    read_object(r, at, &["hosts", "path_prefix"], |r, field, path| {
+        match field {
+            0 => hosts = read_optional(r, path, read_strings)?.unwrap_or_default(),
+            _ => path_prefix = read_optional(r, path, read_string)?,
+        }
+        Ok(())
+    })?;
+    Ok(RawMatch { hosts, path_prefix })
+}
+
+fn read_canary(r: &mut Reader, at: &str) -> Result<RawCanary, ConfigError> {
+    let (mut version, mut percent) = (None, None);
+    read_object(r, at, &["version", "percent"], |r, field, path| {
+        match field {
+            0 => version = Some(read_string(r, path)?),
+            _ => percent = Some(read_percent(r, path)?),
+        }
+        Ok(())
+    })?;
+    Ok(RawCanary {
+        version: required(r, at, "version", version)?,
+        percent: required(r, at, "percent", percent)?,
+    })
+}
+
+fn read_sticky(r: &mut Reader, at: &str) -> Result<RawSticky, ConfigError> {
+    let (mut keys, mut salt) = (None, None);
+    read_object(r, at, &["keys", "salt"], |r, field, path| {
+        match field {
+            0 => keys = Some(read_array(r, path, read_key)?),
+            _ => salt = read_optional(r, path, read_string)?,
+        }
+        Ok(())
+    })?;
+    Ok(RawSticky {
+        keys: required(r, at, "keys", keys)?,
+        salt,
+    })
+}
+
+/// `{"header": "x-user-id"}` or `{"cookie": "session"}`: exactly one of the two.
+fn read_key(r: &mut Reader, at: &str) -> Result<RawKey, ConfigError> {
+    let mut key = None;
+    let kinds = ["header", "cookie"];
+    r.begin_object("an object")
+        .map_err(|message| syntax(at, message))?;
+    let mut first = true;
+    while let Some(kind) = r
+        .next_key(&mut first)
+        .map_err(|message| syntax(at, message))?
+    {
+        if key.is_some() {
+            let message = format!(
+                "unexpected `{kind}`: a key has one kind, {}",
+                expected_names(&kinds)
+            );
+            return Err(syntax(at, r.key_error(&message)));
+        }
+        let path = child(at, &kind);
+        key = Some(match kind.as_str() {
+            "header" => RawKey::Header(read_string(r, &path)?),
+            "cookie" => RawKey::Cookie(read_string(r, &path)?),
+            _ => {
+                let message = format!(
+                    "unknown variant `{kind}`, expected {}",
+                    expected_names(&kinds)
+                );
+                return Err(syntax(at, r.key_error(&message)));
+            }
+        });
+    }
+    key.ok_or_else(|| {
+        syntax(
+            at,
+            r.error("invalid value: empty object, expected `header` or `cookie`"),
+        )
+    })
+}
+
+fn read_assign_cookie(r: &mut Reader, at: &str) -> Result<RawAssignCookie, ConfigError> {
+    let (mut name, mut max_age_seconds) = (None, None);
+    read_object(r, at, &["name", "max_age_seconds"], |r, field, path| {
+        match field {
+            0 => name = Some(read_string(r, path)?),
+            _ => max_age_seconds = read_optional(r, path, read_seconds)?,
+        }
+        Ok(())
+    })?;
+    Ok(RawAssignCookie {
+        name: required(r, at, "name", name)?,
+        max_age_seconds,
+    })
+}
+
+fn read_rule(r: &mut Reader, at: &str) -> Result<RawRule, ConfigError> {
+    let (mut header, mut cookie, mut values, mut version) = (None, None, None, None);
+    read_object(
+        r,
+        at,
+        &["header", "cookie", "values", "version"],
+        |r, field, path| {
+            match field {
+                0 => header = read_optional(r, path, read_string)?,
+                1 => cookie = read_optional(r, path, read_string)?,
+                2 => values = Some(read_strings(r, path)?),
+                _ => version = Some(read_string(r, path)?),
+            }
+            Ok(())
+        },
+    )?;
+    Ok(RawRule {
+        header,
+        cookie,
+        values: required(r, at, "values", values)?,
+        version: required(r, at, "version", version)?,
+    })
+}
+
+fn read_override(r: &mut Reader, at: &str) -> Result<RawOverride, ConfigError> {
+    let (mut header, mut token_header, mut token) = (None, None, None);
+    read_object(
+        r,
+        at,
+        &["header", "token_header", "token"],
+        |r, field, path| {
+            match field {
+                0 => header = Some(read_string(r, path)?),
+                1 => token_header = read_optional(r, path, read_string)?,
+                _ => token = read_optional(r, path, read_string)?,
+            }
+            Ok(())
+        },
+    )?;
+    Ok(RawOverride {
+        header: required(r, at, "header", header)?,
+        token_header,
+        token,
+    })
 }
 
 impl RawConfig {
@@ -697,12 +1027,46 @@ fn basis_points(field: &str, percent: f64) -> Result<u32, ConfigError> {
     if !(0.0..=100.0).contains(&percent) || (scaled - rounded).abs() > 1e-6 {
         return Err(invalid(
             field,
-            percent.to_string(),
+            number_text(percent),
             "a number from 0 to 100 with at most two decimals",
         ));
     }
     // In range 0..=10000 by the check above, so the conversion is exact.
     Ok(rounded as u32)
+}
+
+/// A number for an error message, without pulling in the float formatter (17 KB of the `.wasm`): up to
+/// six decimals, trailing zeros dropped; scientific notation for very large or very small magnitudes.
+fn number_text(value: f64) -> String {
+    if !value.is_finite() {
+        return "a non-finite number".to_string();
+    }
+    let sign = if value < 0.0 { "-" } else { "" };
+    let (mut mantissa, mut exponent) = (value.abs(), 0_i32);
+    let scientific = mantissa >= 1e12 || (mantissa != 0.0 && mantissa < 1e-6);
+    if scientific {
+        while mantissa >= 10.0 {
+            mantissa /= 10.0;
+            exponent += 1;
+        }
+        while mantissa < 1.0 {
+            mantissa *= 10.0;
+            exponent -= 1;
+        }
+    }
+    // Below 1e12, so the scaled value fits a u64 exactly enough to show six decimals.
+    let micros = (mantissa * 1e6).round() as u64;
+    let mut text = format!("{sign}{}", micros / 1_000_000);
+    let fraction = micros % 1_000_000;
+    if fraction != 0 {
+        let digits = format!("{fraction:06}");
+        text.push('.');
+        text.push_str(digits.trim_end_matches('0'));
+    }
+    if scientific {
+        let _ = write!(text, "e{exponent}");
+    }
+    text
 }
 
 #[cfg(test)]
@@ -817,11 +1181,11 @@ mod tests {
     fn malformed_json_is_refused_with_its_position() {
         assert_eq!(
             err("{\"rollouts\": ["),
-            "rollouts: EOF while parsing a list at line 1 column 14"
+            "rollouts: EOF while parsing a list at line 1 column 15"
         );
         assert_eq!(
             err(""),
-            "config: EOF while parsing a value at line 1 column 0"
+            "config: EOF while parsing a value at line 1 column 1"
         );
         assert_eq!(
             err(r#"{"rollouts":[]} trailing"#),
@@ -838,24 +1202,93 @@ mod tests {
     fn unknown_missing_and_mistyped_fields_are_named() {
         assert_eq!(
             err(r#"{"rollout":[]}"#),
-            "rollout: unknown field `rollout`, expected `route_header` or `rollouts` at line 1 column 10"
+            "rollout: unknown field `rollout`, expected `route_header` or `rollouts` at line 1 column 2"
         );
         assert_eq!(
             err(r#"{}"#),
-            "config: missing field `rollouts` at line 1 column 2"
+            "config: missing field `rollouts` at line 1 column 3"
         );
         assert_eq!(
             err(r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[{"version":"v2","percent":"5"}]}]}"#),
-            "rollouts[0].canaries[0].percent: invalid type: string \"5\", expected f64 at line 1 column 80"
+            "rollouts[0].canaries[0].percent: invalid type: string \"5\", expected a number at line 1 column 78"
         );
         assert_eq!(
             err(r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[{"version":"v2","percent":5,"weight":1}]}]}"#),
-            "rollouts[0].canaries[0].weight: unknown field `weight`, expected `version` or `percent` at line 1 column 87"
+            "rollouts[0].canaries[0].weight: unknown field `weight`, expected `version` or `percent` at line 1 column 80"
         );
         assert_eq!(
             err(r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[],"sticky":{"keys":[{"query":"u"}]}}]}"#),
-            "rollouts[0].sticky.keys[0]: unknown variant `query`, expected `header` or `cookie` at line 1 column 79"
+            "rollouts[0].sticky.keys[0]: unknown variant `query`, expected `header` or `cookie` at line 1 column 73"
         );
+    }
+
+    #[test]
+    fn repeated_fields_odd_keys_and_numbers_are_refused() {
+        let canary = |extra: &str| {
+            format!(
+                r#"{{"rollouts":[{{"name":"w","stable":"v1","canaries":[{{"version":"v2","percent":5}}]{extra}}}]}}"#
+            )
+        };
+        for (json, expected) in [
+            (
+                r#"{"rollouts":[{"name":"w","name":"x"}]}"#.to_string(),
+                "rollouts[0].name: duplicate field `name` at line 1 column 26",
+            ),
+            (
+                canary(r#","sticky":{"keys":[{}]}"#),
+                "rollouts[0].sticky.keys[0]: invalid value: empty object, expected `header` or `cookie` at line 1 column 102",
+            ),
+            (
+                canary(r#","sticky":{"keys":[{"header":"a","cookie":"b"}]}"#),
+                "rollouts[0].sticky.keys[0]: unexpected `cookie`: a key has one kind, `header` or `cookie` at line 1 column 114",
+            ),
+            (
+                r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[{"version":"v2","percent":1e400}]}]}"#.to_string(),
+                "rollouts[0].canaries[0].percent: 1e400 is not allowed: a number from 0 to 100 with at most two decimals",
+            ),
+            (
+                r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[{"version":"v2","percent":0.0000001}]}]}"#.to_string(),
+                "rollouts[0].canaries[0].percent: 1e-7 is not allowed: a number from 0 to 100 with at most two decimals",
+            ),
+            (
+                canary(r#","assign_cookie":{"name":"c","max_age_seconds":-1}"#),
+                "rollouts[0].assign_cookie.max_age_seconds: -1 is not allowed: from 1 to 34560000 (400 days); leave it out for a session cookie",
+            ),
+            (
+                canary(r#","assign_cookie":{"name":"c","max_age_seconds":true}"#),
+                "rollouts[0].assign_cookie.max_age_seconds: invalid type: boolean, expected a whole number of seconds at line 1 column 128",
+            ),
+            (
+                canary(r#","rules":[{"header":"x-g","values":["a",7],"version":"v2"}]"#),
+                "rollouts[0].rules[0].values[1]: invalid type: number 7, expected a string at line 1 column 121",
+            ),
+        ] {
+            assert_eq!(err(&json), expected, "config: {json}");
+        }
+        // `null` for an optional field is the same as leaving it out.
+        let with_nulls = canary(
+            r#","match":null,"rules":null,"sticky":null,"assign_cookie":null,"override":null"#,
+        )
+        .replacen('{', r#"{"route_header":null,"#, 1);
+        assert_eq!(
+            parse(with_nulls.as_bytes()).unwrap(),
+            parse(canary("").as_bytes()).unwrap()
+        );
+    }
+
+    #[test]
+    fn numbers_in_messages_are_shown_readably() {
+        for (value, text) in [
+            (100.5, "100.5"),
+            (-1.0, "-1"),
+            (12.345, "12.345"),
+            (0.0, "0"),
+            (1e300, "1e300"),
+            (2.5e-9, "2.5e-9"),
+            (f64::INFINITY, "a non-finite number"),
+        ] {
+            assert_eq!(number_text(value), text);
+        }
     }
 
     fn rollout(extra: &str) -> String {

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod decision;
 pub mod hash;
+pub mod json;
 pub mod metrics;
 
 #[cfg(target_arch = "wasm32")]
