@@ -8,11 +8,12 @@ ENVOY       := $(VENV)/bin/envoy
 WASM_TARGET := wasm32-wasip1
 WASM        := target/$(WASM_TARGET)/release/canary_router.wasm
 CANARYCTL   := target/release/canaryctl
-BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yaml envoy/demo-app-v1.yaml envoy/demo-app-v2.yaml
+NATIVE      := target/native/libcanary_router_native.so
+BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yaml envoy/envoy-native.yaml envoy/demo-app-v1.yaml envoy/demo-app-v2.yaml
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup install-docker-compose wasm canaryctl skew-wasm unit lint validate integration test bench demo compose-prep clean
+.PHONY: help setup install-docker-compose wasm canaryctl native native-panic skew-wasm unit lint validate integration test bench demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,6 +40,14 @@ wasm: setup ## Build the filter: target/wasm32-wasip1/release/canary_router.wasm
 	cargo build --release --target $(WASM_TARGET)
 	@ls -l $(WASM) | awk '{printf "built %s (%d bytes)\n", $$9, $$5}'
 
+native: ## Build the native Envoy 1.40 dynamic module: target/native/libcanary_router_native.so
+	cargo build --profile native -p canary-router-native
+	@ls -l $(NATIVE) | awk '{printf "built %s (%d bytes)\n", $$9, $$5}'
+
+# The native module that panics on demand (header x-canary-router-panic), only for the containment test.
+native-panic:
+	RUSTFLAGS="--cfg canary_router_native_panic_test" cargo build --profile native --target-dir target/native-panic -p canary-router-native
+
 canaryctl: ## Build the control plane: target/release/canaryctl
 	cargo build --release -p canaryctl
 
@@ -54,14 +63,14 @@ lint: setup ## rustfmt and clippy, on the host and on wasm32-wasip1 (warnings ar
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --target $(WASM_TARGET) -p canary-router --lib -- -D warnings
 
-validate: wasm install-docker-compose ## envoy --mode validate on every shipped Envoy config, and docker-compose config -q
+validate: wasm native install-docker-compose ## envoy --mode validate on every shipped Envoy config, and docker-compose config -q
 	@for f in $(BOOTSTRAPS); do \
 	  $(ENVOY) --mode validate -c $$f --base-id $(VALIDATE_BASE_ID) -l warning >/dev/null 2>/tmp/canary-router-validate.log \
 	    && echo "valid: $$f" || { cat /tmp/canary-router-validate.log; echo "INVALID: $$f"; exit 1; }; \
 	done
 	docker-compose -f docker-compose.yaml config -q && echo "valid: docker-compose.yaml"
 
-integration: wasm canaryctl skew-wasm install-docker-compose ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
+integration: wasm native native-panic canaryctl skew-wasm install-docker-compose ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
 	cd tests/integration && ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests
@@ -71,7 +80,7 @@ compose-prep: wasm canaryctl ## Before `docker compose up`: build the filter and
 
 NOOP_WASM := bench/noop-filter/target/$(WASM_TARGET)/release/noop_filter.wasm
 
-bench: wasm ## Benchmark the filter against Envoy alone, weighted_clusters, Lua and a no-op SDK filter (see BENCHMARKS.md)
+bench: wasm native ## Benchmark the filter (wasm and native) against Envoy alone, weighted_clusters, Lua and a no-op SDK filter (see BENCHMARKS.md)
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null; \
 	  else echo "bench needs wrk and nginx-light: sudo apt-get install wrk nginx-light"; exit 1; fi; }

@@ -11,8 +11,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use crate::config::{self, Config};
-use crate::decision::{decide, Request};
+use crate::decision::Request;
 use crate::metrics;
+use crate::route::{route, route_unconfigured, RequestHeaders};
 
 /// The host functions used (proxy-wasm ABI 0.2.1, module "env").
 mod host {
@@ -57,7 +58,6 @@ mod host {
             return_id: *mut u32,
         ) -> u32;
         pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
-        pub fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     }
 
     #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -141,31 +141,10 @@ fn define_counter(name: &str) -> Option<u32> {
     (status == STATUS_OK).then_some(id)
 }
 
-/// A configuration accepted by `on_configure`, with the ids of its counters by slot and the counts not
-/// yet handed to the host.
+/// A configuration accepted by `on_configure`, with the ids of its counters by slot.
 struct Active {
     config: Config,
     counters: Vec<Option<u32>>,
-    /// Counted here and flushed once a second (`proxy_on_tick`): one host call per request saved.
-    unflushed: RefCell<Vec<u64>>,
-}
-
-/// How often counts reach Envoy's counters.
-const FLUSH_PERIOD_MS: u32 = 1000;
-
-fn flush_counts(roots: &[(u32, Rc<Active>)]) {
-    for (_, active) in roots {
-        let mut unflushed = active.unflushed.borrow_mut();
-        for (count, id) in unflushed.iter_mut().zip(&active.counters) {
-            if let (true, Some(id)) = (*count > 0, id) {
-                // SAFETY: a plain call with numbers.
-                let _ = unsafe {
-                    host::proxy_increment_metric(*id, i64::try_from(*count).unwrap_or(i64::MAX))
-                };
-                *count = 0;
-            }
-        }
-    }
 }
 
 /// A value per stream context, held from one callback to a later one. Bounded: if streams vanish
@@ -252,22 +231,13 @@ pub extern "C" fn proxy_on_configure(
                 .map(|name| define_counter(name))
                 .collect();
             log(LOG_INFO, &format!("config accepted: {}", config.summary()));
-            let unflushed = RefCell::new(vec![0; counters.len()]);
-            let active = Rc::new(Active {
-                config,
-                counters,
-                unflushed,
-            });
-            // SAFETY: a plain call with a number.
-            let _ = unsafe { host::proxy_set_tick_period_milliseconds(FLUSH_PERIOD_MS) };
+            let active = Rc::new(Active { config, counters });
             STATE.with(|state| {
                 let mut state = state.borrow_mut();
-                flush_counts(&state.roots);
                 state.roots.retain(|(id, _)| *id != root_context_id);
                 state.roots.push((root_context_id, active));
                 if state.roots.len() > MAX_ROOTS {
-                    let evicted = state.roots.remove(0);
-                    flush_counts(&[evicted]);
+                    state.roots.remove(0);
                 }
             });
             true
@@ -312,6 +282,17 @@ impl Request for HostRequest {
     }
 }
 
+impl RequestHeaders for HostRequest {
+    fn remove(&mut self, name: &str) {
+        remove_header(REQUEST_HEADERS, name);
+    }
+
+    fn replace(&mut self, name: &str, value: &[u8]) {
+        // One call replaces every client-sent value, and makes Envoy match the route again.
+        replace_header(REQUEST_HEADERS, name, value);
+    }
+}
+
 /// The first value of `name` in a serialized header map: a u32 count, then (key size, value size) u32
 /// pairs, then each key and value followed by a NUL (proxy-wasm ABI). Malformed input reads as absent.
 fn find_pair<'p>(pairs: &'p [u8], name: &[u8]) -> Option<&'p [u8]> {
@@ -350,41 +331,15 @@ pub extern "C" fn proxy_on_request_headers(
             .map(|(_, active)| active.clone())
     });
     let Some(active) = active else {
-        remove_header(REQUEST_HEADERS, config::DEFAULT_ROUTE_HEADER);
+        route_unconfigured(&mut HostRequest::default());
         return ACTION_CONTINUE;
     };
     let config = &active.config;
-    let decision = decide(config, &mut HostRequest::default(), &mut next_random);
-    match &decision {
-        None => remove_header(REQUEST_HEADERS, &config.route_header),
-        Some(d) => {
-            if let Some(ov) = config
-                .rollouts
-                .get(d.rollout)
-                .and_then(|r| r.override_.as_ref())
-            {
-                if d.remove_override_header {
-                    remove_header(REQUEST_HEADERS, &ov.header);
-                }
-                if let (true, Some((token_header, _))) = (d.remove_token_header, &ov.token) {
-                    remove_header(REQUEST_HEADERS, token_header);
-                }
-            }
-            // Replaces every client-sent value (one call), and makes Envoy match the route again.
-            replace_header(
-                REQUEST_HEADERS,
-                &config.route_header,
-                d.version_name(config).as_bytes(),
-            );
-            if let Some(cookie) = d.set_cookie(config) {
-                STATE.with(|state| state.borrow_mut().cookies.insert(context_id, cookie));
-            }
-        }
+    let routed = route(config, &mut HostRequest::default(), &mut next_random);
+    if let Some(cookie) = routed.set_cookie {
+        STATE.with(|state| state.borrow_mut().cookies.insert(context_id, cookie));
     }
-    if let Some(&Some(id)) = active
-        .counters
-        .get(metrics::counter_slot(config, decision.as_ref()))
-    {
+    if let Some(&Some(id)) = active.counters.get(routed.counter_slot) {
         // SAFETY: a plain call with numbers.
         let _ = unsafe { host::proxy_increment_metric(id, 1) };
     }

@@ -16,6 +16,7 @@ pub mod decision;
 pub mod hash;
 pub mod json;
 pub mod metrics;
+pub mod route;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

@@ -8,6 +8,7 @@ target: every Envoy sees either the old or the new config, never half a file.
     python3 tools/ecds.py check   --config my-config.json
     python3 tools/ecds.py render  --config my-config.json [--version V] [--wasm PATH]
     python3 tools/ecds.py publish --config my-config.json --dir envoy/ecds [--version V] [--wasm PATH]
+    python3 tools/ecds.py publish --config my-config.json --dir envoy/ecds --native PATH   # the native module
 
 The plugin configuration itself is validated by Envoy (the filter's on_configure): an invalid one is
 rejected there, and the last good one keeps serving. `check` runs the same validation first, natively,
@@ -26,6 +27,7 @@ FILTER_NAME = "canary-router"
 RESOURCE_FILE = "canary-router.json"
 DEFAULT_WASM = "target/wasm32-wasip1/release/canary_router.wasm"
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+NATIVE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
 
 
 def wasm_filter(plugin_config: str, wasm_path: str = DEFAULT_WASM) -> dict:
@@ -49,31 +51,51 @@ def wasm_filter(plugin_config: str, wasm_path: str = DEFAULT_WASM) -> dict:
     }
 
 
+def native_filter(plugin_config: str, module_path: str) -> dict:
+    """The native build's filter config, as in envoy/envoy-native.yaml, carrying `plugin_config`."""
+    return {
+        "@type": NATIVE_TYPE,
+        "dynamic_module_config": {
+            "name": "canary_router_native",
+            "metrics_namespace": "canary_router_native",
+            "module": {"local": {"filename": module_path}},
+        },
+        "filter_name": FILTER_NAME,
+        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": plugin_config},
+    }
+
+
 def content_version(plugin_config: str, wasm_path: str) -> str:
     return hashlib.sha256(f"{wasm_path}\n{plugin_config}".encode()).hexdigest()[:16]
 
 
-def discovery_response(plugin_config: str, version: str | None = None, wasm_path: str = DEFAULT_WASM) -> dict:
-    """The file Envoy's path_config_source reads: a DiscoveryResponse with one TypedExtensionConfig."""
+def discovery_response(plugin_config: str, version: str | None = None, wasm_path: str = DEFAULT_WASM,
+                       native_path: str | None = None) -> dict:
+    """The file Envoy's path_config_source reads: a DiscoveryResponse with one TypedExtensionConfig (the
+    .wasm filter, or the native module's when `native_path` is given)."""
+    artifact = native_path or wasm_path
+    typed = native_filter(plugin_config, native_path) if native_path else wasm_filter(plugin_config, wasm_path)
     return {
-        "version_info": version or content_version(plugin_config, wasm_path),
+        "version_info": version or content_version(plugin_config, artifact),
         "resources": [
             {
                 "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
                 "name": FILTER_NAME,
-                "typed_config": wasm_filter(plugin_config, wasm_path),
+                "typed_config": typed,
             }
         ],
     }
 
 
-def render(plugin_config: str, version: str | None = None, wasm_path: str = DEFAULT_WASM) -> str:
-    return json.dumps(discovery_response(plugin_config, version, wasm_path), indent=2) + "\n"
+def render(plugin_config: str, version: str | None = None, wasm_path: str = DEFAULT_WASM,
+           native_path: str | None = None) -> str:
+    return json.dumps(discovery_response(plugin_config, version, wasm_path, native_path), indent=2) + "\n"
 
 
-def publish(directory: str, plugin_config: str, version: str | None = None, wasm_path: str = DEFAULT_WASM) -> str:
+def publish(directory: str, plugin_config: str, version: str | None = None, wasm_path: str = DEFAULT_WASM,
+            native_path: str | None = None) -> str:
     """Atomically replace `directory`/canary-router.json; returns the version published."""
-    body = discovery_response(plugin_config, version, wasm_path)
+    body = discovery_response(plugin_config, version, wasm_path, native_path)
     fd, tmp = tempfile.mkstemp(prefix=".canary-router.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w") as out:
@@ -113,6 +135,8 @@ def main(argv: list[str]) -> int:
         if name != "check":
             p.add_argument("--version", help="version_info (default: a hash of the content)")
             p.add_argument("--wasm", default=DEFAULT_WASM, help=f"path of the .wasm as Envoy sees it ({DEFAULT_WASM})")
+            p.add_argument("--native", metavar="SO", help="serve the native module at this path instead of the .wasm "
+                           "(the bootstrap's type_urls must list DynamicModuleFilter)")
         if name == "publish":
             p.add_argument("--dir", required=True, help="the watched directory of the ECDS bootstrap")
             p.add_argument("--no-check", action="store_true", help="skip the native validation")
@@ -126,9 +150,9 @@ def main(argv: list[str]) -> int:
         if args.command == "check":
             return 0
     if args.command == "render":
-        sys.stdout.write(render(text, args.version, args.wasm))
+        sys.stdout.write(render(text, args.version, args.wasm, args.native))
     elif args.command == "publish":
-        version = publish(args.dir, text, args.version, args.wasm)
+        version = publish(args.dir, text, args.version, args.wasm, args.native)
         print(f"published version {version} to {os.path.join(args.dir, RESOURCE_FILE)}")
     return 0
 

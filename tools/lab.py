@@ -25,6 +25,9 @@ ENVOY_DIR = os.path.join(ROOT, "envoy")
 ENVOY_BIN = os.environ.get("ENVOY_BIN") or os.path.join(ROOT, ".venv", "bin", "envoy")
 # CANARY_ROUTER_WASM: run against another build of the filter.
 WASM = os.environ.get("CANARY_ROUTER_WASM") or os.path.join(ROOT, ecds.DEFAULT_WASM)
+# The native build (`make native`); CANARY_ROUTER_NATIVE: another build of it.
+DEFAULT_NATIVE = "target/native/libcanary_router_native.so"
+NATIVE = os.environ.get("CANARY_ROUTER_NATIVE") or os.path.join(ROOT, DEFAULT_NATIVE)
 
 # Text in the shipped front bootstraps (envoy-inline.yaml, envoy-ecds.yaml) that renders replace.
 SHIPPED_ADMIN = "address: 127.0.0.1, port_value: 9901"
@@ -34,6 +37,7 @@ SHIPPED_UPSTREAMS = {
     "v2": "address: 127.0.0.1, port_value: 8002",
 }
 SHIPPED_WASM = f"filename: {ecds.DEFAULT_WASM}"
+SHIPPED_NATIVE = f"filename: {DEFAULT_NATIVE}"
 SHIPPED_XDS = "address: 127.0.0.1, port_value: 18000"
 SHIPPED_ECDS_PATH = "path: envoy/ecds/canary-router.json"
 SHIPPED_ECDS_DIR = "watched_directory: { path: envoy/ecds }"
@@ -127,10 +131,11 @@ class FrontAddresses:
 
 
 def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_dir: str | None = None,
-                 plugin_config: str | None = None) -> str:
+                 plugin_config: str | None = None, native: str = NATIVE, native_ecds: bool = False) -> str:
     """A shipped front bootstrap with test/demo addresses. For the ECDS bootstrap, `ecds_dir` receives the
     first resource: `plugin_config` if given, else the shipped envoy/ecds/canary-router.json. The ADS
-    bootstrap gets its config from canaryctl on `where.xds_port`."""
+    bootstrap gets its config from canaryctl on `where.xds_port`. With `native_ecds`, the ECDS bootstrap serves
+    the native module instead of the .wasm (its type_urls and resources say DynamicModuleFilter)."""
     text = read_shipped(bootstrap)
     replacements = {
         SHIPPED_ADMIN: f"address: 127.0.0.1, port_value: {where.admin_port}",
@@ -146,7 +151,10 @@ def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_d
             raise ValueError(f"{bootstrap} reads its filter config by ECDS: give ecds_dir")
         replacements[SHIPPED_ECDS_PATH] = f"path: {ecds_dir}/{ecds.RESOURCE_FILE}"
         replacements[SHIPPED_ECDS_DIR] = f"watched_directory: {{ path: {ecds_dir} }}"
-        if plugin_config is None:
+        if native_ecds:
+            replacements[f"type_urls: [{ecds.WASM_TYPE}]"] = f"type_urls: [{ecds.NATIVE_TYPE}]"
+            ecds.publish(ecds_dir, plugin_config or shipped_plugin_config(), native_path=native)
+        elif plugin_config is None:
             resource = substitute(read_shipped(f"ecds/{ecds.RESOURCE_FILE}"), {ecds.DEFAULT_WASM: wasm},
                                   f"envoy/ecds/{ecds.RESOURCE_FILE}")
             with open(os.path.join(ecds_dir, ecds.RESOURCE_FILE), "w") as f:
@@ -154,7 +162,10 @@ def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_d
         else:
             ecds.publish(ecds_dir, plugin_config, wasm_path=wasm)
     else:
-        replacements[SHIPPED_WASM] = f"filename: {wasm}"
+        if "dynamic_modules" in text:  # envoy-native.yaml: the .so instead of the .wasm
+            replacements[SHIPPED_NATIVE] = f"filename: {native}"
+        else:
+            replacements[SHIPPED_WASM] = f"filename: {wasm}"
         if plugin_config is not None:
             replacements[indent(shipped_plugin_config())] = indent(plugin_config)
     return substitute(text, replacements, bootstrap)

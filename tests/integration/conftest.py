@@ -6,13 +6,32 @@ import tempfile
 import pytest
 
 import lab
-from harness import ENVOY_BIN, WASM, Envoy, Upstream
+from harness import ENVOY_BIN, NATIVE, WASM, Envoy, Upstream
+
+# The two builds of the filter, and the shipped bootstrap that loads each with the config inline.
+ARTIFACT_BOOTSTRAPS = {"wasm": "envoy-inline.yaml", "native": "envoy-native.yaml"}
 
 
 def pytest_sessionstart(session):
-    missing = [p for p in (ENVOY_BIN, WASM) if not os.path.exists(p)]
+    missing = [p for p in (ENVOY_BIN, WASM, NATIVE) if not os.path.exists(p)]
     if missing:
         pytest.exit(f"missing {missing}: run the tests with `make test`, which installs Envoy and builds the filter", 2)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_artifacts: run the test against the .wasm and the native module")
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked `both_artifacts` run once per build: one suite proves both."""
+    if "artifact" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_artifacts"):
+        metafunc.parametrize("artifact", list(ARTIFACT_BOOTSTRAPS), indirect=True)
+
+
+@pytest.fixture
+def artifact(request):
+    """Which build `start_envoy` loads by default: "wasm" unless the test is parameterised."""
+    return getattr(request, "param", "wasm")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -49,13 +68,16 @@ def processes(request):
 
 
 @pytest.fixture
-def start_envoy(upstreams, processes):
-    """start_envoy(bootstrap, plugin_config=None, expect_ready=True, upstream_ports=None) -> a started Envoy."""
+def start_envoy(upstreams, processes, artifact):
+    """start_envoy(bootstrap, plugin_config=None, expect_ready=True, upstream_ports=None) -> a started Envoy.
+    Without a bootstrap: the inline bootstrap of the artifact under test (envoy-inline.yaml for the .wasm,
+    envoy-native.yaml for the native module)."""
 
-    def start(bootstrap="envoy-inline.yaml", plugin_config=None, expect_ready=True, workers=2, upstream_ports=None,
-              xds_port=18000, node_id=None, before_start=None):
+    def start(bootstrap=None, plugin_config=None, expect_ready=True, workers=2, upstream_ports=None,
+              xds_port=18000, node_id=None, before_start=None, native=NATIVE):
         ports = upstream_ports or {v: u.port for v, u in upstreams.items()}
-        envoy = Envoy(bootstrap, ports, plugin_config, workers=workers, xds_port=xds_port, node_id=node_id)
+        envoy = Envoy(bootstrap or ARTIFACT_BOOTSTRAPS[artifact], ports, plugin_config, workers=workers,
+                      xds_port=xds_port, node_id=node_id, native=native, artifact=artifact)
         processes.append(envoy)
         if before_start:
             before_start(envoy)

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import ecds  # noqa: E402  (tools/ecds.py: the same publisher users run)
 import lab  # noqa: E402  (tools/lab.py: renders the shipped envoy/ files, runs Envoy)
-from lab import ENVOY_BIN, ENVOY_DIR, WASM, expected_version, fnv1a64, indent, shipped_plugin_config  # noqa: E402,F401
+from lab import ENVOY_BIN, ENVOY_DIR, NATIVE, WASM, expected_version, fnv1a64, indent, shipped_plugin_config  # noqa: E402,F401
 
 # --------------------------------------------------------------------------------------------------
 # Upstreams.
@@ -80,20 +80,23 @@ class Envoy(lab.EnvoyProcess):
     """The front Envoy on a shipped bootstrap, with test ports and the test's plugin config."""
 
     def __init__(self, bootstrap: str, upstream_ports: dict[str, int], plugin_config: str | None = None,
-                 workers: int = 2, xds_port: int = 18000, node_id: str | None = None):
+                 workers: int = 2, xds_port: int = 18000, node_id: str | None = None, native: str = NATIVE,
+                 artifact: str = "wasm"):
         workdir = tempfile.mkdtemp(prefix="canary-router-test-")
         self.port = lab.free_port()
         self.ecds_dir = os.path.join(workdir, "ecds")
         os.makedirs(self.ecds_dir)
         where = lab.FrontAddresses(listener_port=self.port, admin_port=lab.free_port(),
                                    upstream_ports=upstream_ports, xds_port=xds_port)
-        text = lab.render_front(bootstrap, where, ecds_dir=self.ecds_dir, plugin_config=plugin_config)
+        self.native = native if artifact == "native" else None
+        text = lab.render_front(bootstrap, where, ecds_dir=self.ecds_dir, plugin_config=plugin_config, native=native,
+                                native_ecds=self.native is not None)
         extra = ["--service-node", node_id, "--service-cluster", "edge"] if node_id else []
         super().__init__(node_id or "envoy", text, workdir, admin_port=where.admin_port, workers=workers,
                          extra_args=extra)
 
     def publish(self, plugin_config: str) -> str:
-        return ecds.publish(self.ecds_dir, plugin_config, wasm_path=WASM)
+        return ecds.publish(self.ecds_dir, plugin_config, wasm_path=WASM, native_path=self.native)
 
     def connection(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)

@@ -4,7 +4,13 @@ import json
 import time
 from collections import Counter
 
+import pytest
+
 from harness import Traffic, expected_version
+
+# Both builds read their configuration by ECDS the same way: the .wasm's Wasm filter config, or the native
+# module's DynamicModuleFilter config (tools/ecds.py --native), from the same watched directory.
+pytestmark = pytest.mark.both_artifacts
 
 ECDS_STATS = "extension_config_discovery.http_filter.canary-router."
 

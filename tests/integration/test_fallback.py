@@ -4,8 +4,12 @@ returns when it comes back. Runs the shipped demo apps (Envoy direct responses) 
 import json
 import time
 
+import pytest
+
 import lab
 from harness import Traffic, expected_version
+
+pytestmark = pytest.mark.both_artifacts
 
 HALF = json.dumps({"rollouts": [{"name": "web", "stable": "v1", "canaries": [{"version": "v2", "percent": 50}],
                                   "sticky": {"keys": [{"header": "x-user-id"}]}}]})

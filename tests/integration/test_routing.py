@@ -5,7 +5,12 @@ import re
 import time
 from collections import Counter
 
+import pytest
+
 from harness import expected_version
+
+# Every test here that starts an Envoy runs against both builds: the .wasm and the native module.
+pytestmark = pytest.mark.both_artifacts
 
 
 def rollout_config(percent=50.0, **rollout) -> str:
@@ -157,7 +162,7 @@ def test_without_any_key_each_request_is_decided_at_random(start_envoy):
     assert abs(served["v2"] / 600 * 100 - 30) < 8, served
 
 
-def test_counters_are_prometheus_labels(start_envoy):
+def test_counters_are_prometheus_labels(start_envoy, artifact):
     config = rollout_config(50, **STICKY, rules=[{"header": "x-user-group", "values": ["beta"], "version": "v2"}],
                             match={"hosts": ["shop.example.com"]})
     envoy = start_envoy(plugin_config=config)
@@ -169,21 +174,29 @@ def test_counters_are_prometheus_labels(start_envoy):
     for _ in range(4):
         envoy.get("/", {"host": "elsewhere.org"})
     expect = {
-        'canary_router_requests{rollout="web",version="v1",reason="sticky"}': served["v1"],
-        'canary_router_requests{rollout="web",version="v2",reason="sticky"}': served["v2"],
-        'canary_router_requests{rollout="web",version="v2",reason="rule"}': 3,
-        'canary_router_requests{reason="no_match"}': 4,
+        (("rollout", "web"), ("version", "v1"), ("reason", "sticky")): served["v1"],
+        (("rollout", "web"), ("version", "v2"), ("reason", "sticky")): served["v2"],
+        (("rollout", "web"), ("version", "v2"), ("reason", "rule")): 3,
+        (("reason", "no_match"),): 4,
     }
-    # The filter hands its counts to Envoy once a second.
+    # The .wasm's series are `canary_router_requests{...}`; the native module's are Envoy's own
+    # `envoy_canary_router_requests{...}` with the label artifact="canary_router_native".
+    name = "canary_router_requests" if artifact == "wasm" else "envoy_canary_router_requests"
+    extra = () if artifact == "wasm" else (("artifact", "canary_router_native"),)
+    series = {}
     deadline = time.monotonic() + 5
     while True:
         metrics = envoy.admin("/stats/prometheus")
-        if all(f"{series} {value}\n" in metrics for series, value in expect.items()) or time.monotonic() > deadline:
+        series = {}
+        for line in metrics.splitlines():
+            m = re.fullmatch(r"([a-z_]+)\{(.*)\} (\d+)", line)
+            if m and m.group(1) == name:
+                series[tuple(re.findall(r'([a-z_]+)="([^"]*)"', m.group(2)))] = int(m.group(3))
+        if all(series.get(labels + extra) == value for labels, value in expect.items()):
             break
-        time.sleep(0.1)
-    for series, value in expect.items():
-        assert f"{series} {value}\n" in metrics, f"missing `{series} {value}` in:\n" + "\n".join(
+        assert time.monotonic() < deadline, f"expected {expect} (+{extra}) in {name}, got:\n" + "\n".join(
             line for line in metrics.splitlines() if "canary_router" in line)
+        time.sleep(0.1)
 
 
 def test_an_invalid_config_at_startup_is_refused_with_its_reason(start_envoy):

@@ -4,6 +4,8 @@ import json
 import os
 import re
 
+import pytest
+
 import ecds
 from harness import ENVOY_DIR, expected_version, indent, shipped_plugin_config
 
@@ -31,14 +33,15 @@ def test_every_shipped_filter_uses_fail_reload():
 def test_every_version_of_the_shipped_config_has_a_route_in_each_bootstrap():
     config = json.loads(shipped_plugin_config())
     versions = {v for r in config["rollouts"] for v in [r["stable"]] + [c["version"] for c in r["canaries"]]}
-    for bootstrap in ("envoy-inline.yaml", "envoy-ecds.yaml"):
+    for bootstrap in ("envoy-inline.yaml", "envoy-ecds.yaml", "envoy-native.yaml"):
         text = read(bootstrap)
         routed = set(re.findall(r"name: x-version, string_match: \{ exact: ([^ }]+) \}", text))
         assert routed == versions, f"{bootstrap} routes {routed}, the config has {versions}"
 
 
-def test_the_shipped_inline_setup_routes_as_documented(start_envoy):
-    envoy = start_envoy("envoy-inline.yaml")  # the shipped plugin config, unchanged
+@pytest.mark.parametrize("bootstrap", ["envoy-inline.yaml", "envoy-native.yaml"])
+def test_the_shipped_inline_setup_routes_as_documented(start_envoy, bootstrap):
+    envoy = start_envoy(bootstrap)  # the shipped plugin config, unchanged
     conn = envoy.connection()
     for i in range(200):
         user = f"shipped-{i}"
@@ -65,6 +68,11 @@ def _without_filter_and_header(text: str) -> str:
 
 def test_the_inline_and_ecds_bootstraps_differ_only_in_how_the_filter_config_arrives():
     assert _without_filter_and_header(read("envoy-inline.yaml")) == _without_filter_and_header(read("envoy-ecds.yaml"))
+
+
+def test_the_native_bootstrap_differs_from_the_inline_one_only_in_the_filter_entry():
+    assert _without_filter_and_header(read("envoy-inline.yaml")) == _without_filter_and_header(read("envoy-native.yaml"))
+    assert indent(shipped_plugin_config()) in read("envoy-native.yaml")
 
 
 def test_the_two_demo_apps_differ_only_in_version_and_port():

@@ -1,0 +1,154 @@
+//! What the filter does to one request, whatever runs it: the proxy-wasm glue (`filter.rs`) and the native
+//! Envoy dynamic module (`native/`) both call [`route`], so both artifacts write exactly the same headers.
+
+use crate::config::{Config, DEFAULT_ROUTE_HEADER};
+use crate::decision::{decide, Request};
+use crate::metrics;
+
+/// The request's headers as the host exposes them: read (through [`Request`]) and written.
+pub trait RequestHeaders: Request {
+    /// Removes every value of `name` (lower case).
+    fn remove(&mut self, name: &str);
+    /// Sets `name` to `value`, replacing every value a client sent.
+    fn replace(&mut self, name: &str, value: &[u8]);
+}
+
+/// What is left to do once the request headers are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    /// The slot of [`metrics::counter_names`] to count this request in.
+    pub counter_slot: usize,
+    /// A `set-cookie` value for the response (with `assign_cookie`, for a user who had no key).
+    pub set_cookie: Option<String>,
+}
+
+/// Decides which version serves the request and writes it into the route header. A request no rollout
+/// matches loses any client-sent route header, so Envoy's default (stable) route serves it; a client can
+/// never pick the version through that header. Honoured override and token headers are removed too.
+pub fn route(
+    config: &Config,
+    headers: &mut impl RequestHeaders,
+    random: &mut impl FnMut() -> u64,
+) -> Routed {
+    let decision = decide(config, headers, random);
+    let counter_slot = metrics::counter_slot(config, decision.as_ref());
+    let Some(d) = decision else {
+        headers.remove(&config.route_header);
+        return Routed {
+            counter_slot,
+            set_cookie: None,
+        };
+    };
+    if let Some(ov) = config
+        .rollouts
+        .get(d.rollout)
+        .and_then(|r| r.override_.as_ref())
+    {
+        if d.remove_override_header {
+            headers.remove(&ov.header);
+        }
+        if let (true, Some((token_header, _))) = (d.remove_token_header, &ov.token) {
+            headers.remove(token_header);
+        }
+    }
+    headers.replace(&config.route_header, d.version_name(config).as_bytes());
+    Routed {
+        counter_slot,
+        set_cookie: d.set_cookie(config),
+    }
+}
+
+/// Before any configuration is accepted: no decision, and the default route header a client may have sent
+/// is removed, so the request goes to the default (stable) route.
+pub fn route_unconfigured(headers: &mut impl RequestHeaders) {
+    headers.remove(DEFAULT_ROUTE_HEADER);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    /// Headers in a list, as a host keeps them; names lower case.
+    #[derive(Default)]
+    struct Fake(Vec<(String, Vec<u8>)>);
+
+    impl Request for Fake {
+        fn header(&mut self, name: &str) -> Option<&[u8]> {
+            self.0
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_slice())
+        }
+    }
+
+    impl RequestHeaders for Fake {
+        fn remove(&mut self, name: &str) {
+            self.0.retain(|(k, _)| k != name);
+        }
+        fn replace(&mut self, name: &str, value: &[u8]) {
+            self.remove(name);
+            self.0.push((name.to_string(), value.to_vec()));
+        }
+    }
+
+    fn fake(headers: &[(&str, &str)]) -> Fake {
+        Fake(
+            headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        )
+    }
+
+    const CONFIG: &str = r#"{"rollouts":[{"name":"web","match":{"path_prefix":"/app"},"stable":"v1",
+        "canaries":[{"version":"v2","percent":0}],
+        "sticky":{"keys":[{"header":"x-user-id"}]},
+        "assign_cookie":{"name":"cid"},
+        "override":{"header":"x-pick","token_header":"x-token","token":"t"}}]}"#;
+
+    #[test]
+    fn spoofed_route_headers_are_replaced_and_honoured_overrides_removed() {
+        let config = parse(CONFIG.as_bytes()).unwrap();
+        let mut h = fake(&[
+            (":path", "/app"),
+            ("x-version", "v2"),
+            ("x-version", "v3"),
+            ("x-pick", "v2"),
+            ("x-token", "t"),
+            ("x-user-id", "u1"),
+        ]);
+        let routed = route(&config, &mut h, &mut || 7);
+        assert_eq!(h.header("x-version"), Some(&b"v2"[..]));
+        assert_eq!(h.0.iter().filter(|(k, _)| k == "x-version").count(), 1);
+        assert_eq!(h.header("x-pick"), None);
+        assert_eq!(h.header("x-token"), None);
+        assert_eq!(routed.set_cookie, None);
+        assert_eq!(
+            metrics::counter_names(&config)[routed.counter_slot],
+            "canary_router_requests.rollout.web.version.v2.reason.override"
+        );
+    }
+
+    #[test]
+    fn a_user_without_a_key_gets_stable_and_a_cookie() {
+        let config = parse(CONFIG.as_bytes()).unwrap();
+        let mut h = fake(&[(":path", "/app/x"), ("x-version", "v2")]);
+        let routed = route(&config, &mut h, &mut || 0x1234);
+        assert_eq!(h.header("x-version"), Some(&b"v1"[..]));
+        let cookie = routed.set_cookie.unwrap();
+        assert!(cookie.starts_with("cid="), "{cookie}");
+    }
+
+    #[test]
+    fn unmatched_and_unconfigured_requests_lose_the_route_header() {
+        let config = parse(CONFIG.as_bytes()).unwrap();
+        let mut h = fake(&[(":path", "/other"), ("x-version", "v2")]);
+        let routed = route(&config, &mut h, &mut || 1);
+        assert_eq!(h.header("x-version"), None);
+        assert_eq!(routed.counter_slot, 0);
+        let mut h = fake(&[("x-version", "v2")]);
+        route_unconfigured(&mut h);
+        assert!(h.0.is_empty());
+    }
+}
