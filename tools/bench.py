@@ -12,7 +12,8 @@ load) share CPU 0. Variants run alternately (a b c … a b c …) for several ro
 - (d) a Lua filter doing the same decision (group rule + FNV-1a sticky split)
 - (e) a stock-SDK proxy-wasm filter that only sets one header: the floor of any proxy-wasm filter
 - (f) canary-router with the shipped config (a rule, header + cookie sticky keys, an assigned cookie)
-More variants (e.g. other builds of ours) are added to VARIANTS.
+- (g) the native build (Envoy dynamic module) with the same config
+More builds of ours are added with --extra / --probe (a path ending in .so is a native module build).
 
 Before measuring, every variant that decides must route a sample of users exactly as the spec says.
 Per variant: requests/s and p50/p99 latency at saturation (32 keep-alive connections) and at 1
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -61,6 +63,22 @@ def wasm_filter(name: str, wasm: str, config: str) -> str:
                   value: {json.dumps(config)}'''
 
 
+def native_filter(name: str, module: str, config: str) -> str:
+    """The native build, as in envoy/envoy-native.yaml."""
+    return f'''
+          - name: {name}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config:
+                name: {name}
+                metrics_namespace: canary_router_native
+                module: {{ local: {{ filename: {module} }} }}
+              filter_name: canary-router
+              filter_config:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: {json.dumps(config)}'''
+
+
 def lua_filter() -> str:
     with open(LUA) as f:
         code = f.read()
@@ -77,6 +95,14 @@ HEADER_ROUTES = '''
                 route: { cluster: v2 }
               - match: { prefix: "/" }
                 route: { cluster: v1 }'''
+
+# One route that takes the cluster from the route header: a filter that sets the header then needs only the
+# route's cluster re-picked (refreshRouteCluster), not a new route match. Probes only: a request without the
+# header would find no cluster.
+CLUSTER_HEADER_ROUTES = '''
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster_header: x-version }'''
 
 WEIGHTED_ROUTES = '''
               routes:
@@ -96,6 +122,9 @@ def variants() -> dict[str, dict]:
         "e": {"label": "stock-SDK wasm, sets 1 header", "filters": wasm_filter("noop", NOOP_WASM, "{}"),
               "routes": HEADER_ROUTES, "decides": False},
         "f": {"label": "canary-router wasm", "filters": wasm_filter("canary-router", lab.WASM, lab.shipped_plugin_config()),
+              "routes": HEADER_ROUTES, "decides": True},
+        "g": {"label": "canary-router native module",
+              "filters": native_filter("canary_router_native", lab.NATIVE, lab.shipped_plugin_config()),
               "routes": HEADER_ROUTES, "decides": True},
     }
 
@@ -226,11 +255,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=4, help="per run at 32 connections")
     parser.add_argument("--seconds-1conn", type=int, default=2, help="per run at 1 connection")
-    parser.add_argument("--variants", default="a,b,c,d,e,f")
+    parser.add_argument("--variants", default="a,b,c,d,e,f,g")
     parser.add_argument("--skip-rss", action="store_true")
-    parser.add_argument("--extra", action="append", default=[], metavar="NAME=WASM",
-                        help="another build of canary-router as a variant (same config), e.g. g=/tmp/x.wasm")
-    parser.add_argument("--probe", action="append", default=[], metavar="NAME=WASM",
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
+                        help="another build of canary-router as a variant (same config): a .wasm, or a native .so")
+    parser.add_argument("--cluster-header-probe", action="append", default=[], metavar="NAME=PATH",
+                        help="a probe build on a listener whose route takes the cluster from x-version")
+    parser.add_argument("--probe", action="append", default=[], metavar="NAME=PATH",
                         help="like --extra, for cost-breakdown builds that do not decide (no routing check)")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset"):
@@ -244,12 +275,15 @@ def main() -> int:
         f.write(WRK_SCRIPT)
     all_variants = variants()
     extra_wasm = {}
-    for extra, decides in [(e, True) for e in args.extra] + [(p, False) for p in args.probe]:
+    extras = [(e, True, HEADER_ROUTES) for e in args.extra] + [(p, False, HEADER_ROUTES) for p in args.probe]
+    extras += [(p, False, CLUSTER_HEADER_ROUTES) for p in args.cluster_header_probe]
+    for extra, decides, routes in extras:  # a .so path is a native module build, anything else a .wasm
         name, path = extra.split("=", 1)
         extra_wasm[name] = path
+        make = native_filter if path.endswith(".so") else wasm_filter
         all_variants[name] = {"label": f"canary-router build {os.path.basename(path)}",
-                              "filters": wasm_filter(f"canary-router-{name}", path, lab.shipped_plugin_config()),
-                              "routes": HEADER_ROUTES, "decides": decides}
+                              "filters": make(f"canary-router-{name}", path, lab.shipped_plugin_config()),
+                              "routes": routes, "decides": decides}
     chosen = [v for v in args.variants.split(",")] + list(extra_wasm)
     envoy_variants = {v: all_variants[v] for v in chosen if v != "a"}
     upstreams = {"v1": lab.free_port(), "v2": lab.free_port()}
@@ -274,8 +308,10 @@ def main() -> int:
         for v in chosen:  # warm-up
             run_wrk(upstreams["v1"] if v == "a" else ports[v], 32, 1, script)
         for r in range(args.rounds):
+            # A new order each round, so that no variant always runs right after the same one.
+            order = random.Random(r).sample(chosen, len(chosen))
             for connections, seconds in ((32, args.seconds), (1, args.seconds_1conn)):
-                for v in chosen:
+                for v in order:
                     port = upstreams["v1"] if v == "a" else ports[v]
                     before = cpu_ticks(envoy.process.pid)
                     result = run_wrk(port, connections, seconds, script)
@@ -319,13 +355,20 @@ def print_table(chosen, all_variants, results, rss, args, extra_wasm=None):
         return median([r[key] for r in results[v][c] if r[key] is not None])
 
     base_rps = m("b", 32, "rps") if "b" in chosen else float("nan")
-    base_cpu = m("b", 32, "cpu_us") if "b" in chosen else float("nan")
+
+    def added(v):
+        """Median and spread over rounds of (CPU of v − CPU of b) in the same round: slow drifts of the
+        machine cancel out of each difference."""
+        diffs = sorted(r["cpu_us"] - b["cpu_us"] for r, b in zip(results[v][32], results["b"][32]))
+        q = statistics.quantiles(diffs, n=4) if len(diffs) >= 2 else [diffs[0]] * 3
+        return median(diffs), q[0], q[2]
     labels = {"a": "direct to nginx (no Envoy)"} | {k: v["label"] for k, v in all_variants.items()}
-    print(f"\nMedians of {args.rounds} alternating rounds; 32 connections for {args.seconds:g} s, "
+    print(f"\nMedians of {args.rounds} rounds (a new variant order each round); \"added\" is the median of the "
+          f"per-round differences to (b); 32 connections for {args.seconds:g} s, "
           f"1 connection for {args.seconds_1conn:g} s; Envoy: 1 worker on CPU 1.\n")
     print("| variant | req/s (32 conns) | vs (b) | p50 ms | p99 ms | req/s (1 conn) | p50 ms | p99 ms "
-          "| Envoy CPU µs/req | added vs (b) | RSS MB | added |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| Envoy CPU µs/req | added vs (b), paired | middle half of rounds | RSS MB | added |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for v in chosen:
         cpu = m(v, 32, "cpu_us") if v != "a" else None
         rss_mb = rss.get(v, 0) / 1024
@@ -333,11 +376,13 @@ def print_table(chosen, all_variants, results, rss, args, extra_wasm=None):
         print(f"| ({v}) {labels[v]} | {m(v, 32, 'rps'):,.0f} | {m(v, 32, 'rps') / base_rps:.2f}× | "
               f"{m(v, 32, 'p50_ms'):.2f} | {m(v, 32, 'p99_ms'):.2f} | {m(v, 1, 'rps'):,.0f} | "
               f"{m(v, 1, 'p50_ms'):.3f} | {m(v, 1, 'p99_ms'):.3f} | "
-              + (f"{cpu:.1f} | {cpu - base_cpu:+.1f} | " if cpu is not None else "– | – | ")
+              + (f"{cpu:.1f} | {added(v)[0]:+.1f} | {added(v)[1]:+.1f} … {added(v)[2]:+.1f} | "
+                 if cpu is not None and "b" in chosen else "– | – | – | ")
               + (f"{rss_mb:.1f} | {rss_mb - base_rss:+.1f} |" if v in rss else "– | – |"))
     print("\n| artifact | bytes |")
     print("| --- | ---: |")
-    artifacts = [("canary_router.wasm (f)", lab.WASM), ("noop_filter.wasm (e)", NOOP_WASM), ("canary.lua (d)", LUA)]
+    artifacts = [("canary_router.wasm (f)", lab.WASM), ("libcanary_router_native.so (g)", lab.NATIVE),
+                 ("noop_filter.wasm (e)", NOOP_WASM), ("canary.lua (d)", LUA)]
     artifacts += [(f"{os.path.basename(p)} ({n})", p) for n, p in (extra_wasm or {}).items()]
     for name, path in artifacts:
         print(f"| {name} | {os.path.getsize(path):,} |")
