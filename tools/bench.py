@@ -257,6 +257,8 @@ def main() -> int:
     parser.add_argument("--seconds-1conn", type=int, default=2, help="per run at 1 connection")
     parser.add_argument("--variants", default="a,b,c,d,e,f,g")
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--rss-workers", metavar="N,N,...",
+                        help="only measure RSS at startup (no load), for each variant with each worker count")
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
                         help="another build of canary-router as a variant (same config): a .wasm, or a native .so")
     parser.add_argument("--cluster-header-probe", action="append", default=[], metavar="NAME=PATH",
@@ -287,6 +289,9 @@ def main() -> int:
     chosen = [v for v in args.variants.split(",")] + list(extra_wasm)
     envoy_variants = {v: all_variants[v] for v in chosen if v != "a"}
     upstreams = {"v1": lab.free_port(), "v2": lab.free_port()}
+    if args.rss_workers:
+        return rss_by_workers(workdir, envoy_variants, upstreams, [int(n) for n in args.rss_workers.split(",")],
+                              all_variants)
     with open(os.path.join(workdir, "nginx.conf"), "w") as f:
         f.write(nginx_conf(workdir, upstreams))
     nginx = lab.ManagedProcess("nginx", os.path.join(workdir, "nginx.log"))
@@ -344,6 +349,30 @@ def measure_rss(workdir: str, envoy_variants: dict, upstreams: dict, script: str
         finally:
             envoy.stop()
     return rss
+
+
+def rss_by_workers(workdir: str, envoy_variants: dict, upstreams: dict, workers: list[int], all_variants) -> int:
+    """RSS right after /ready of an Envoy with one variant's listener alone, per worker count: separates what
+    a filter costs once per module from what each worker's VM adds."""
+    rss = {}
+    for n in workers:
+        for v, spec in envoy_variants.items():
+            port, admin_port = lab.free_port(), lab.free_port()
+            envoy = lab.EnvoyProcess(f"rss-{v}-{n}", bootstrap(admin_port, {v: port}, upstreams, {v: spec}), workdir,
+                                     admin_port=admin_port, workers=n)
+            envoy.start()
+            try:
+                envoy.wait_ready(60)
+                rss[v, n] = rss_kb(envoy.process.pid) / 1024
+            finally:
+                envoy.stop()
+    print("\nRSS MB right after startup, no load; added vs (b) with the same number of workers.\n")
+    print("| variant | " + " | ".join(f"{n} worker{'s' if n > 1 else ''}" for n in workers) + " |")
+    print("| --- |" + " ---: |" * len(workers))
+    for v in envoy_variants:
+        cells = [f"{rss[v, n]:.1f} ({rss[v, n] - rss.get(('b', n), rss[v, n]):+.1f})" for n in workers]
+        print(f"| ({v}) {all_variants[v]['label']} | " + " | ".join(cells) + " |")
+    return 0
 
 
 def median(values: list[float]) -> float:
