@@ -320,6 +320,7 @@ fn expected_names(names: &[&str]) -> String {
 
 /// Reads an object whose known fields are `fields`, calling `read` with each present field's index and
 /// path. Unknown and repeated fields are errors. Returns which fields were present, as a bit set.
+#[inline(never)]
 fn read_object(
     r: &mut Reader,
     at: &str,
@@ -356,6 +357,7 @@ fn required<T>(r: &Reader, at: &str, name: &str, value: Option<T>) -> Result<T, 
     value.ok_or_else(|| syntax(at, r.error(&format!("missing field `{name}`"))))
 }
 
+#[inline(never)]
 fn read_array<T>(
     r: &mut Reader,
     at: &str,
@@ -374,15 +376,18 @@ fn read_array<T>(
     Ok(items)
 }
 
+#[inline(never)]
 fn read_string(r: &mut Reader, at: &str) -> Result<String, ConfigError> {
     r.string("a string").map_err(|message| syntax(at, message))
 }
 
+#[inline(never)]
 fn read_strings(r: &mut Reader, at: &str) -> Result<Vec<String>, ConfigError> {
     read_array(r, at, read_string)
 }
 
 /// An optional field: `null` is the same as leaving it out.
+#[inline(never)]
 fn read_optional<T>(
     r: &mut Reader,
     at: &str,
@@ -395,6 +400,7 @@ fn read_optional<T>(
     }
 }
 
+#[inline(never)]
 fn read_percent(r: &mut Reader, at: &str) -> Result<f64, ConfigError> {
     let text = r
         .number("a number")
@@ -411,6 +417,7 @@ fn read_percent(r: &mut Reader, at: &str) -> Result<f64, ConfigError> {
     }
 }
 
+#[inline(never)]
 fn read_seconds(r: &mut Reader, at: &str) -> Result<u64, ConfigError> {
     let expected = "a whole number of seconds";
     let text = r.number(expected).map_err(|message| syntax(at, message))?;
@@ -423,6 +430,7 @@ fn read_seconds(r: &mut Reader, at: &str) -> Result<u64, ConfigError> {
     })
 }
 
+#[inline(never)]
 fn read_config(r: &mut Reader, at: &str) -> Result<RawConfig, ConfigError> {
     let (mut route_header, mut rollouts) = (None, None);
     read_object(r, at, &["route_header", "rollouts"], |r, field, path| {
@@ -438,6 +446,7 @@ fn read_config(r: &mut Reader, at: &str) -> Result<RawConfig, ConfigError> {
     })
 }
 
+#[inline(never)]
 fn read_rollout(r: &mut Reader, at: &str) -> Result<RawRollout, ConfigError> {
     let (mut name, mut match_, mut stable, mut canaries) = (None, None, None, None);
     let (mut sticky, mut assign_cookie, mut rules, mut override_) = (None, None, Vec::new(), None);
@@ -479,6 +488,7 @@ fn read_rollout(r: &mut Reader, at: &str) -> Result<RawRollout, ConfigError> {
     })
 }
 
+#[inline(never)]
 fn read_match(r: &mut Reader, at: &str) -> Result<RawMatch, ConfigError> {
     let (mut hosts, mut path_prefix) = (Vec::new(), None);
     read_object(r, at, &["hosts", "path_prefix"], |r, field, path| {
@@ -491,6 +501,7 @@ fn read_match(r: &mut Reader, at: &str) -> Result<RawMatch, ConfigError> {
     Ok(RawMatch { hosts, path_prefix })
 }
 
+#[inline(never)]
 fn read_canary(r: &mut Reader, at: &str) -> Result<RawCanary, ConfigError> {
     let (mut version, mut percent) = (None, None);
     read_object(r, at, &["version", "percent"], |r, field, path| {
@@ -506,6 +517,7 @@ fn read_canary(r: &mut Reader, at: &str) -> Result<RawCanary, ConfigError> {
     })
 }
 
+#[inline(never)]
 fn read_sticky(r: &mut Reader, at: &str) -> Result<RawSticky, ConfigError> {
     let (mut keys, mut salt) = (None, None);
     read_object(r, at, &["keys", "salt"], |r, field, path| {
@@ -522,6 +534,7 @@ fn read_sticky(r: &mut Reader, at: &str) -> Result<RawSticky, ConfigError> {
 }
 
 /// `{"header": "x-user-id"}` or `{"cookie": "session"}`: exactly one of the two.
+#[inline(never)]
 fn read_key(r: &mut Reader, at: &str) -> Result<RawKey, ConfigError> {
     let mut key = None;
     let kinds = ["header", "cookie"];
@@ -560,6 +573,7 @@ fn read_key(r: &mut Reader, at: &str) -> Result<RawKey, ConfigError> {
     })
 }
 
+#[inline(never)]
 fn read_assign_cookie(r: &mut Reader, at: &str) -> Result<RawAssignCookie, ConfigError> {
     let (mut name, mut max_age_seconds) = (None, None);
     read_object(r, at, &["name", "max_age_seconds"], |r, field, path| {
@@ -575,6 +589,7 @@ fn read_assign_cookie(r: &mut Reader, at: &str) -> Result<RawAssignCookie, Confi
     })
 }
 
+#[inline(never)]
 fn read_rule(r: &mut Reader, at: &str) -> Result<RawRule, ConfigError> {
     let (mut header, mut cookie, mut values, mut version) = (None, None, None, None);
     read_object(
@@ -599,6 +614,7 @@ fn read_rule(r: &mut Reader, at: &str) -> Result<RawRule, ConfigError> {
     })
 }
 
+#[inline(never)]
 fn read_override(r: &mut Reader, at: &str) -> Result<RawOverride, ConfigError> {
     let (mut header, mut token_header, mut token) = (None, None, None);
     read_object(
@@ -661,10 +677,45 @@ impl RawConfig {
     }
 }
 
+/// A rollout's versions and how traffic is split between them (fields as in [`Rollout`]).
+struct Split {
+    versions: Vec<String>,
+    canary_ends: Vec<u32>,
+    canary_basis_points: Vec<u32>,
+}
+
 impl RawRollout {
+    // Each part is its own function, not inlined into one: V8 keeps memory in proportion to the largest
+    // functions it compiles, and one 10 KB function cost the .wasm megabytes of RSS (see BENCHMARKS.md).
     fn validate(&self, at: &str, route_header: &str) -> Result<Rollout, ConfigError> {
         let name = rollout_name(&format!("{at}.name"), &self.name)?;
+        let (hosts, path_prefix) = self.validate_match(at)?;
+        let Split {
+            versions,
+            canary_ends,
+            canary_basis_points,
+        } = self.validate_canaries(at)?;
+        let (mut sticky_keys, salt) = self.validate_sticky(at, &name, route_header)?;
+        let assign_cookie = self.validate_assign_cookie(at, &mut sticky_keys)?;
+        let rules = self.validate_rules(at, route_header, &versions)?;
+        let override_ = self.validate_override(at, route_header)?;
+        Ok(Rollout {
+            name,
+            hosts,
+            path_prefix,
+            versions,
+            canary_ends,
+            canary_basis_points,
+            sticky_keys,
+            salt,
+            assign_cookie,
+            rules,
+            override_,
+        })
+    }
 
+    #[inline(never)]
+    fn validate_match(&self, at: &str) -> Result<(Vec<HostPattern>, Option<String>), ConfigError> {
         let (hosts, path_prefix) = match &self.match_ {
             None => (Vec::new(), None),
             Some(m) => {
@@ -689,6 +740,12 @@ impl RawRollout {
             }
         };
 
+        Ok((hosts, path_prefix))
+    }
+
+    /// Stable and canaries: the versions (stable first) and each canary's bucket range end and share.
+    #[inline(never)]
+    fn validate_canaries(&self, at: &str) -> Result<Split, ConfigError> {
         let mut versions = vec![version_name(&format!("{at}.stable"), &self.stable)?];
         if self.canaries.is_empty() {
             return Err(invalid(
@@ -723,9 +780,24 @@ impl RawRollout {
             ));
         }
 
+        Ok(Split {
+            versions,
+            canary_ends,
+            canary_basis_points,
+        })
+    }
+
+    /// The sticky keys and the salt (the rollout name by default).
+    #[inline(never)]
+    fn validate_sticky(
+        &self,
+        at: &str,
+        name: &str,
+        route_header: &str,
+    ) -> Result<(Vec<KeySource>, String), ConfigError> {
         let mut sticky_keys = Vec::new();
         let salt = match &self.sticky {
-            None => name.clone(),
+            None => name.to_string(),
             Some(sticky) => {
                 if sticky.keys.is_empty() {
                     return Err(invalid(
@@ -749,7 +821,7 @@ impl RawRollout {
                     sticky_keys.push(source);
                 }
                 match &sticky.salt {
-                    None => name.clone(),
+                    None => name.to_string(),
                     Some(salt) if !salt.is_empty() => salt.clone(),
                     Some(salt) => {
                         return Err(invalid(
@@ -762,6 +834,16 @@ impl RawRollout {
             }
         };
 
+        Ok((sticky_keys, salt))
+    }
+
+    /// The assigned cookie; its cookie becomes the last sticky key.
+    #[inline(never)]
+    fn validate_assign_cookie(
+        &self,
+        at: &str,
+        sticky_keys: &mut Vec<KeySource>,
+    ) -> Result<Option<AssignCookie>, ConfigError> {
         let assign_cookie = match &self.assign_cookie {
             None => None,
             Some(ac) => {
@@ -793,6 +875,16 @@ impl RawRollout {
             }
         };
 
+        Ok(assign_cookie)
+    }
+
+    #[inline(never)]
+    fn validate_rules(
+        &self,
+        at: &str,
+        route_header: &str,
+        versions: &[String],
+    ) -> Result<Vec<Rule>, ConfigError> {
         let mut rules = Vec::with_capacity(self.rules.len());
         for (i, rule) in self.rules.iter().enumerate() {
             let field = format!("{at}.rules[{i}]");
@@ -834,7 +926,7 @@ impl RawRollout {
                     ));
                 }
             }
-            let version = version_index(&format!("{field}.version"), &rule.version, &versions)?;
+            let version = version_index(&format!("{field}.version"), &rule.version, versions)?;
             rules.push(Rule {
                 source,
                 values: rule.values.clone(),
@@ -842,6 +934,15 @@ impl RawRollout {
             });
         }
 
+        Ok(rules)
+    }
+
+    #[inline(never)]
+    fn validate_override(
+        &self,
+        at: &str,
+        route_header: &str,
+    ) -> Result<Option<Override>, ConfigError> {
         let override_ = match &self.override_ {
             None => None,
             Some(o) => {
@@ -890,19 +991,7 @@ impl RawRollout {
             }
         };
 
-        Ok(Rollout {
-            name,
-            hosts,
-            path_prefix,
-            versions,
-            canary_ends,
-            canary_basis_points,
-            sticky_keys,
-            salt,
-            assign_cookie,
-            rules,
-            override_,
-        })
+        Ok(override_)
     }
 }
 
