@@ -5,11 +5,11 @@
 //! header; Envoy's route table then sends the request to the version's cluster.
 //!
 //! The crate is split so the logic is plain, host-testable Rust:
-//! - [`config`]: the JSON contract and its validation,
-//! - [`decision`]: the routing decision,
+//! - [`config`]: the JSON contract and its validation, read by [`json`] (a small reader, no serde in the .wasm),
+//! - [`decision`]: the routing decision, and [`route`]: writing it into the request, for both builds,
 //! - [`hash`]: the specified sticky hash,
 //! - `filter` (wasm32 only): the proxy-wasm glue (our own thin ABI 0.2.1 layer) that reads headers in and
-//!   writes the decision out.
+//!   writes the decision out. The native build (`native/`, an Envoy dynamic module) is the other glue.
 
 pub mod config;
 pub mod decision;
