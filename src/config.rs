@@ -44,11 +44,6 @@ fn invalid(field: impl Into<String>, value: impl Into<String>, allowed: &str) ->
     }
 }
 
-/// A string value as it appears in the JSON, quoted and escaped, so that empty or odd values are visible.
-fn quoted(value: &str) -> String {
-    quote(value)
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Step 1: the JSON contract, exactly.
 // ---------------------------------------------------------------------------------------------------------
@@ -664,7 +659,7 @@ impl RawConfig {
             if rollouts.iter().any(|r| r.name == rollout.name) {
                 return Err(invalid(
                     format!("rollouts[{index}].name"),
-                    quoted(&rollout.name),
+                    quote(&rollout.name),
                     "a name no other rollout has",
                 ));
             }
@@ -731,7 +726,7 @@ impl RawRollout {
                     Some(p) => {
                         return Err(invalid(
                             format!("{at}.match.path_prefix"),
-                            quoted(p),
+                            quote(p),
                             "a path that starts with \"/\"",
                         ))
                     }
@@ -762,7 +757,7 @@ impl RawRollout {
             if versions.contains(&version) {
                 return Err(invalid(
                     format!("{at}.canaries[{i}].version"),
-                    quoted(&version),
+                    quote(&version),
                     "a version named only once in a rollout (stable and canaries)",
                 ));
             }
@@ -826,7 +821,7 @@ impl RawRollout {
                     Some(salt) => {
                         return Err(invalid(
                             format!("{at}.sticky.salt"),
-                            quoted(salt),
+                            quote(salt),
                             "a non-empty string (leave it out to use the rollout name)",
                         ))
                     }
@@ -898,7 +893,7 @@ impl RawRollout {
                 (Some(h), Some(c)) => {
                     return Err(invalid(
                         field,
-                        format!("header {} and cookie {}", quoted(h), quoted(c)),
+                        format!("header {} and cookie {}", quote(h), quote(c)),
                         "exactly one of \"header\" or \"cookie\"",
                     ))
                 }
@@ -959,7 +954,7 @@ impl RawRollout {
                         if th == header {
                             return Err(invalid(
                                 format!("{at}.override.token_header"),
-                                quoted(&th),
+                                quote(&th),
                                 "a header other than override.header",
                             ));
                         }
@@ -975,7 +970,7 @@ impl RawRollout {
                     (Some(th), None) => {
                         return Err(invalid(
                             format!("{at}.override.token"),
-                            format!("absent while token_header is {}", quoted(th)),
+                            format!("absent while token_header is {}", quote(th)),
                             "token and token_header given together, or neither",
                         ))
                     }
@@ -1007,7 +1002,7 @@ fn rollout_name(field: &str, name: &str) -> Result<String, ConfigError> {
     } else {
         Err(invalid(
             field,
-            quoted(name),
+            quote(name),
             "1 to 128 letters, digits, '_' or '-'",
         ))
     }
@@ -1023,7 +1018,7 @@ fn version_name(field: &str, name: &str) -> Result<String, ConfigError> {
     } else {
         Err(invalid(
             field,
-            quoted(name),
+            quote(name),
             "1 to 128 visible ASCII characters (a valid header value, no spaces)",
         ))
     }
@@ -1033,7 +1028,7 @@ fn version_index(field: &str, name: &str, versions: &[String]) -> Result<usize, 
     versions.iter().position(|v| v == name).ok_or_else(|| {
         invalid(
             field,
-            quoted(name),
+            quote(name),
             &format!("one of this rollout's versions ({})", versions.join(", ")),
         )
     })
@@ -1051,7 +1046,7 @@ fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
     } else {
         Err(invalid(
             field,
-            quoted(name),
+            quote(name),
             "a header name: 1 to 128 letters, digits or !#$%&'*+-.^_`|~",
         ))
     }
@@ -1063,7 +1058,7 @@ fn request_header_name(field: &str, name: &str, route_header: &str) -> Result<St
     if name == route_header {
         return Err(invalid(
             field,
-            quoted(&name),
+            quote(&name),
             "a header other than the route header (it is removed from every request)",
         ));
     }
@@ -1076,7 +1071,7 @@ fn cookie_name(field: &str, name: &str) -> Result<String, ConfigError> {
     } else {
         Err(invalid(
             field,
-            quoted(name),
+            quote(name),
             "a cookie name: 1 to 128 letters, digits or !#$%&'*+-.^_`|~",
         ))
     }
@@ -1098,7 +1093,7 @@ fn host_pattern(field: &str, host: &str) -> Result<HostPattern, ConfigError> {
     if !ok {
         return Err(invalid(
             field,
-            quoted(host),
+            quote(host),
             "a host name without port (\"shop.example.com\") or a \"*.\" suffix (\"*.example.com\")",
         ));
     }
