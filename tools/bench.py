@@ -402,13 +402,14 @@ def print_table(chosen, all_variants, results, rss, args, extra_wasm=None):
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for v in chosen:
         cpu = m(v, 32, "cpu_us") if v != "a" else None
+        paired = added(v) if cpu is not None and "b" in chosen else None
         rss_mb = rss.get(v, 0) / 1024
         base_rss = rss.get("b", 0) / 1024
         print(f"| ({v}) {labels[v]} | {m(v, 32, 'rps'):,.0f} | {m(v, 32, 'rps') / base_rps:.2f}× | "
               f"{m(v, 32, 'p50_ms'):.2f} | {m(v, 32, 'p99_ms'):.2f} | {m(v, 1, 'rps'):,.0f} | "
               f"{m(v, 1, 'p50_ms'):.3f} | {m(v, 1, 'p99_ms'):.3f} | "
-              + (f"{cpu:.1f} | {added(v)[0]:+.1f} | {added(v)[1]:+.1f} … {added(v)[2]:+.1f} | "
-                 if cpu is not None and "b" in chosen else "– | – | – | ")
+              + (f"{cpu:.1f} | {paired[0]:+.1f} | {paired[1]:+.1f} … {paired[2]:+.1f} | "
+                 if paired is not None else "– | – | – | ")
               + (f"{rss_mb:.1f} | {rss_mb - base_rss:+.1f} |" if v in rss else "– | – |"))
     print("\n| artifact | bytes |")
     print("| --- | ---: |")
