@@ -63,11 +63,8 @@ impl RequestHeaders for NativeRequest<'_> {
     }
 
     fn replace(&mut self, name: &str, value: &[u8]) {
-        // Already exactly this value: the cached route is the right one, and clearing it would cost a
-        // route match for nothing.
-        if self.0.get(abi::REQUEST_HEADER, name) == (Some(value), 1) {
-            return;
-        }
+        // Always written, with no lookup first: clients do not normally send the route header, so
+        // checking for one that already has this value would cost every request to save a rare re-match.
         self.0.set(abi::REQUEST_HEADER, name, Some(value));
         self.0.route_changed();
     }
