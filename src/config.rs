@@ -400,8 +400,8 @@ fn read_percent(r: &mut Reader, at: &str) -> Result<f64, ConfigError> {
     let text = r
         .number("a number")
         .map_err(|message| syntax(at, message))?;
-    let value = number_value(text);
-    if value.is_finite() {
+    // A number f64 cannot hold exactly is never a valid percentage (over 100, or more than two decimals).
+    if let Some(value) = number_value(text) {
         Ok(value)
     } else {
         Err(invalid(
@@ -1358,6 +1358,24 @@ mod tests {
             parse(with_nulls.as_bytes()).unwrap(),
             parse(canary("").as_bytes()).unwrap()
         );
+    }
+
+    #[test]
+    fn percents_that_f64_cannot_hold_exactly_are_refused_as_written() {
+        // Found by the round-trip proptest: an approximated 1.25e41 was written back as a different f64.
+        for text in [
+            "1.25e41",
+            "12.500000000000000000001",
+            "1e99999999999999999999",
+        ] {
+            let json = format!(
+                r#"{{"rollouts":[{{"name":"w","stable":"v1","canaries":[{{"version":"v2","percent":{text}}}]}}]}}"#
+            );
+            assert_eq!(
+                parse_raw(json.as_bytes()).unwrap_err().to_string(),
+                format!("rollouts[0].canaries[0].percent: {text} is not allowed: a number from 0 to 100 with at most two decimals")
+            );
+        }
     }
 
     #[test]
