@@ -1367,6 +1367,7 @@ mod tests {
             "1.25e41",
             "12.500000000000000000001",
             "1e99999999999999999999",
+            "0.30000000000000004",
         ] {
             let json = format!(
                 r#"{{"rollouts":[{{"name":"w","stable":"v1","canaries":[{{"version":"v2","percent":{text}}}]}}]}}"#
