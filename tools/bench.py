@@ -37,6 +37,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ecds  # noqa: E402
 import lab  # noqa: E402
 
 NOOP_WASM = os.path.join(lab.ROOT, "bench", "noop-filter", "target", "wasm32-wasip1", "release", "noop_filter.wasm")
@@ -46,37 +47,17 @@ USERS = 1000
 
 
 def wasm_filter(name: str, wasm: str, config: str) -> str:
+    """The .wasm filter as tools/ecds.py builds it for ECDS (JSON is YAML), under its own name and VM."""
     return f'''
           - name: {name}
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: {name}
-                root_id: {name}
-                failure_policy: FAIL_RELOAD
-                vm_config:
-                  vm_id: {name}
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{ local: {{ filename: {wasm} }} }}
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {json.dumps(config)}'''
+            typed_config: {json.dumps(ecds.wasm_filter(config, wasm, name))}'''
 
 
 def native_filter(name: str, module: str, config: str) -> str:
-    """The native build, as in envoy/envoy-native.yaml."""
+    """The native build as tools/ecds.py builds it for ECDS, as module `name`."""
     return f'''
           - name: {name}
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
-              dynamic_module_config:
-                name: {name}
-                metrics_namespace: canary_router_native
-                module: {{ local: {{ filename: {module} }} }}
-              filter_name: canary-router
-              filter_config:
-                "@type": type.googleapis.com/google.protobuf.StringValue
-                value: {json.dumps(config)}'''
+            typed_config: {json.dumps(ecds.native_filter(config, module, name))}'''
 
 
 def lua_filter() -> str:

@@ -30,16 +30,17 @@ WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 NATIVE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
 
 
-def wasm_filter(plugin_config: str, wasm_path: str = DEFAULT_WASM) -> dict:
-    """The Wasm HTTP filter config, as in envoy/envoy-inline.yaml, carrying `plugin_config` (JSON text)."""
+def wasm_filter(plugin_config: str, wasm_path: str = DEFAULT_WASM, name: str = FILTER_NAME) -> dict:
+    """The Wasm HTTP filter config, as in envoy/envoy-inline.yaml, carrying `plugin_config` (JSON text).
+    `name` is also the root and VM id: another name gets its own VM (the benchmark runs builds side by side)."""
     return {
         "@type": WASM_TYPE,
         "config": {
-            "name": FILTER_NAME,
-            "root_id": FILTER_NAME,
+            "name": name,
+            "root_id": name,
             "failure_policy": "FAIL_RELOAD",
             "vm_config": {
-                "vm_id": FILTER_NAME,
+                "vm_id": name,
                 "runtime": "envoy.wasm.runtime.v8",
                 "code": {"local": {"filename": wasm_path}},
             },
@@ -51,12 +52,13 @@ def wasm_filter(plugin_config: str, wasm_path: str = DEFAULT_WASM) -> dict:
     }
 
 
-def native_filter(plugin_config: str, module_path: str) -> dict:
-    """The native build's filter config, as in envoy/envoy-native.yaml, carrying `plugin_config`."""
+def native_filter(plugin_config: str, module_path: str, name: str = "canary_router_native") -> dict:
+    """The native build's filter config, as in envoy/envoy-native.yaml, carrying `plugin_config`. `name` is the
+    module's name."""
     return {
         "@type": NATIVE_TYPE,
         "dynamic_module_config": {
-            "name": "canary_router_native",
+            "name": name,
             "metrics_namespace": "canary_router_native",
             "module": {"local": {"filename": module_path}},
         },
