@@ -58,8 +58,8 @@ pub fn route(
     }
 }
 
-/// Before any configuration is accepted: no decision, and the default route header a client may have sent
-/// is removed, so the request goes to the default (stable) route.
+/// No decision (no configuration accepted yet, or a caught failure in the native build): the default route
+/// header a client may have sent is removed, so the request goes to the default (stable) route.
 pub fn route_unconfigured(headers: &mut impl RequestHeaders) {
     headers.remove(DEFAULT_ROUTE_HEADER);
 }

@@ -21,10 +21,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use abi::{ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, Stream, CONTINUE};
-use canary_router::config::{self, Config, DEFAULT_ROUTE_HEADER};
+use canary_router::config::{self, Config};
 use canary_router::decision::Request;
 use canary_router::metrics;
-use canary_router::route::{route, RequestHeaders};
+use canary_router::route::{route, route_unconfigured, RequestHeaders};
 
 /// A configuration Envoy accepted, shared by every stream created from it.
 struct Loaded {
@@ -225,7 +225,7 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         guard((), || {
             // SAFETY: as above.
             let mut stream = unsafe { Stream::new(filter_envoy) };
-            NativeRequest(&mut stream).remove(DEFAULT_ROUTE_HEADER);
+            route_unconfigured(&mut NativeRequest(&mut stream));
             stream.finish();
         });
     }
