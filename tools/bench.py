@@ -5,7 +5,9 @@
     .venv/bin/python tools/bench.py --rounds 7 --seconds 5
 
 One Envoy (one worker, pinned to CPU 1) has one listener per variant; nginx (the upstreams) and wrk (the
-load) share CPU 0. Variants run alternately (a b c … a b c …) for several rounds; the table shows medians:
+load) share CPU 0. Each round runs every variant once, in a new random order; the rounds are spread over
+several Envoy starts (--envoys), each laying the listeners out in a new order, because where a filter's VM
+lands moves its cost for a whole start. The table shows medians:
 - (a) client → nginx directly (no Envoy)
 - (b) Envoy with the same routes and no filter: the limit
 - (c) Envoy's native weighted_clusters with a hash policy on the user header: no code
@@ -13,11 +15,14 @@ load) share CPU 0. Variants run alternately (a b c … a b c …) for several ro
 - (e) a stock-SDK proxy-wasm filter that only sets one header: the floor of any proxy-wasm filter
 - (f) canary-router with the shipped config (a rule, header + cookie sticky keys, an assigned cookie)
 - (g) the native build (Envoy dynamic module) with the same config
-More builds of ours are added with --extra / --probe (a path ending in .so is a native module build).
+More builds of ours are added with --extra / --probe (a path ending in .so is a native module build; see
+tools/bench_probes.py for the cost-breakdown builds), and --copies N puts each filter N times in its chain
+to magnify what a filter costs by itself over the noise.
 
 Before measuring, every variant that decides must route a sample of users exactly as the spec says.
 Per variant: requests/s and p50/p99 latency at saturation (32 keep-alive connections) and at 1
-connection; Envoy CPU µs per request (from /proc, utime+stime over requests: the steadiest figure);
+connection; Envoy CPU µs per request (all its threads' run time from /proc/<pid>/task/*/schedstat, over the
+requests served at 32 connections: the steadiest figure);
 ratios against (b). Then RSS per variant (an Envoy with that listener alone) and artifact sizes.
 """
 
@@ -42,7 +47,6 @@ import lab  # noqa: E402
 
 NOOP_WASM = os.path.join(lab.ROOT, "bench", "noop-filter", "target", "wasm32-wasip1", "release", "noop_filter.wasm")
 LUA = os.path.join(lab.ROOT, "bench", "canary.lua")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 USERS = 1000
 
 
@@ -60,11 +64,11 @@ def native_filter(name: str, module: str, config: str) -> str:
             typed_config: {json.dumps(ecds.native_filter(config, module, name))}'''
 
 
-def lua_filter() -> str:
+def lua_filter(name: str = "envoy.filters.http.lua") -> str:
     with open(LUA) as f:
         code = f.read()
     return f'''
-          - name: envoy.filters.http.lua
+          - name: {name}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
               default_source_code: {{ inline_string: {json.dumps(code)} }}'''
@@ -95,22 +99,28 @@ WEIGHTED_ROUTES = '''
 
 
 def variants() -> dict[str, dict]:
-    """name -> {label, filters (YAML), routes (YAML), decides (checked against the spec)}."""
+    """name -> {label, filter (copy number -> YAML of one filter, None: no filter), routes (YAML), decides
+    (checked against the spec)}. Copy k > 0 of a wasm filter gets its own name and VM."""
+    config = lab.shipped_plugin_config()
     return {
-        "b": {"label": "Envoy, no filter", "filters": "", "routes": HEADER_ROUTES, "decides": False},
-        "c": {"label": "native weighted_clusters", "filters": "", "routes": WEIGHTED_ROUTES, "decides": False},
-        "d": {"label": "Lua, same decision", "filters": lua_filter(), "routes": HEADER_ROUTES, "decides": True},
-        "e": {"label": "stock-SDK wasm, sets 1 header", "filters": wasm_filter("noop", NOOP_WASM, "{}"),
+        "b": {"label": "Envoy, no filter", "filter": None, "routes": HEADER_ROUTES, "decides": False},
+        "c": {"label": "native weighted_clusters", "filter": None, "routes": WEIGHTED_ROUTES, "decides": False},
+        "d": {"label": "Lua, same decision", "filter": lambda k: lua_filter(f"lua-{k}"),
+              "routes": HEADER_ROUTES, "decides": True},
+        "e": {"label": "stock-SDK wasm, sets 1 header", "filter": lambda k: wasm_filter(f"noop-{k}", NOOP_WASM, "{}"),
               "routes": HEADER_ROUTES, "decides": False},
-        "f": {"label": "canary-router wasm", "filters": wasm_filter("canary-router", lab.WASM, lab.shipped_plugin_config()),
+        "f": {"label": "canary-router wasm",
+              "filter": lambda k: wasm_filter(f"canary-router-{k}", lab.WASM, config),
               "routes": HEADER_ROUTES, "decides": True},
         "g": {"label": "canary-router native module",
-              "filters": native_filter("canary_router_native", lab.NATIVE, lab.shipped_plugin_config()),
+              "filter": lambda k: native_filter("canary_router_native", lab.NATIVE, config),
               "routes": HEADER_ROUTES, "decides": True},
     }
 
 
-def listener(name: str, port: int, variant: dict) -> str:
+def listener(name: str, port: int, variant: dict, copies: int = 1) -> str:
+    """A listener for one variant, its filter `copies` times in a row (see --copies)."""
+    filters = "".join(variant["filter"](k) for k in range(copies)) if variant["filter"] else ""
     return f'''
   - name: {name}
     address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
@@ -124,18 +134,19 @@ def listener(name: str, port: int, variant: dict) -> str:
             virtual_hosts:
             - name: app
               domains: ["*"]{variant["routes"]}
-          http_filters:{variant["filters"]}
+          http_filters:{filters}
           - name: envoy.filters.http.router
             typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}'''
 
 
-def bootstrap(admin_port: int, listeners: dict[str, int], upstreams: dict[str, int], chosen: dict[str, dict]) -> str:
+def bootstrap(admin_port: int, listeners: dict[str, int], upstreams: dict[str, int], chosen: dict[str, dict],
+              copies: int = 1) -> str:
     parts = [f'''admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
 static_resources:
   listeners:''']
     for name, port in listeners.items():
-        parts.append(listener(name, port, chosen[name]))
+        parts.append(listener(name, port, chosen[name], copies))
     parts.append("\n  clusters:")
     for version, port in upstreams.items():
         parts.append(f'''
@@ -188,10 +199,16 @@ end
 '''
 
 
-def cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
+def cpu_ns(pid: int) -> int:
+    """CPU time of all of the process's threads, in ns (schedstat: finer than utime+stime's 10 ms ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that just exited
+    return total
 
 
 def rss_kb(pid: int) -> int:
@@ -237,6 +254,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2, help="per run at 32 connections")
     parser.add_argument("--seconds-1conn", type=float, default=1, help="per run at 1 connection (0: skip)")
     parser.add_argument("--variants", default="a,b,c,d,e,f,g")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="each filter N times in its chain; 'added' is then per copy. Magnifies a filter's own "
+                             "cost over the noise (the route re-match, once per request, is then shared)")
+    parser.add_argument("--envoys", type=int, default=10,
+                        help="spread the rounds over this many Envoy starts, each with its listeners in a new order")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--rss-workers", metavar="N,N,...",
                         help="only measure RSS at startup (no load), for each variant with each worker count")
@@ -246,6 +268,8 @@ def main() -> int:
                         help="a probe build on a listener whose route takes the cluster from x-version")
     parser.add_argument("--probe", action="append", default=[], metavar="NAME=PATH",
                         help="like --extra, for cost-breakdown builds that do not decide (no routing check)")
+    parser.add_argument("--with-config", action="append", default=[], metavar="NAME=CONFIG.json",
+                        help="today's .wasm with another plugin config, as a variant that is not checked")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
@@ -265,8 +289,18 @@ def main() -> int:
         extra_wasm[name] = path
         make = native_filter if path.endswith(".so") else wasm_filter
         all_variants[name] = {"label": f"canary-router build {os.path.basename(path)}",
-                              "filters": make(f"canary-router-{name}", path, lab.shipped_plugin_config()),
+                              "filter": lambda k, make=make, name=name, path=path:
+                                  make(f"canary-router-{name}-{k}", path, lab.shipped_plugin_config()),
                               "routes": routes, "decides": decides}
+    for extra in args.with_config:
+        name, path = extra.split("=", 1)
+        with open(path) as f:
+            other_config = f.read()
+        extra_wasm[name] = lab.WASM
+        all_variants[name] = {"label": f"canary-router wasm with {os.path.basename(path)}",
+                              "filter": lambda k, name=name, config=other_config:
+                                  wasm_filter(f"canary-router-{name}-{k}", lab.WASM, config),
+                              "routes": HEADER_ROUTES, "decides": False}
     chosen = [v for v in args.variants.split(",")] + list(extra_wasm)
     envoy_variants = {v: all_variants[v] for v in chosen if v != "a"}
     upstreams = {"v1": lab.free_port(), "v2": lab.free_port()}
@@ -278,39 +312,47 @@ def main() -> int:
     nginx = lab.ManagedProcess("nginx", os.path.join(workdir, "nginx.log"))
     nginx._spawn(["taskset", "-c", "0", "nginx", "-c", os.path.join(workdir, "nginx.conf"), "-p", workdir])
     ports = {v: lab.free_port() for v in envoy_variants}
-    admin_port = lab.free_port()
-    envoy = lab.EnvoyProcess("envoy", bootstrap(admin_port, ports, upstreams, envoy_variants), workdir,
-                             admin_port=admin_port, workers=1, cpus="1")
-    envoy.start()
     results: dict[str, dict[int, list[dict]]] = {v: {32: [], 1: []} for v in chosen}
-    try:
-        envoy.wait_ready(60)
-        time.sleep(0.3)
-        for v, spec in envoy_variants.items():
-            if spec["decides"]:
-                check_routing(ports[v], v)
-        print(f"routing checked; {args.rounds} rounds of {','.join(chosen)} "
-              f"({args.seconds:g} s at 32 connections, {args.seconds_1conn:g} s at 1)", file=sys.stderr)
-        for v in chosen:  # warm-up
-            run_wrk(upstreams["v1"] if v == "a" else ports[v], 32, 1, script)
-        for r in range(args.rounds):
-            # A new order each round, so that no variant always runs right after the same one.
-            order = random.Random(r).sample(chosen, len(chosen))
-            for connections, seconds in ((32, args.seconds), (1, args.seconds_1conn)):
-                if seconds <= 0:
-                    continue
-                for v in order:
-                    port = upstreams["v1"] if v == "a" else ports[v]
-                    before = cpu_ticks(envoy.process.pid)
-                    result = run_wrk(port, connections, seconds, script)
-                    ticks = cpu_ticks(envoy.process.pid) - before
-                    result["cpu_us"] = ticks / CLK_TCK * 1e6 / max(result["requests"], 1) if v != "a" else None
-                    results[v][connections].append(result)
-                    if result["non2xx"] or result["socket_errors"]:
-                        raise RuntimeError(f"variant {v}: {result['non2xx']} non-2xx, socket errors {result['socket_errors']}")
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    finally:
-        envoy.stop()
+    print(f"{args.rounds} rounds of {','.join(chosen)} over {args.envoys} Envoy start(s) "
+          f"({args.seconds:g} s at 32 connections, {args.seconds_1conn:g} s at 1)", file=sys.stderr)
+    done = 0
+    for start in range(args.envoys):
+        # Each start lays the listeners (and their VMs) out in a new order: where a filter's code and memory
+        # land moves its cost by µs, the same in every round of one start.
+        layout = random.Random(1000 + start).sample(list(envoy_variants), len(envoy_variants))
+        rounds = args.rounds * (start + 1) // args.envoys - done
+        admin_port = lab.free_port()
+        envoy = lab.EnvoyProcess(f"envoy-{start}", bootstrap(admin_port, {v: ports[v] for v in layout}, upstreams,
+                                                              envoy_variants, args.copies),
+                                 workdir, admin_port=admin_port, workers=1, cpus="1")
+        envoy.start()
+        try:
+            envoy.wait_ready(60)
+            for v, spec in envoy_variants.items():
+                if spec["decides"]:
+                    check_routing(ports[v], v)
+            for v in chosen:  # warm-up
+                run_wrk(upstreams["v1"] if v == "a" else ports[v], 32, 1, script)
+            for r in range(done, done + rounds):
+                # A new order each round, so that no variant always runs right after the same one.
+                order = random.Random(r).sample(chosen, len(chosen))
+                for connections, seconds in ((32, args.seconds), (1, args.seconds_1conn)):
+                    if seconds <= 0:
+                        continue
+                    for v in order:
+                        port = upstreams["v1"] if v == "a" else ports[v]
+                        before = cpu_ns(envoy.process.pid)
+                        result = run_wrk(port, connections, seconds, script)
+                        used_ns = cpu_ns(envoy.process.pid) - before
+                        result["cpu_us"] = used_ns / 1e3 / max(result["requests"], 1) if v != "a" else None
+                        results[v][connections].append(result)
+                        if result["non2xx"] or result["socket_errors"]:
+                            raise RuntimeError(f"variant {v}: {result['non2xx']} non-2xx, "
+                                               f"socket errors {result['socket_errors']}")
+                print(f"round {r + 1}/{args.rounds} done (Envoy start {start + 1})", file=sys.stderr)
+        finally:
+            envoy.stop()
+        done += rounds
     rss = {} if args.skip_rss else measure_rss(workdir, envoy_variants, upstreams, script)
     nginx.stop()
     print_table(chosen, all_variants, results, rss, args, extra_wasm)
@@ -371,13 +413,16 @@ def print_table(chosen, all_variants, results, rss, args, extra_wasm=None):
     def added(v):
         """Median and spread over rounds of (CPU of v − CPU of b) in the same round: slow drifts of the
         machine cancel out of each difference."""
-        diffs = sorted(r["cpu_us"] - b["cpu_us"] for r, b in zip(results[v][32], results["b"][32]))
+        diffs = sorted((r["cpu_us"] - b["cpu_us"]) / args.copies for r, b in zip(results[v][32], results["b"][32]))
         q = statistics.quantiles(diffs, n=4) if len(diffs) >= 2 else [diffs[0]] * 3
         return median(diffs), q[0], q[2]
     labels = {"a": "direct to nginx (no Envoy)"} | {k: v["label"] for k, v in all_variants.items()}
-    print(f"\nMedians of {args.rounds} rounds (a new variant order each round); \"added\" is the median of the "
+    print(f"\nMedians of {args.rounds} rounds over {args.envoys} Envoy start(s) (a new variant order each round, a "
+          f"new listener layout each start); \"added\" is the median of the "
           f"per-round differences to (b); 32 connections for {args.seconds:g} s, "
-          f"1 connection for {args.seconds_1conn:g} s; Envoy: 1 worker on CPU 1.\n")
+          f"1 connection for {args.seconds_1conn:g} s; Envoy: 1 worker on CPU 1."
+          + (f" Each filter is {args.copies} times in its chain: \"added\" is per copy, the rest per request."
+             if args.copies > 1 else "") + "\n")
     print("| variant | req/s (32 conns) | vs (b) | p50 ms | p99 ms | req/s (1 conn) | p50 ms | p99 ms "
           "| Envoy CPU µs/req | added vs (b), paired | middle half of rounds | RSS MB | added |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -386,9 +431,10 @@ def print_table(chosen, all_variants, results, rss, args, extra_wasm=None):
         paired = added(v) if cpu is not None and "b" in chosen else None
         rss_mb = rss.get(v, 0) / 1024
         base_rss = rss.get("b", 0) / 1024
+        one_conn = (f"{m(v, 1, 'rps'):,.0f} | {m(v, 1, 'p50_ms'):.3f} | {m(v, 1, 'p99_ms'):.3f}"
+                    if results[v][1] else "– | – | –")
         print(f"| ({v}) {labels[v]} | {m(v, 32, 'rps'):,.0f} | {m(v, 32, 'rps') / base_rps:.2f}× | "
-              f"{m(v, 32, 'p50_ms'):.2f} | {m(v, 32, 'p99_ms'):.2f} | {m(v, 1, 'rps'):,.0f} | "
-              f"{m(v, 1, 'p50_ms'):.3f} | {m(v, 1, 'p99_ms'):.3f} | "
+              f"{m(v, 32, 'p50_ms'):.2f} | {m(v, 32, 'p99_ms'):.2f} | {one_conn} | "
               + (f"{cpu:.1f} | {paired[0]:+.1f} | {paired[1]:+.1f} … {paired[2]:+.1f} | "
                  if paired is not None else "– | – | – | ")
               + (f"{rss_mb:.1f} | {rss_mb - base_rss:+.1f} |" if v in rss else "– | – |"))
