@@ -105,7 +105,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.list or not args.probes:
         for name, (what, _) in PROBES.items():
-            print(f"{name:10} {what}")
+            print(f"{name:15} {what}")
         return 0
     unknown = [p for p in args.probes if p not in PROBES]
     if unknown:
