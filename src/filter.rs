@@ -284,7 +284,11 @@ impl Request for HostRequest {
 
 impl RequestHeaders for HostRequest {
     fn remove(&mut self, name: &str) {
-        remove_header(REQUEST_HEADERS, name);
+        // At ABI 0.2.1 every removal drops Envoy's cached route, even of a header the request does not
+        // carry; so only a header that is there is removed (the lookup is in the headers already read).
+        if self.header(name).is_some() {
+            remove_header(REQUEST_HEADERS, name);
+        }
     }
 
     fn replace(&mut self, name: &str, value: &[u8]) {
