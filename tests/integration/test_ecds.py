@@ -58,6 +58,30 @@ def test_percentage_changes_apply_live_with_zero_failed_requests(start_envoy):
     assert envoy.stat("http.ingress.downstream_cx_destroy_remote_active_rq") == 0
 
 
+def counted(envoy, version: str) -> int:
+    """Requests counted as sticky for `version` of rollout web, whichever build counted them."""
+    suffix = f"canary_router_requests.rollout.web.version.{version}.reason.sticky"
+    return sum(value for name, value in envoy.stats().items() if name.endswith(suffix))
+
+
+def test_every_request_is_counted_once_across_a_config_change(start_envoy):
+    # Dashboards compare versions by these counters across percentage changes: each request is counted
+    # once, under the config that decided it, whichever config is live when the counters are read.
+    envoy = start_envoy("envoy-ecds.yaml", plugin_config=config(0))
+    conn = envoy.connection()
+    for i in range(40):
+        assert envoy.get("/", {"x-user-id": f"count-{i}"}, conn=conn).served_by == "v1"
+    conn.close()
+    publish_and_wait(envoy, config(100))
+    conn = envoy.connection()
+    for i in range(60):
+        assert envoy.get("/", {"x-user-id": f"count-{i}"}, conn=conn).served_by == "v2"
+    deadline = time.monotonic() + 5
+    while (counts := (counted(envoy, "v1"), counted(envoy, "v2"))) != (40, 60):
+        assert time.monotonic() < deadline, f"counted (v1, v2) = {counts}, sent (40, 60)"
+        time.sleep(0.05)
+
+
 def test_a_refused_config_changes_nothing_and_the_next_good_one_applies(start_envoy):
     envoy = start_envoy("envoy-ecds.yaml", plugin_config=config(100))
     assert served_share(envoy) == 100
