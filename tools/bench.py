@@ -100,7 +100,7 @@ WEIGHTED_ROUTES = '''
 
 def variants() -> dict[str, dict]:
     """name -> {label, filter (copy number -> YAML of one filter, None: no filter), routes (YAML), decides
-    (checked against the spec)}. Copy k > 0 of a wasm filter gets its own name and VM."""
+    (checked against the spec)}. Each copy of a wasm filter gets its own name and VM."""
     config = lab.shipped_plugin_config()
     return {
         "b": {"label": "Envoy, no filter", "filter": None, "routes": HEADER_ROUTES, "decides": False},
@@ -271,6 +271,7 @@ def main() -> int:
     parser.add_argument("--with-config", action="append", default=[], metavar="NAME=CONFIG.json",
                         help="today's .wasm with another plugin config, as a variant that is not checked")
     args = parser.parse_args()
+    args.envoys = max(1, min(args.envoys, args.rounds))  # no start without a round
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
             print(f"{tool} is missing: `make bench` installs wrk and nginx-light", file=sys.stderr)
