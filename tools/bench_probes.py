@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Cost-breakdown builds of the .wasm: each is today's committed `src/filter.rs` with one small edit that
-skips part of the work, built in a scratch git worktree. `tools/bench.py --probe NAME=PATH` then measures them
+"""Cost-breakdown builds of the .wasm and of the native module: each is the committed `src/filter.rs` (or
+`native/src/lib.rs`) with one small edit that skips part of the work, built in a scratch git worktree. `tools/bench.py --probe NAME=PATH` then measures them
 beside the real filter (see BENCHMARKS.md, "What each part of the .wasm costs"). None of them is shipped.
 
     .venv/bin/python tools/bench_probes.py --out /tmp/probes floor write read readwrite
+    .venv/bin/python tools/bench_probes.py --out /tmp/probes native-floor native-write   # .so probes
     .venv/bin/python tools/bench_probes.py --list
 
 An edit that no longer applies (the source changed) stops the build with the text it looked for.
@@ -73,13 +74,27 @@ def unexport(function: str):
                              f'#[allow(dead_code)]\npub extern "C" fn {function}')
 
 
+NATIVE_TOP = ") -> u32 {\n    let decided = guard(false, || {"
+
+
+def native_at_top(work: str):
+    """Do `work` first in the native request-headers hook, then return: the rest is skipped."""
+    return lambda s: replace(s, NATIVE_TOP, ") -> u32 {\n    if true { " + work + " return CONTINUE; }\n"
+                                            "    let decided = guard(false, || {")
+
+
+# SAFETY (in the probe): Envoy's pointer for this hook, as in the real hook.
+NATIVE_WRITE = ("let mut stream = unsafe { Stream::new(filter_envoy) }; "
+                "stream.set(abi::REQUEST_HEADER, \"x-version\", Some(b\"v1\")); stream.route_changed(); stream.finish();")
+
+
 def one_by_one(s: str) -> str:
     s = replace(s, "struct HostRequest {\n    pairs: Option<Vec<u8>>,\n}", "struct HostRequest {\n    values: Vec<Vec<u8>>,\n}")
     start, end = s.index("impl Request for HostRequest {"), s.index("impl RequestHeaders for HostRequest")
     return s[:start] + ONE_BY_ONE + s[end:]
 
 
-PROBES = {
+WASM_PROBES = {
     "floor": ("returns at once: Envoy's per-stream wasm context and the exported callbacks only", at_top("")),
     "write": ("only writes x-version: v1 (and so clears the route cache)", at_top(WRITE)),
     "read": ("only reads the request headers (one proxy_get_header_map_pairs) and looks up x-user-id", at_top(READ)),
@@ -95,6 +110,12 @@ PROBES = {
              lambda s: unexport("proxy_on_context_create")(unexport("proxy_on_response_headers")(s))),
     "values": ("the whole filter, reading headers one by one (proxy_get_header_map_value)", one_by_one),
 }
+NATIVE_PROBES = {
+    "native-floor": ("native: returns at once (Envoy's per-stream filter object and the hook calls only)",
+                     native_at_top("")),
+    "native-write": ("native: only sets x-version: v1 and clears the route cache", native_at_top(NATIVE_WRITE)),
+}
+PROBES = WASM_PROBES | NATIVE_PROBES
 
 
 def main() -> int:
@@ -116,17 +137,26 @@ def main() -> int:
     worktree = os.path.join(scratch, "wt")
     subprocess.run(["git", "-C", ROOT, "worktree", "add", "--quiet", "--detach", worktree, "HEAD"], check=True)
     try:
-        filter_rs = os.path.join(worktree, "src", "filter.rs")
-        with open(filter_rs) as f:
-            original = f.read()
-        env = dict(os.environ, CARGO_TARGET_DIR=os.path.join(ROOT, "target", "probes"))
+        target = os.path.join(ROOT, "target", "probes")
+        env = dict(os.environ, CARGO_TARGET_DIR=target)
         for name in args.probes:
-            with open(filter_rs, "w") as f:
+            native = name in NATIVE_PROBES
+            source = os.path.join(worktree, "native", "src", "lib.rs") if native else os.path.join(worktree, "src", "filter.rs")
+            with open(source) as f:
+                original = f.read()
+            with open(source, "w") as f:
                 f.write(PROBES[name][1](original))
-            subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "-p", "canary-router"],
-                           cwd=worktree, env=env, check=True)
-            out = os.path.join(args.out, f"{name}.wasm")
-            shutil.copyfile(os.path.join(env["CARGO_TARGET_DIR"], "wasm32-wasip1", "release", "canary_router.wasm"), out)
+            if native:
+                build = ["cargo", "build", "--quiet", "--profile", "native", "-p", "canary-router-native"]
+                built, out = os.path.join(target, "native", "libcanary_router_native.so"), f"{name}.so"
+            else:
+                build = ["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "-p", "canary-router"]
+                built, out = os.path.join(target, "wasm32-wasip1", "release", "canary_router.wasm"), f"{name}.wasm"
+            subprocess.run(build, cwd=worktree, env=env, check=True)
+            with open(source, "w") as f:
+                f.write(original)
+            out = os.path.join(args.out, out)
+            shutil.copyfile(built, out)
             print(f"--probe {name}={out}")
     finally:
         subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", worktree], check=False)
