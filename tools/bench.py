@@ -29,6 +29,7 @@ ratios against (b). Then RSS per variant (an Envoy with that listener alone) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -161,6 +162,21 @@ static_resources:
     return "".join(parts) + "\n"
 
 
+@contextlib.contextmanager
+def running_envoy(name: str, workdir: str, listeners: dict[str, int], upstreams: dict[str, int],
+                  chosen: dict[str, dict], workers: int = 1, cpus: str | None = None, copies: int = 1):
+    """An Envoy with one listener per variant (bootstrap), ready; stopped when the block ends."""
+    admin_port = lab.free_port()
+    envoy = lab.EnvoyProcess(name, bootstrap(admin_port, listeners, upstreams, chosen, copies), workdir,
+                             admin_port=admin_port, workers=workers, cpus=cpus)
+    envoy.start()
+    try:
+        envoy.wait_ready(60)
+        yield envoy
+    finally:
+        envoy.stop()
+
+
 def nginx_conf(workdir: str, upstreams: dict[str, int]) -> str:
     servers = "".join(f'''
     server {{
@@ -283,25 +299,26 @@ def main() -> int:
         f.write(WRK_SCRIPT)
     all_variants = variants()
     extra_wasm = {}
-    extras = [(e, True, HEADER_ROUTES) for e in args.extra] + [(p, False, HEADER_ROUTES) for p in args.probe]
-    extras += [(p, False, CLUSTER_HEADER_ROUTES) for p in args.cluster_header_probe]
-    for extra, decides, routes in extras:  # a .so path is a native module build, anything else a .wasm
-        name, path = extra.split("=", 1)
+    # Builds of ours as more variants: (name, artifact, label, plugin config, checked against the spec, routes).
+    shipped = lab.shipped_plugin_config()
+    extras = []
+    for options, decides, routes in ((args.extra, True, HEADER_ROUTES), (args.probe, False, HEADER_ROUTES),
+                                     (args.cluster_header_probe, False, CLUSTER_HEADER_ROUTES)):
+        for option in options:
+            name, path = option.split("=", 1)
+            extras.append((name, path, f"canary-router build {os.path.basename(path)}", shipped, decides, routes))
+    for option in args.with_config:
+        name, path = option.split("=", 1)
+        with open(path) as f:
+            extras.append((name, lab.WASM, f"canary-router wasm with {os.path.basename(path)}", f.read(), False,
+                           HEADER_ROUTES))
+    for name, path, label, config, decides, routes in extras:  # a .so path is a native module build, else a .wasm
         extra_wasm[name] = path
         make = native_filter if path.endswith(".so") else wasm_filter
-        all_variants[name] = {"label": f"canary-router build {os.path.basename(path)}",
-                              "filter": lambda k, make=make, name=name, path=path:
-                                  make(f"canary-router-{name}-{k}", path, lab.shipped_plugin_config()),
+        all_variants[name] = {"label": label,
+                              "filter": lambda k, make=make, name=name, path=path, config=config:
+                                  make(f"canary-router-{name}-{k}", path, config),
                               "routes": routes, "decides": decides}
-    for extra in args.with_config:
-        name, path = extra.split("=", 1)
-        with open(path) as f:
-            other_config = f.read()
-        extra_wasm[name] = lab.WASM
-        all_variants[name] = {"label": f"canary-router wasm with {os.path.basename(path)}",
-                              "filter": lambda k, name=name, config=other_config:
-                                  wasm_filter(f"canary-router-{name}-{k}", lab.WASM, config),
-                              "routes": HEADER_ROUTES, "decides": False}
     chosen = [v for v in args.variants.split(",")] + list(extra_wasm)
     envoy_variants = {v: all_variants[v] for v in chosen if v != "a"}
     upstreams = {"v1": lab.free_port(), "v2": lab.free_port()}
@@ -322,13 +339,8 @@ def main() -> int:
         # land moves its cost by µs, the same in every round of one start.
         layout = random.Random(1000 + start).sample(list(envoy_variants), len(envoy_variants))
         rounds = args.rounds * (start + 1) // args.envoys - done
-        admin_port = lab.free_port()
-        envoy = lab.EnvoyProcess(f"envoy-{start}", bootstrap(admin_port, {v: ports[v] for v in layout}, upstreams,
-                                                              envoy_variants, args.copies),
-                                 workdir, admin_port=admin_port, workers=1, cpus="1")
-        envoy.start()
-        try:
-            envoy.wait_ready(60)
+        with running_envoy(f"envoy-{start}", workdir, {v: ports[v] for v in layout}, upstreams, envoy_variants,
+                           cpus="1", copies=args.copies) as envoy:
             for v, spec in envoy_variants.items():
                 if spec["decides"]:
                     check_routing(ports[v], v)
@@ -351,8 +363,6 @@ def main() -> int:
                             raise RuntimeError(f"variant {v}: {result['non2xx']} non-2xx, "
                                                f"socket errors {result['socket_errors']}")
                 print(f"round {r + 1}/{args.rounds} done (Envoy start {start + 1})", file=sys.stderr)
-        finally:
-            envoy.stop()
         done += rounds
     rss = {} if args.skip_rss else measure_rss(workdir, envoy_variants, upstreams, script)
     nginx.stop()
@@ -364,16 +374,10 @@ def measure_rss(workdir: str, envoy_variants: dict, upstreams: dict, script: str
     """RSS of an Envoy (one worker) with one variant's listener alone, after 2 s of load."""
     rss = {}
     for v, spec in envoy_variants.items():
-        port, admin_port = lab.free_port(), lab.free_port()
-        envoy = lab.EnvoyProcess(f"rss-{v}", bootstrap(admin_port, {v: port}, upstreams, {v: spec}), workdir,
-                                 admin_port=admin_port, workers=1, cpus="1")
-        envoy.start()
-        try:
-            envoy.wait_ready(60)
+        port = lab.free_port()
+        with running_envoy(f"rss-{v}", workdir, {v: port}, upstreams, {v: spec}, cpus="1") as envoy:
             run_wrk(port, 32, 2, script)
             rss[v] = rss_kb(envoy.process.pid)
-        finally:
-            envoy.stop()
     return rss
 
 
@@ -383,15 +387,9 @@ def rss_by_workers(workdir: str, envoy_variants: dict, upstreams: dict, workers:
     rss = {}
     for n in workers:
         for v, spec in envoy_variants.items():
-            port, admin_port = lab.free_port(), lab.free_port()
-            envoy = lab.EnvoyProcess(f"rss-{v}-{n}", bootstrap(admin_port, {v: port}, upstreams, {v: spec}), workdir,
-                                     admin_port=admin_port, workers=n)
-            envoy.start()
-            try:
-                envoy.wait_ready(60)
+            with running_envoy(f"rss-{v}-{n}", workdir, {v: lab.free_port()}, upstreams, {v: spec},
+                               workers=n) as envoy:
                 rss[v, n] = rss_kb(envoy.process.pid) / 1024
-            finally:
-                envoy.stop()
     print("\nRSS MB right after startup, no load; added vs (b) with the same number of workers.\n")
     print("| variant | " + " | ".join(f"{n} worker{'s' if n > 1 else ''}" for n in workers) + " |")
     print("| --- |" + " ---: |" * len(workers))
