@@ -58,14 +58,15 @@ mod by_value {
 
 def replace(source: str, old: str, new: str) -> str:
     if old not in source:
-        raise SystemExit(f"bench_probes: src/filter.rs no longer contains:\n{old}")
+        raise SystemExit(f"bench_probes: the probed source no longer contains:\n{old}")
     return source.replace(old, new)
 
 
-def at_top(work: str):
-    """Do `work` first in proxy_on_request_headers, then return: the rest of the filter is skipped."""
-    return lambda s: replace(s, REQUEST_HEADERS_TOP,
-                             ") -> u32 {\n    if true { " + work + " return ACTION_CONTINUE; }\n    let active = STATE")
+def at_top(work: str, top: str = REQUEST_HEADERS_TOP, status: str = "ACTION_CONTINUE"):
+    """Do `work` first in the request-headers hook whose body opens with `top` (the .wasm's by default), then
+    return `status`: the rest of the filter is skipped."""
+    opening, rest = top.split("\n", 1)
+    return lambda s: replace(s, top, f"{opening}\n    if true {{ {work} return {status}; }}\n{rest}")
 
 
 def unexport(function: str):
@@ -75,12 +76,6 @@ def unexport(function: str):
 
 
 NATIVE_TOP = ") -> u32 {\n    let decided = guard(false, || {"
-
-
-def native_at_top(work: str):
-    """Do `work` first in the native request-headers hook, then return: the rest is skipped."""
-    return lambda s: replace(s, NATIVE_TOP, ") -> u32 {\n    if true { " + work + " return CONTINUE; }\n"
-                                            "    let decided = guard(false, || {")
 
 
 # SAFETY (in the probe): Envoy's pointer for this hook, as in the real hook.
@@ -112,8 +107,8 @@ WASM_PROBES = {
 }
 NATIVE_PROBES = {
     "native-floor": ("native: returns at once (Envoy's per-stream filter object and the hook calls only)",
-                     native_at_top("")),
-    "native-write": ("native: only sets x-version: v1 and clears the route cache", native_at_top(NATIVE_WRITE)),
+                     at_top("", NATIVE_TOP, "CONTINUE")),
+    "native-write": ("native: only sets x-version: v1 and clears the route cache", at_top(NATIVE_WRITE, NATIVE_TOP, "CONTINUE")),
 }
 PROBES = WASM_PROBES | NATIVE_PROBES
 
