@@ -285,7 +285,8 @@ impl Request for HostRequest {
 impl RequestHeaders for HostRequest {
     fn remove(&mut self, name: &str) {
         // At ABI 0.2.1 every removal drops Envoy's cached route, even of a header the request does not
-        // carry; so only a header that is there is removed (the lookup is in the headers already read).
+        // carry; so only a header that is there is removed. The lookup uses the headers the decision read
+        // (read here only when nothing was decided: no config yet).
         if self.header(name).is_some() {
             remove_header(REQUEST_HEADERS, name);
         }

@@ -7,7 +7,8 @@ use crate::metrics;
 
 /// The request's headers as the host exposes them: read (through [`Request`]) and written.
 pub trait RequestHeaders: Request {
-    /// Removes every value of `name` (lower case).
+    /// Removes every value of `name` (lower case). A request without that header is left untouched: each
+    /// glue checks first in its own cheapest way, because any removal makes Envoy match the route again.
     fn remove(&mut self, name: &str);
     /// Sets `name` to `value`, replacing every value a client sent.
     fn replace(&mut self, name: &str, value: &[u8]);
