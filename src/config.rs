@@ -1,25 +1,37 @@
 //! The plugin configuration: the JSON contract users write, and its validated, ready-to-route form.
 //!
 //! Two steps, so that nothing invalid can reach the request path:
-//! 1. [`RawConfig`] mirrors the JSON exactly. It is read field by field with the small reader in `json.rs`:
-//!    unknown or repeated fields are errors, not silent defaults. (Not serde's derive: that, plus the path
-//!    tracking the error messages need, was over half of the `.wasm`. serde still writes these structs.)
+//! 1. [`RawConfig`] mirrors the JSON exactly, through serde's derive: unknown or repeated fields are errors,
+//!    not silent defaults, and `serde_path_to_error` names where an error is. The filter, the native module,
+//!    canaryctl and the tools all read and write the contract through these types.
 //! 2. [`RawConfig::validate`] checks every rule of the contract and builds [`Config`]: percentages as integer
 //!    bucket ranges, header names lower-cased, rule and override versions resolved to indexes.
 //!
-//! Every error names the field (as a JSON path), the value and what is allowed, in one line.
+//! Every error names the field (as a JSON path), the value (JSON-quoted, cut when long) and what is
+//! allowed, in one line. Parsing runs once per configuration, never per request.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt::Write as _;
 
 use crate::hash::BUCKETS;
-use crate::json::{number_value, quote, Reader};
+pub use crate::percent::Percent;
+use crate::percent::ALLOWED as PERCENT_ALLOWED;
+use crate::text::{one_line, quote};
 
 /// The route header used when `route_header` is absent.
 pub const DEFAULT_ROUTE_HEADER: &str = "x-version";
 
 /// Longest accepted rollout name, version name, header name or cookie name.
 const MAX_NAME_LEN: usize = 128;
+
+/// The longest `assign_cookie.max_age_seconds`: browsers cap cookie lifetimes at 400 days.
+const MAX_AGE_LIMIT: u64 = 400 * 24 * 3600;
+
+/// What `assign_cookie.max_age_seconds` may be, as error messages say it.
+const MAX_AGE_ALLOWED: &str = "from 1 to 34560000 (400 days); leave it out for a session cookie";
+
+/// The path of the whole document in error messages.
+const ROOT: &str = "config";
 
 /// Why a configuration was refused. `Display` is the one line the filter logs and `canaryctl` prints.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,7 +48,17 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(field: impl Into<String>, value: impl Into<String>, allowed: &str) -> ConfigError {
+impl ConfigError {
+    /// The JSON path of the field at fault (`config` for the whole document).
+    pub fn field(&self) -> &str {
+        match self {
+            ConfigError::Syntax { field, .. } | ConfigError::Invalid { field, .. } => field,
+        }
+    }
+}
+
+/// A contract violation at `field`; `value` is shown as given (quote strings with [`quote`] first).
+pub fn invalid(field: impl Into<String>, value: impl Into<String>, allowed: &str) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         value: value.into(),
@@ -44,88 +66,248 @@ fn invalid(field: impl Into<String>, value: impl Into<String>, allowed: &str) ->
     }
 }
 
+/// The error a percent that breaks the contract gets, at `field` (the same text wherever it is checked).
+pub fn invalid_percent(field: impl Into<String>, text: &str) -> ConfigError {
+    invalid(field, crate::text::quote_value(text), PERCENT_ALLOWED)
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Step 1: the JSON contract, exactly.
 // ---------------------------------------------------------------------------------------------------------
 
-/// The plugin configuration as written by users (see the README's configuration reference).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The plugin configuration as written by users (see docs/configuration.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
 pub struct RawConfig {
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_header: Option<String>,
+    #[serde(deserialize_with = "objects")]
     pub rollouts: Vec<RawRollout>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct RawRollout {
     pub name: String,
-    #[serde(rename = "match", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "match",
+        default,
+        deserialize_with = "optional_object",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub match_: Option<RawMatch>,
     pub stable: String,
+    #[serde(deserialize_with = "objects")]
     pub canaries: Vec<RawCanary>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "optional_object",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sticky: Option<RawSticky>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "optional_object",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub assign_cookie: Option<RawAssignCookie>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "objects_or_null",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub rules: Vec<RawRule>,
-    #[serde(rename = "override", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "override",
+        default,
+        deserialize_with = "optional_object",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub override_: Option<RawOverride>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct RawMatch {
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub hosts: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct RawCanary {
     pub version: String,
-    pub percent: f64,
+    pub percent: Percent,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct RawSticky {
+    #[serde(deserialize_with = "objects")]
     pub keys: Vec<RawKey>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub salt: Option<String>,
 }
 
 /// `{"header": "x-user-id"}` or `{"cookie": "session"}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "KeyFields", into = "KeyFields")]
 pub enum RawKey {
     Header(String),
     Cookie(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A sticky key as written: one of two fields (checked when it becomes a [`RawKey`]).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object")]
+struct KeyFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cookie: Option<String>,
+}
+
+impl TryFrom<KeyFields> for RawKey {
+    type Error = &'static str;
+
+    fn try_from(fields: KeyFields) -> Result<Self, Self::Error> {
+        match (fields.header, fields.cookie) {
+            (Some(header), None) => Ok(RawKey::Header(header)),
+            (None, Some(cookie)) => Ok(RawKey::Cookie(cookie)),
+            (Some(_), Some(_)) => Err("a key has one kind: `header` or `cookie`, not both"),
+            (None, None) => Err("a key needs `header` or `cookie`"),
+        }
+    }
+}
+
+impl From<RawKey> for KeyFields {
+    fn from(key: RawKey) -> Self {
+        match key {
+            RawKey::Header(header) => KeyFields {
+                header: Some(header),
+                cookie: None,
+            },
+            RawKey::Cookie(cookie) => KeyFields {
+                header: None,
+                cookie: Some(cookie),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct RawAssignCookie {
     pub name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "max_age",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_age_seconds: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct RawRule {
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookie: Option<String>,
     pub values: Vec<String>,
     pub version: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct RawOverride {
     pub header: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_header: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+}
+
+/// A list that may be written as `null`, the same as leaving it out.
+fn null_as_empty<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// A struct of the contract read from a JSON object only. serde's derive also reads a struct from an array
+/// of its fields in order (`["web", null, "v1", …]`), which is not the contract.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor<T> {
+            type Value = T;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("an object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+
+        deserializer
+            .deserialize_map(ObjectVisitor(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
+fn objects<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let items = Vec::<Object<T>>::deserialize(deserializer)?;
+    Ok(items.into_iter().map(|Object(item)| item).collect())
+}
+
+fn objects_or_null<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let items = null_as_empty::<D, Object<T>>(deserializer)?;
+    Ok(items.into_iter().map(|Object(item)| item).collect())
+}
+
+fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Object<T>>::deserialize(deserializer)?.map(|Object(item)| item))
+}
+
+/// `max_age_seconds`: a whole number of seconds, refused with the contract's rule otherwise.
+fn max_age<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    let text = number.as_str();
+    match text.parse::<u64>() {
+        Ok(seconds) if (1..=MAX_AGE_LIMIT).contains(&seconds) => Ok(Some(seconds)),
+        _ => Err(serde::de::Error::custom(format!(
+            "{} is not allowed: {MAX_AGE_ALLOWED}",
+            crate::text::cut(text)
+        ))),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -138,6 +320,9 @@ pub struct Config {
     /// Lower-case name of the header the decision is written to.
     pub route_header: String,
     pub rollouts: Vec<Rollout>,
+    /// Every override and token header of every rollout (lower case, each once): removed from every
+    /// request, so none reaches an upstream, whichever rollout matched.
+    pub strip_headers: Vec<String>,
 }
 
 /// One rollout, ready to route: versions by index (0 = stable), canary shares as bucket ranges.
@@ -234,15 +419,7 @@ impl Config {
 
 /// Basis points as a percentage without trailing zeros: 1250 → "12.5%".
 pub fn percent_text(basis_points: u32) -> String {
-    let whole = basis_points / 100;
-    let frac = basis_points % 100;
-    if frac == 0 {
-        format!("{whole}%")
-    } else if frac % 10 == 0 {
-        format!("{whole}.{}%", frac / 10)
-    } else {
-        format!("{whole}.{frac:02}%")
-    }
+    format!("{}%", crate::percent::decimal(basis_points))
 }
 
 /// Parse and validate a plugin configuration.
@@ -253,383 +430,39 @@ pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
 /// Parse a plugin configuration into its raw, editable form, without the contract checks of
 /// [`RawConfig::validate`] (tools that edit a config validate the result).
 pub fn parse_raw(json: &[u8]) -> Result<RawConfig, ConfigError> {
-    // Say plainly that an object is expected, rather than "invalid type: array".
-    let text = json.trim_ascii();
-    if !text.is_empty() && !text.starts_with(b"{") {
-        let shown = String::from_utf8_lossy(text.get(..40).unwrap_or(text)).into_owned();
-        return Err(invalid("config", shown, "a JSON object"));
-    }
-    let mut reader = Reader::new(json);
-    let raw = read_config(&mut reader, ROOT)?;
-    reader.end().map_err(|message| syntax(ROOT, message))?;
+    let mut deserializer = serde_json::Deserializer::from_slice(json);
+    let Object(raw) = serde_path_to_error::deserialize(&mut deserializer).map_err(from_serde)?;
+    deserializer.end().map_err(|err| syntax(ROOT, &err))?;
     Ok(raw)
 }
 
-/// Tools that embed a configuration in their own serde types (canaryctl's state file) read it through
-/// the same reader and contract as the filter. Positions in errors then refer to the re-serialized text.
-impl<'de> Deserialize<'de> for RawConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let value = serde_json::Value::deserialize(deserializer)?;
-        parse_raw(value.to_string().as_bytes()).map_err(serde::de::Error::custom)
-    }
+/// A configuration held in a JSON value (canaryctl's state file and API bodies): the same contract and
+/// messages as [`parse_raw`], without positions.
+pub fn from_value(value: serde_json::Value) -> Result<RawConfig, ConfigError> {
+    let Object(raw) = serde_path_to_error::deserialize(value).map_err(from_serde)?;
+    Ok(raw)
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Reading the JSON into the raw structs: one function per object of the contract. Field paths are built
-// as the reader descends ("rollouts[0].canaries[1].percent"), so every error names where it is.
-// ---------------------------------------------------------------------------------------------------------
+/// A serde error at its path, as one line.
+fn from_serde<E: std::fmt::Display>(err: serde_path_to_error::Error<E>) -> ConfigError {
+    let path = err.path().to_string();
+    // "." is the document itself, "?" a key that could not be read, "" an empty key of the document.
+    let field = if path == "." || path == "?" || path.is_empty() {
+        ROOT
+    } else {
+        path.as_str()
+    };
+    syntax(field, err.inner())
+}
 
-/// The path of the whole document in error messages.
-const ROOT: &str = "config";
-
-fn syntax(field: &str, message: String) -> ConfigError {
+/// A syntax error as one line of at most [`MAX_LINE`](crate::text::MAX_LINE) characters.
+fn syntax(field: &str, message: &impl std::fmt::Display) -> ConfigError {
+    let field = one_line(&crate::text::cut(field), crate::text::MAX_SHOWN + 1);
+    let room = crate::text::MAX_LINE.saturating_sub(field.chars().count() + 2);
     ConfigError::Syntax {
-        field: field.to_string(),
-        message,
+        message: one_line(&message.to_string(), room),
+        field,
     }
-}
-
-fn child(at: &str, key: &str) -> String {
-    if at == ROOT {
-        key.to_string()
-    } else {
-        format!("{at}.{key}")
-    }
-}
-
-/// serde's wording for the known names: "`a`", "`a` or `b`", "one of `a`, `b`, `c`".
-fn expected_names(names: &[&str]) -> String {
-    match names {
-        [one] => format!("`{one}`"),
-        [a, b] => format!("`{a}` or `{b}`"),
-        _ => format!(
-            "one of {}",
-            names
-                .iter()
-                .map(|n| format!("`{n}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-}
-
-/// Reads an object whose known fields are `fields`, calling `read` with each present field's index and
-/// path. Unknown and repeated fields are errors. Returns which fields were present, as a bit set.
-#[inline(never)]
-fn read_object(
-    r: &mut Reader,
-    at: &str,
-    fields: &[&str],
-    mut read: impl FnMut(&mut Reader, usize, &str) -> Result<(), ConfigError>,
-) -> Result<(), ConfigError> {
-    r.begin_object("an object")
-        .map_err(|message| syntax(at, message))?;
-    let mut seen: u32 = 0;
-    let mut first = true;
-    while let Some(key) = r
-        .next_key(&mut first)
-        .map_err(|message| syntax(at, message))?
-    {
-        let path = child(at, &key);
-        let Some(index) = fields.iter().position(|f| *f == key) else {
-            let message = format!("unknown field `{key}`, expected {}", expected_names(fields));
-            return Err(syntax(&path, r.key_error(&message)));
-        };
-        if seen & (1 << index) != 0 {
-            return Err(syntax(
-                &path,
-                r.key_error(&format!("duplicate field `{key}`")),
-            ));
-        }
-        seen |= 1 << index;
-        read(r, index, &path)?;
-    }
-    Ok(())
-}
-
-/// A required field, or "missing field" at the object's path.
-fn required<T>(r: &Reader, at: &str, name: &str, value: Option<T>) -> Result<T, ConfigError> {
-    value.ok_or_else(|| syntax(at, r.error(&format!("missing field `{name}`"))))
-}
-
-#[inline(never)]
-fn read_array<T>(
-    r: &mut Reader,
-    at: &str,
-    mut read: impl FnMut(&mut Reader, &str) -> Result<T, ConfigError>,
-) -> Result<Vec<T>, ConfigError> {
-    r.begin_array("an array")
-        .map_err(|message| syntax(at, message))?;
-    let mut items = Vec::new();
-    let mut first = true;
-    while r
-        .next_element(&mut first)
-        .map_err(|message| syntax(at, message))?
-    {
-        items.push(read(r, &format!("{at}[{}]", items.len()))?);
-    }
-    Ok(items)
-}
-
-#[inline(never)]
-fn read_string(r: &mut Reader, at: &str) -> Result<String, ConfigError> {
-    r.string("a string").map_err(|message| syntax(at, message))
-}
-
-#[inline(never)]
-fn read_strings(r: &mut Reader, at: &str) -> Result<Vec<String>, ConfigError> {
-    read_array(r, at, read_string)
-}
-
-/// An optional field: `null` is the same as leaving it out.
-#[inline(never)]
-fn read_optional<T>(
-    r: &mut Reader,
-    at: &str,
-    read: impl FnOnce(&mut Reader, &str) -> Result<T, ConfigError>,
-) -> Result<Option<T>, ConfigError> {
-    if r.null() {
-        Ok(None)
-    } else {
-        read(r, at).map(Some)
-    }
-}
-
-#[inline(never)]
-fn read_percent(r: &mut Reader, at: &str) -> Result<f64, ConfigError> {
-    let text = r
-        .number("a number")
-        .map_err(|message| syntax(at, message))?;
-    // A number f64 cannot hold exactly is never a valid percentage (over 100, or more than two decimals).
-    if let Some(value) = number_value(text) {
-        Ok(value)
-    } else {
-        Err(invalid(
-            at,
-            text,
-            "a number from 0 to 100 with at most two decimals",
-        ))
-    }
-}
-
-#[inline(never)]
-fn read_seconds(r: &mut Reader, at: &str) -> Result<u64, ConfigError> {
-    let expected = "a whole number of seconds";
-    let text = r.number(expected).map_err(|message| syntax(at, message))?;
-    text.parse::<u64>().map_err(|_| {
-        invalid(
-            at,
-            text,
-            "from 1 to 34560000 (400 days); leave it out for a session cookie",
-        )
-    })
-}
-
-#[inline(never)]
-fn read_config(r: &mut Reader, at: &str) -> Result<RawConfig, ConfigError> {
-    let (mut route_header, mut rollouts) = (None, None);
-    read_object(r, at, &["route_header", "rollouts"], |r, field, path| {
-        match field {
-            0 => route_header = read_optional(r, path, read_string)?,
-            _ => rollouts = Some(read_array(r, path, read_rollout)?),
-        }
-        Ok(())
-    })?;
-    Ok(RawConfig {
-        route_header,
-        rollouts: required(r, at, "rollouts", rollouts)?,
-    })
-}
-
-#[inline(never)]
-fn read_rollout(r: &mut Reader, at: &str) -> Result<RawRollout, ConfigError> {
-    let (mut name, mut match_, mut stable, mut canaries) = (None, None, None, None);
-    let (mut sticky, mut assign_cookie, mut rules, mut override_) = (None, None, Vec::new(), None);
-    let fields = [
-        "name",
-        "match",
-        "stable",
-        "canaries",
-        "sticky",
-        "assign_cookie",
-        "rules",
-        "override",
-    ];
-    read_object(r, at, &fields, |r, field, path| {
-        match field {
-            0 => name = Some(read_string(r, path)?),
-            1 => match_ = read_optional(r, path, read_match)?,
-            2 => stable = Some(read_string(r, path)?),
-            3 => canaries = Some(read_array(r, path, read_canary)?),
-            4 => sticky = read_optional(r, path, read_sticky)?,
-            5 => assign_cookie = read_optional(r, path, read_assign_cookie)?,
-            6 => {
-                rules = read_optional(r, path, |r, at| read_array(r, at, read_rule))?
-                    .unwrap_or_default()
-            }
-            _ => override_ = read_optional(r, path, read_override)?,
-        }
-        Ok(())
-    })?;
-    Ok(RawRollout {
-        name: required(r, at, "name", name)?,
-        match_,
-        stable: required(r, at, "stable", stable)?,
-        canaries: required(r, at, "canaries", canaries)?,
-        sticky,
-        assign_cookie,
-        rules,
-        override_,
-    })
-}
-
-#[inline(never)]
-fn read_match(r: &mut Reader, at: &str) -> Result<RawMatch, ConfigError> {
-    let (mut hosts, mut path_prefix) = (Vec::new(), None);
-    read_object(r, at, &["hosts", "path_prefix"], |r, field, path| {
-        match field {
-            0 => hosts = read_optional(r, path, read_strings)?.unwrap_or_default(),
-            _ => path_prefix = read_optional(r, path, read_string)?,
-        }
-        Ok(())
-    })?;
-    Ok(RawMatch { hosts, path_prefix })
-}
-
-#[inline(never)]
-fn read_canary(r: &mut Reader, at: &str) -> Result<RawCanary, ConfigError> {
-    let (mut version, mut percent) = (None, None);
-    read_object(r, at, &["version", "percent"], |r, field, path| {
-        match field {
-            0 => version = Some(read_string(r, path)?),
-            _ => percent = Some(read_percent(r, path)?),
-        }
-        Ok(())
-    })?;
-    Ok(RawCanary {
-        version: required(r, at, "version", version)?,
-        percent: required(r, at, "percent", percent)?,
-    })
-}
-
-#[inline(never)]
-fn read_sticky(r: &mut Reader, at: &str) -> Result<RawSticky, ConfigError> {
-    let (mut keys, mut salt) = (None, None);
-    read_object(r, at, &["keys", "salt"], |r, field, path| {
-        match field {
-            0 => keys = Some(read_array(r, path, read_key)?),
-            _ => salt = read_optional(r, path, read_string)?,
-        }
-        Ok(())
-    })?;
-    Ok(RawSticky {
-        keys: required(r, at, "keys", keys)?,
-        salt,
-    })
-}
-
-/// `{"header": "x-user-id"}` or `{"cookie": "session"}`: exactly one of the two.
-#[inline(never)]
-fn read_key(r: &mut Reader, at: &str) -> Result<RawKey, ConfigError> {
-    let mut key = None;
-    let kinds = ["header", "cookie"];
-    r.begin_object("an object")
-        .map_err(|message| syntax(at, message))?;
-    let mut first = true;
-    while let Some(kind) = r
-        .next_key(&mut first)
-        .map_err(|message| syntax(at, message))?
-    {
-        if key.is_some() {
-            let message = format!(
-                "unexpected `{kind}`: a key has one kind, {}",
-                expected_names(&kinds)
-            );
-            return Err(syntax(at, r.key_error(&message)));
-        }
-        let path = child(at, &kind);
-        key = Some(match kind.as_str() {
-            "header" => RawKey::Header(read_string(r, &path)?),
-            "cookie" => RawKey::Cookie(read_string(r, &path)?),
-            _ => {
-                let message = format!(
-                    "unknown variant `{kind}`, expected {}",
-                    expected_names(&kinds)
-                );
-                return Err(syntax(at, r.key_error(&message)));
-            }
-        });
-    }
-    key.ok_or_else(|| {
-        syntax(
-            at,
-            r.error("invalid value: empty object, expected `header` or `cookie`"),
-        )
-    })
-}
-
-#[inline(never)]
-fn read_assign_cookie(r: &mut Reader, at: &str) -> Result<RawAssignCookie, ConfigError> {
-    let (mut name, mut max_age_seconds) = (None, None);
-    read_object(r, at, &["name", "max_age_seconds"], |r, field, path| {
-        match field {
-            0 => name = Some(read_string(r, path)?),
-            _ => max_age_seconds = read_optional(r, path, read_seconds)?,
-        }
-        Ok(())
-    })?;
-    Ok(RawAssignCookie {
-        name: required(r, at, "name", name)?,
-        max_age_seconds,
-    })
-}
-
-#[inline(never)]
-fn read_rule(r: &mut Reader, at: &str) -> Result<RawRule, ConfigError> {
-    let (mut header, mut cookie, mut values, mut version) = (None, None, None, None);
-    read_object(
-        r,
-        at,
-        &["header", "cookie", "values", "version"],
-        |r, field, path| {
-            match field {
-                0 => header = read_optional(r, path, read_string)?,
-                1 => cookie = read_optional(r, path, read_string)?,
-                2 => values = Some(read_strings(r, path)?),
-                _ => version = Some(read_string(r, path)?),
-            }
-            Ok(())
-        },
-    )?;
-    Ok(RawRule {
-        header,
-        cookie,
-        values: required(r, at, "values", values)?,
-        version: required(r, at, "version", version)?,
-    })
-}
-
-#[inline(never)]
-fn read_override(r: &mut Reader, at: &str) -> Result<RawOverride, ConfigError> {
-    let (mut header, mut token_header, mut token) = (None, None, None);
-    read_object(
-        r,
-        at,
-        &["header", "token_header", "token"],
-        |r, field, path| {
-            match field {
-                0 => header = Some(read_string(r, path)?),
-                1 => token_header = read_optional(r, path, read_string)?,
-                _ => token = read_optional(r, path, read_string)?,
-            }
-            Ok(())
-        },
-    )?;
-    Ok(RawOverride {
-        header: required(r, at, "header", header)?,
-        token_header,
-        token,
-    })
 }
 
 impl RawConfig {
@@ -665,9 +498,11 @@ impl RawConfig {
             }
             rollouts.push(rollout);
         }
+        let strip_headers = strip_headers(&rollouts);
         Ok(Config {
             route_header,
             rollouts,
+            strip_headers,
         })
     }
 }
@@ -762,7 +597,7 @@ impl RawRollout {
                 ));
             }
             versions.push(version);
-            let bp = basis_points(&format!("{at}.canaries[{i}].percent"), canary.percent)?;
+            let bp = canary.percent.basis_points();
             end += bp;
             canary_basis_points.push(bp);
             canary_ends.push(end);
@@ -846,12 +681,11 @@ impl RawRollout {
                 let mut attributes = String::new();
                 if let Some(age) = ac.max_age_seconds {
                     // Browsers cap cookie lifetimes at 400 days; more is a mistake, not a wish.
-                    const MAX_AGE_LIMIT: u64 = 400 * 24 * 3600;
                     if age == 0 || age > MAX_AGE_LIMIT {
                         return Err(invalid(
                             format!("{at}.assign_cookie.max_age_seconds"),
                             age.to_string(),
-                            "from 1 to 34560000 (400 days); leave it out for a session cookie",
+                            MAX_AGE_ALLOWED,
                         ));
                     }
                     let _ = write!(attributes, "; Max-Age={age}");
@@ -1104,53 +938,19 @@ fn host_pattern(field: &str, host: &str) -> Result<HostPattern, ConfigError> {
     })
 }
 
-/// A percentage in [0, 100] with at most two decimals, as basis points (12.5 → 1250).
-fn basis_points(field: &str, percent: f64) -> Result<u32, ConfigError> {
-    let scaled = percent * 100.0;
-    let rounded = scaled.round();
-    if !(0.0..=100.0).contains(&percent) || (scaled - rounded).abs() > 1e-6 {
-        return Err(invalid(
-            field,
-            number_text(percent),
-            "a number from 0 to 100 with at most two decimals",
-        ));
-    }
-    // In range 0..=10000 by the check above, so the conversion is exact.
-    Ok(rounded as u32)
-}
-
-/// A number for an error message, without pulling in the float formatter (17 KB of the `.wasm`): up to
-/// six decimals, trailing zeros dropped; scientific notation for very large or very small magnitudes.
-fn number_text(value: f64) -> String {
-    if !value.is_finite() {
-        return "a non-finite number".to_string();
-    }
-    let sign = if value < 0.0 { "-" } else { "" };
-    let (mut mantissa, mut exponent) = (value.abs(), 0_i32);
-    let scientific = mantissa >= 1e12 || (mantissa != 0.0 && mantissa < 1e-6);
-    if scientific {
-        while mantissa >= 10.0 {
-            mantissa /= 10.0;
-            exponent += 1;
-        }
-        while mantissa < 1.0 {
-            mantissa *= 10.0;
-            exponent -= 1;
+/// Every override and token header of every rollout, each once.
+fn strip_headers(rollouts: &[Rollout]) -> Vec<String> {
+    let mut headers: Vec<String> = Vec::new();
+    let named = rollouts
+        .iter()
+        .filter_map(|r| r.override_.as_ref())
+        .flat_map(|o| std::iter::once(&o.header).chain(o.token.as_ref().map(|(header, _)| header)));
+    for header in named {
+        if !headers.contains(header) {
+            headers.push(header.clone());
         }
     }
-    // Below 1e12, so the scaled value fits a u64 exactly enough to show six decimals.
-    let micros = (mantissa * 1e6).round() as u64;
-    let mut text = format!("{sign}{}", micros / 1_000_000);
-    let fraction = micros % 1_000_000;
-    if fraction != 0 {
-        let digits = format!("{fraction:06}");
-        text.push('.');
-        text.push_str(digits.trim_end_matches('0'));
-    }
-    if scientific {
-        let _ = write!(text, "e{exponent}");
-    }
-    text
+    headers
 }
 
 #[cfg(test)]
@@ -1249,61 +1049,67 @@ mod tests {
     }
 
     #[test]
-    fn two_decimal_percentages_are_exact() {
-        for (p, bp) in [
-            (0.29, 29),
-            (33.33, 3333),
-            (57.01, 5701),
-            (100.0, 10000),
-            (0.07, 7),
+    fn malformed_json_is_refused_with_its_position() {
+        for (json, expected) in [
+            (
+                "{\"rollouts\": [",
+                "rollouts: EOF while parsing a list at line 1 column 14",
+            ),
+            ("", "config: EOF while parsing a value at line 1 column 0"),
+            (
+                r#"{"rollouts":[]} trailing"#,
+                "config: trailing characters at line 1 column 17",
+            ),
+            (
+                "[1]",
+                "config: invalid type: sequence, expected an object at line 1 column 0",
+            ),
+            (
+                "  \"x\"",
+                "config: invalid type: string \"x\", expected an object at line 1 column 5",
+            ),
+            (
+                "7",
+                "config: invalid type: integer `7`, expected an object at line 1 column 1",
+            ),
+            // A struct written as an array of its fields, which serde's derive alone would accept.
+            (
+                r#"{"rollouts":[["w",null,"v1",[{"version":"v2","percent":5}]]]}"#,
+                "rollouts[0]: invalid type: sequence, expected an object at line 1 column 13",
+            ),
+            (
+                r#"{"rollouts":[5]}"#,
+                "rollouts[0]: invalid type: integer `5`, expected an object at line 1 column 14",
+            ),
         ] {
-            assert_eq!(basis_points("p", p).unwrap(), bp, "{p}");
+            assert_eq!(err(json), expected, "config: {json}");
         }
     }
 
     #[test]
-    fn malformed_json_is_refused_with_its_position() {
-        assert_eq!(
-            err("{\"rollouts\": ["),
-            "rollouts: EOF while parsing a list at line 1 column 15"
-        );
-        assert_eq!(
-            err(""),
-            "config: EOF while parsing a value at line 1 column 1"
-        );
-        assert_eq!(
-            err(r#"{"rollouts":[]} trailing"#),
-            "config: trailing characters at line 1 column 17"
-        );
-        assert_eq!(err("[1]"), "config: [1] is not allowed: a JSON object");
-        assert_eq!(
-            err("  \"x\""),
-            "config: \"x\" is not allowed: a JSON object"
-        );
-    }
-
-    #[test]
     fn unknown_missing_and_mistyped_fields_are_named() {
-        assert_eq!(
-            err(r#"{"rollout":[]}"#),
-            "rollout: unknown field `rollout`, expected `route_header` or `rollouts` at line 1 column 2"
-        );
-        assert_eq!(
-            err(r#"{}"#),
-            "config: missing field `rollouts` at line 1 column 3"
-        );
-        assert_eq!(
-            err(r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[{"version":"v2","percent":"5"}]}]}"#),
-            "rollouts[0].canaries[0].percent: invalid type: string \"5\", expected a number at line 1 column 78"
-        );
-        assert_eq!(
-            err(r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[{"version":"v2","percent":5,"weight":1}]}]}"#),
-            "rollouts[0].canaries[0].weight: unknown field `weight`, expected `version` or `percent` at line 1 column 80"
-        );
-        assert_eq!(
-            err(r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[],"sticky":{"keys":[{"query":"u"}]}}]}"#),
-            "rollouts[0].sticky.keys[0]: unknown variant `query`, expected `header` or `cookie` at line 1 column 73"
-        );
+        for (json, expected) in [
+            (
+                r#"{"rollout":[]}"#,
+                "rollout: unknown field `rollout`, expected `route_header` or `rollouts` at line 1 column 10",
+            ),
+            (r#"{}"#, "config: missing field `rollouts` at line 1 column 2"),
+            (r#"{"rollouts":null}"#, "rollouts: invalid type: null, expected a sequence at line 1 column 16"),
+            (
+                r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[{"version":"v2","percent":"5"}]}]}"#,
+                "rollouts[0].canaries[0].percent: invalid type: string \"5\", expected a JSON number at line 1 column 80",
+            ),
+            (
+                r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[{"version":"v2","percent":5,"weight":1}]}]}"#,
+                "rollouts[0].canaries[0].weight: unknown field `weight`, expected `version` or `percent` at line 1 column 87",
+            ),
+            (
+                r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[],"sticky":{"keys":[{"query":"u"}]}}]}"#,
+                "rollouts[0].sticky.keys[0].query: unknown field `query`, expected `header` or `cookie` at line 1 column 79",
+            ),
+        ] {
+            assert_eq!(err(json), expected, "config: {json}");
+        }
     }
 
     #[test]
@@ -1316,35 +1122,43 @@ mod tests {
         for (json, expected) in [
             (
                 r#"{"rollouts":[{"name":"w","name":"x"}]}"#.to_string(),
-                "rollouts[0].name: duplicate field `name` at line 1 column 26",
+                "rollouts[0]: duplicate field `name` at line 1 column 31",
             ),
             (
                 canary(r#","sticky":{"keys":[{}]}"#),
-                "rollouts[0].sticky.keys[0]: invalid value: empty object, expected `header` or `cookie` at line 1 column 102",
+                "rollouts[0].sticky.keys[0]: a key needs `header` or `cookie` at line 1 column 101",
             ),
             (
                 canary(r#","sticky":{"keys":[{"header":"a","cookie":"b"}]}"#),
-                "rollouts[0].sticky.keys[0]: unexpected `cookie`: a key has one kind, `header` or `cookie` at line 1 column 114",
+                "rollouts[0].sticky.keys[0]: a key has one kind: `header` or `cookie`, not both at line 1 column 126",
             ),
             (
                 r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[{"version":"v2","percent":1e400}]}]}"#.to_string(),
-                "rollouts[0].canaries[0].percent: 1e400 is not allowed: a number from 0 to 100 with at most two decimals",
+                "rollouts[0].canaries[0].percent: 1e+400 is not allowed: a number from 0 to 100 with at most two decimals at line 1 column 83",
             ),
             (
                 r#"{"rollouts":[{"name":"w","stable":"v1","canaries":[{"version":"v2","percent":0.0000001}]}]}"#.to_string(),
-                "rollouts[0].canaries[0].percent: 1e-7 is not allowed: a number from 0 to 100 with at most two decimals",
+                "rollouts[0].canaries[0].percent: 0.0000001 is not allowed: a number from 0 to 100 with at most two decimals at line 1 column 87",
             ),
             (
                 canary(r#","assign_cookie":{"name":"c","max_age_seconds":-1}"#),
-                "rollouts[0].assign_cookie.max_age_seconds: -1 is not allowed: from 1 to 34560000 (400 days); leave it out for a session cookie",
+                "rollouts[0].assign_cookie.max_age_seconds: -1 is not allowed: from 1 to 34560000 (400 days); leave it out for a session cookie at line 1 column 130",
+            ),
+            (
+                canary(r#","assign_cookie":{"name":"c","max_age_seconds":1.5}"#),
+                "rollouts[0].assign_cookie.max_age_seconds: 1.5 is not allowed: from 1 to 34560000 (400 days); leave it out for a session cookie at line 1 column 131",
             ),
             (
                 canary(r#","assign_cookie":{"name":"c","max_age_seconds":true}"#),
-                "rollouts[0].assign_cookie.max_age_seconds: invalid type: boolean, expected a whole number of seconds at line 1 column 128",
+                "rollouts[0].assign_cookie.max_age_seconds: invalid type: boolean `true`, expected a JSON number at line 1 column 131",
             ),
             (
                 canary(r#","rules":[{"header":"x-g","values":["a",7],"version":"v2"}]"#),
-                "rollouts[0].rules[0].values[1]: invalid type: number 7, expected a string at line 1 column 121",
+                "rollouts[0].rules[0].values[1]: invalid type: integer `7`, expected a string at line 1 column 121",
+            ),
+            (
+                canary(r#","rules":{}"#),
+                "rollouts[0].rules: invalid type: map, expected a sequence at line 1 column 89",
             ),
         ] {
             assert_eq!(err(&json), expected, "config: {json}");
@@ -1361,36 +1175,89 @@ mod tests {
     }
 
     #[test]
-    fn percents_that_f64_cannot_hold_exactly_are_refused_as_written() {
-        // Found by the round-trip proptest: an approximated 1.25e41 was written back as a different f64.
-        for text in [
-            "1.25e41",
-            "12.500000000000000000001",
-            "1e99999999999999999999",
-            "0.30000000000000004",
+    fn user_text_in_errors_stays_on_one_line_and_is_cut() {
+        let long = "k".repeat(5_000);
+        for json in [
+            "{\"rollouts\":[],\"a\nb\":1}".to_string(),
+            format!(r#"{{"rollouts":[],"{long}":1}}"#),
+            format!(
+                r#"{{"rollouts":[{{"name":"w","stable":"v1","canaries":[{{"version":"v2","percent":"{long}\n"}}]}}]}}"#
+            ),
+            "\"\u{2028}\"".to_string(),
+            // Documents that are not an object, with line breaks and bytes that are not UTF-8.
+            "[1,\n2]".to_string(),
+            "\n\"a\\nb\"\n".to_string(),
+            "nul\nl".to_string(),
+            "{\"rollouts\":[{\"name\":\"a\\nb\",\"stable\":\"v1\",\"canaries\":[]}]}".to_string(),
+            format!(r#"{{"rollouts":[{{"name":"w","stable":"{long}","canaries":[]}}]}}"#),
+        ] {
+            let message = err(&json);
+            assert!(
+                !message.contains('\n') && !message.contains('\u{2028}'),
+                "{message:?}"
+            );
+            assert!(
+                message.chars().count() <= crate::text::MAX_LINE,
+                "{} chars: {message}",
+                message.len()
+            );
+        }
+        for bytes in [
+            &b"\xff\xfe{\n"[..],
+            b"{\"rollouts\":[{\"name\":\"\xff\n\"}]}",
+        ] {
+            let message = parse(bytes).unwrap_err().to_string();
+            assert!(!message.contains('\n'), "{message:?}");
+        }
+        assert_eq!(
+            err("{\"rollouts\":[{\"name\":\"a\\nb\",\"stable\":\"v1\",\"canaries\":[]}]}"),
+            "rollouts[0].name: \"a\\nb\" is not allowed: 1 to 128 letters, digits, '_' or '-'"
+        );
+    }
+
+    #[test]
+    fn percents_are_read_from_their_text_and_refused_unless_exact() {
+        // The issue's cases: float noise from a ramp script, a typo-class tail, a value that f64 would round
+        // to 100 (every user to the canary), and numbers no float holds exactly.
+        for (text, shown) in [
+            ("0.30000000000000004", "0.30000000000000004"),
+            ("12.500000001", "12.500000001"),
+            ("99.999999999", "99.999999999"),
+            ("12.500000000000000000001", "12.500000000000000000001"),
+            ("1.25e41", "1.25e+41"),
+            ("1e99999999999999999999", "1e+99999999999999999999"),
         ] {
             let json = format!(
                 r#"{{"rollouts":[{{"name":"w","stable":"v1","canaries":[{{"version":"v2","percent":{text}}}]}}]}}"#
             );
+            let message = parse_raw(json.as_bytes()).unwrap_err().to_string();
             assert_eq!(
-                parse_raw(json.as_bytes()).unwrap_err().to_string(),
-                format!("rollouts[0].canaries[0].percent: {text} is not allowed: a number from 0 to 100 with at most two decimals")
+                message,
+                format!(
+                    "rollouts[0].canaries[0].percent: {shown} is not allowed: a number from 0 to 100 with at most two decimals at line 1 column {}",
+                    json.len() - 4
+                )
             );
         }
-    }
-
-    #[test]
-    fn numbers_in_messages_are_shown_readably() {
-        for (value, text) in [
-            (100.5, "100.5"),
-            (-1.0, "-1"),
-            (12.345, "12.345"),
-            (0.0, "0"),
-            (1e300, "1e300"),
-            (2.5e-9, "2.5e-9"),
-            (f64::INFINITY, "a non-finite number"),
+        // Exact two-decimal values pass however written, and are written back as the same value.
+        for (text, basis_points, written) in [
+            ("12.5", 1250, "12.5"),
+            ("12.50", 1250, "12.5"),
+            ("1.25e1", 1250, "12.5"),
+            ("100", 10_000, "100"),
         ] {
-            assert_eq!(number_text(value), text);
+            let json = format!(
+                r#"{{"rollouts":[{{"name":"w","stable":"v1","canaries":[{{"version":"v2","percent":{text}}}]}}]}}"#
+            );
+            let raw = parse_raw(json.as_bytes()).unwrap();
+            assert_eq!(
+                raw.rollouts[0].canaries[0].percent.basis_points(),
+                basis_points
+            );
+            assert_eq!(
+                serde_json::to_string(&raw).unwrap(),
+                json.replace(&format!(":{text}}}"), &format!(":{written}}}"))
+            );
         }
     }
 
@@ -1410,17 +1277,17 @@ mod tests {
             (
                 r#"{"rollouts":[{"name":"web","stable":"v1","canaries":[{"version":"v2","percent":100.5}]}]}"#
                     .to_string(),
-                "rollouts[0].canaries[0].percent: 100.5 is not allowed: a number from 0 to 100 with at most two decimals",
+                "rollouts[0].canaries[0].percent: 100.5 is not allowed: a number from 0 to 100 with at most two decimals at line 1 column 85",
             ),
             (
                 r#"{"rollouts":[{"name":"web","stable":"v1","canaries":[{"version":"v2","percent":-1}]}]}"#
                     .to_string(),
-                "rollouts[0].canaries[0].percent: -1 is not allowed: a number from 0 to 100 with at most two decimals",
+                "rollouts[0].canaries[0].percent: -1 is not allowed: a number from 0 to 100 with at most two decimals at line 1 column 82",
             ),
             (
                 r#"{"rollouts":[{"name":"web","stable":"v1","canaries":[{"version":"v2","percent":12.345}]}]}"#
                     .to_string(),
-                "rollouts[0].canaries[0].percent: 12.345 is not allowed: a number from 0 to 100 with at most two decimals",
+                "rollouts[0].canaries[0].percent: 12.345 is not allowed: a number from 0 to 100 with at most two decimals at line 1 column 86",
             ),
             (
                 r#"{"rollouts":[{"name":"web","stable":"v1","canaries":[{"version":"v2","percent":60},{"version":"v3","percent":40.5}]}]}"#
@@ -1506,7 +1373,7 @@ mod tests {
             ),
             (
                 rollout(r#","assign_cookie":{"name":"cid","max_age_seconds":0}"#),
-                "rollouts[0].assign_cookie.max_age_seconds: 0 is not allowed: from 1 to 34560000 (400 days); leave it out for a session cookie",
+                "rollouts[0].assign_cookie.max_age_seconds: 0 is not allowed: from 1 to 34560000 (400 days); leave it out for a session cookie at line 1 column 134",
             ),
             (
                 rollout(r#","override":{"header":"x-o","token":"t"}"#),

@@ -4,10 +4,18 @@
 //! Why not the proxy-wasm SDK: Envoy calls every callback a module exports, for every request, and the
 //! SDK exports all of them and dispatches each through boxed contexts; that alone cost more than the whole
 //! decision (see BENCHMARKS.md). This module exports only what the filter uses: memory allocation, VM
-//! start, configure, context create (to map a stream to its plugin config), request headers and response
-//! headers (for the assigned cookie). Nothing here unwraps or panics; a host error reads as "absent".
+//! start, configure, context create and delete (to map a stream to its plugin config and forget both when
+//! the host does), request headers and response headers (for the assigned cookie). Nothing here unwraps or
+//! panics; a host error reads as "absent".
+//!
+//! Lifecycle: every root context (one per plugin config) and every stream context is tracked from its
+//! `proxy_on_context_create` (roots: `proxy_on_configure`) to its `proxy_on_delete`. A stream is decided by
+//! its own root's config only. A stream whose root this VM does not know (its config was refused, or the
+//! host broke the lifecycle) goes to stable with no client-chosen header left, and is counted in
+//! `canary_router_unconfigured`: never decided by another plugin's config.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::config::{self, Config};
@@ -75,10 +83,11 @@ const PLUGIN_CONFIGURATION: u32 = 7;
 const COUNTER: u32 = 0;
 const LOG_INFO: u32 = 2;
 const LOG_ERROR: u32 = 4;
-/// Old plugin configs kept for streams created before an update (ECDS makes a new root per update).
-const MAX_ROOTS: usize = 16;
-/// Streams created but not yet past their request headers; more means streams vanished without headers.
-const MAX_PENDING: usize = 4096;
+/// Streams tracked at once (those past their create and not yet deleted). Only a host that never calls
+/// `proxy_on_delete` reaches it: then the oldest stream is forgotten, one at a time.
+const MAX_STREAMS: usize = 1 << 16;
+/// Counts the requests decided with no configuration (an unknown root): they went to stable.
+const UNCONFIGURED_COUNTER: &str = "canary_router_unconfigured";
 
 /// Take ownership of a buffer the host allocated through `proxy_on_memory_allocate`.
 fn owned(data: *mut u8, size: usize) -> Vec<u8> {
@@ -147,39 +156,21 @@ struct Active {
     counters: Vec<Option<u32>>,
 }
 
-/// A value per stream context, held from one callback to a later one. Bounded: if streams vanish
-/// without the later callback, the list is dropped whole rather than grow.
-struct PerStream<T>(Vec<(u32, T)>);
-
-impl<T> Default for PerStream<T> {
-    fn default() -> Self {
-        Self(Vec::new())
-    }
-}
-
-impl<T> PerStream<T> {
-    fn insert(&mut self, context_id: u32, value: T) {
-        if self.0.len() >= MAX_PENDING {
-            self.0.clear();
-        }
-        self.0.push((context_id, value));
-    }
-
-    fn take(&mut self, context_id: u32) -> Option<T> {
-        let i = self.0.iter().position(|(ctx, _)| *ctx == context_id)?;
-        Some(self.0.swap_remove(i).1)
-    }
+/// One stream: its plugin config's root, and the `set-cookie` value waiting for its response headers.
+struct Stream {
+    root: u32,
+    cookie: Option<String>,
 }
 
 /// Everything the VM keeps between calls (one VM per worker thread, so no locking).
 #[derive(Default)]
 struct State {
-    /// Plugin configs by root context id, newest last.
-    roots: Vec<(u32, Rc<Active>)>,
-    /// The root context of each stream not yet past its request headers.
-    pending: PerStream<u32>,
-    /// `set-cookie` values waiting for their stream's response headers.
-    cookies: PerStream<String>,
+    /// Plugin configs by root context id: every live root, until the host deletes it.
+    roots: BTreeMap<u32, Rc<Active>>,
+    /// Streams by context id (ids only grow, so the first is the oldest), until the host deletes them.
+    streams: BTreeMap<u32, Stream>,
+    /// The id of `canary_router_unconfigured` (defined the first time it is needed).
+    unconfigured: Option<u32>,
     /// splitmix64 state (0: not seeded yet).
     random: u64,
 }
@@ -232,14 +223,7 @@ pub extern "C" fn proxy_on_configure(
                 .collect();
             log(LOG_INFO, &format!("config accepted: {}", config.summary()));
             let active = Rc::new(Active { config, counters });
-            STATE.with(|state| {
-                let mut state = state.borrow_mut();
-                state.roots.retain(|(id, _)| *id != root_context_id);
-                state.roots.push((root_context_id, active));
-                if state.roots.len() > MAX_ROOTS {
-                    state.roots.remove(0);
-                }
-            });
+            STATE.with(|state| state.borrow_mut().roots.insert(root_context_id, active));
             true
         }
         Err(err) => {
@@ -249,7 +233,8 @@ pub extern "C" fn proxy_on_configure(
     }
 }
 
-/// A new context: a root (root id 0) or a stream of the plugin config of `root_context_id`.
+/// A new context: a root (root id 0; it is known once configured) or a stream of the plugin config of
+/// `root_context_id`.
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32) {
     if root_context_id == 0 {
@@ -257,9 +242,24 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32)
     }
     STATE.with(|state| {
         let mut state = state.borrow_mut();
-        // With a single plugin config in this VM every stream uses it: nothing to remember.
-        if state.roots.len() > 1 {
-            state.pending.insert(context_id, root_context_id);
+        let stream = Stream {
+            root: root_context_id,
+            cookie: None,
+        };
+        state.streams.insert(context_id, stream);
+        if state.streams.len() > MAX_STREAMS {
+            state.streams.pop_first();
+        }
+    });
+}
+
+/// The host is done with a context: a stream (forget it) or a root (forget its config).
+#[no_mangle]
+pub extern "C" fn proxy_on_delete(context_id: u32) {
+    STATE.with(|state| {
+        let mut state = state.borrow_mut();
+        if state.streams.remove(&context_id).is_none() {
+            state.roots.remove(&context_id);
         }
     });
 }
@@ -328,21 +328,22 @@ pub extern "C" fn proxy_on_request_headers(
     _end_of_stream: bool,
 ) -> u32 {
     let active = STATE.with(|state| {
-        let mut state = state.borrow_mut();
-        let root = state.pending.take(context_id);
-        let by_root = root.and_then(|root| state.roots.iter().find(|(id, _)| *id == root));
-        by_root
-            .or_else(|| state.roots.last())
-            .map(|(_, active)| active.clone())
+        let state = state.borrow();
+        let root = state.streams.get(&context_id)?.root;
+        state.roots.get(&root).cloned()
     });
     let Some(active) = active else {
-        route_unconfigured(&mut HostRequest::default());
+        unconfigured();
         return ACTION_CONTINUE;
     };
     let config = &active.config;
     let routed = route(config, &mut HostRequest::default(), &mut next_random);
     if let Some(cookie) = routed.set_cookie {
-        STATE.with(|state| state.borrow_mut().cookies.insert(context_id, cookie));
+        STATE.with(|state| {
+            if let Some(stream) = state.borrow_mut().streams.get_mut(&context_id) {
+                stream.cookie = Some(cookie);
+            }
+        });
     }
     if let Some(&Some(id)) = active.counters.get(routed.counter_slot) {
         // SAFETY: a plain call with numbers.
@@ -351,13 +352,38 @@ pub extern "C" fn proxy_on_request_headers(
     ACTION_CONTINUE
 }
 
+/// A stream with no config of its own: stable, with every header of every config this VM knows that a
+/// client could pick a version by removed, and counted.
+#[cold]
+fn unconfigured() {
+    let (known, counter) = STATE.with(|state| {
+        let mut state = state.borrow_mut();
+        let known: Vec<Rc<Active>> = state.roots.values().cloned().collect();
+        if state.unconfigured.is_none() {
+            state.unconfigured = define_counter(UNCONFIGURED_COUNTER);
+        }
+        (known, state.unconfigured)
+    });
+    route_unconfigured(
+        &mut HostRequest::default(),
+        known.iter().map(|active| &active.config),
+    );
+    if let Some(id) = counter {
+        // SAFETY: a plain call with numbers.
+        let _ = unsafe { host::proxy_increment_metric(id, 1) };
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn proxy_on_response_headers(
     context_id: u32,
     _num_headers: usize,
     _end_of_stream: bool,
 ) -> u32 {
-    let cookie = STATE.with(|state| state.borrow_mut().cookies.take(context_id));
+    let cookie = STATE.with(|state| {
+        let mut state = state.borrow_mut();
+        state.streams.get_mut(&context_id)?.cookie.take()
+    });
     if let Some(cookie) = cookie {
         add_header(RESPONSE_HEADERS, "set-cookie", cookie.as_bytes());
     }

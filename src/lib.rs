@@ -5,7 +5,8 @@
 //! header; Envoy's route table then sends the request to the version's cluster.
 //!
 //! The crate is split so the logic is plain, host-testable Rust:
-//! - [`config`]: the JSON contract and its validation, read by [`json`] (a small reader, no serde in the .wasm),
+//! - [`config`]: the JSON contract (serde) and its validation; [`percent`]: the fixed-point percentage;
+//!   [`text`]: user values in one-line error messages,
 //! - [`decision`]: the routing decision, and [`route`]: writing it into the request, for both builds,
 //! - [`hash`]: the specified sticky hash,
 //! - `filter` (wasm32 only): the proxy-wasm glue (our own thin ABI 0.2.1 layer) that reads headers in and
@@ -14,9 +15,10 @@
 pub mod config;
 pub mod decision;
 pub mod hash;
-pub mod json;
 pub mod metrics;
+pub mod percent;
 pub mod route;
+pub mod text;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

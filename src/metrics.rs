@@ -78,8 +78,6 @@ mod tests {
                         version,
                         reason,
                         assigned_key: None,
-                        remove_override_header: false,
-                        remove_token_header: false,
                     };
                     assert_eq!(
                         names[counter_slot(&config, Some(&d))],
@@ -96,8 +94,6 @@ mod tests {
                     version: 1,
                     reason: Reason::Sticky,
                     assigned_key: None,
-                    remove_override_header: false,
-                    remove_token_header: false
                 })
             )],
             "canary_router_requests.rollout.api.version.1.1-rc.1.reason.sticky"

@@ -25,7 +25,8 @@ pub struct Routed {
 
 /// Decides which version serves the request and writes it into the route header. A request no rollout
 /// matches loses any client-sent route header, so Envoy's default (stable) route serves it; a client can
-/// never pick the version through that header. Honoured override and token headers are removed too.
+/// never pick the version through that header. The override and token headers of every rollout are
+/// removed from every request, honoured or not, whichever rollout matched: none reaches an upstream.
 pub fn route(
     config: &Config,
     headers: &mut impl RequestHeaders,
@@ -33,6 +34,9 @@ pub fn route(
 ) -> Routed {
     let decision = decide(config, headers, random);
     let counter_slot = metrics::counter_slot(config, decision.as_ref());
+    for name in &config.strip_headers {
+        headers.remove(name);
+    }
     let Some(d) = decision else {
         headers.remove(&config.route_header);
         return Routed {
@@ -40,18 +44,6 @@ pub fn route(
             set_cookie: None,
         };
     };
-    if let Some(ov) = config
-        .rollouts
-        .get(d.rollout)
-        .and_then(|r| r.override_.as_ref())
-    {
-        if d.remove_override_header {
-            headers.remove(&ov.header);
-        }
-        if let (true, Some((token_header, _))) = (d.remove_token_header, &ov.token) {
-            headers.remove(token_header);
-        }
-    }
     headers.replace(&config.route_header, d.version_name(config).as_bytes());
     Routed {
         counter_slot,
@@ -59,10 +51,23 @@ pub fn route(
     }
 }
 
-/// No decision (no configuration accepted yet, or a caught failure in the native build): the default route
-/// header a client may have sent is removed, so the request goes to the default (stable) route.
-pub fn route_unconfigured(headers: &mut impl RequestHeaders) {
+/// No decision: no configuration for this stream (the wasm glue), or a caught failure (the native build).
+/// The request goes to the default (stable) route with nothing a client could pick a version by: the
+/// default route header, and the route, override and token headers of every configuration `known` (the
+/// ones this VM or stream has seen), are removed.
+pub fn route_unconfigured<'c>(
+    headers: &mut impl RequestHeaders,
+    known: impl IntoIterator<Item = &'c Config>,
+) {
     headers.remove(DEFAULT_ROUTE_HEADER);
+    for config in known {
+        if config.route_header != DEFAULT_ROUTE_HEADER {
+            headers.remove(&config.route_header);
+        }
+        for name in &config.strip_headers {
+            headers.remove(name);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -149,7 +154,51 @@ mod tests {
         assert_eq!(h.header("x-version"), None);
         assert_eq!(routed.counter_slot, 0);
         let mut h = fake(&[("x-version", "v2")]);
-        route_unconfigured(&mut h);
+        route_unconfigured(&mut h, []);
         assert!(h.0.is_empty());
+    }
+
+    /// Two rollouts, only the first with an override and a token; a custom route header.
+    const TWO: &str = r#"{"route_header":"x-canary","rollouts":[
+        {"name":"admin","match":{"path_prefix":"/admin"},"stable":"a1","canaries":[{"version":"a2","percent":0}],
+         "override":{"header":"x-pick","token_header":"x-token","token":"t"}},
+        {"name":"web","match":{"path_prefix":"/web"},"stable":"v1","canaries":[{"version":"v2","percent":100}]}]}"#;
+
+    #[test]
+    fn override_and_token_headers_of_every_rollout_never_go_upstream() {
+        let config = parse(TWO.as_bytes()).unwrap();
+        for path in ["/web", "/other", "/admin"] {
+            let mut h = fake(&[
+                (":path", path),
+                ("x-pick", "v2"),
+                ("x-token", "t"),
+                ("x-canary", "a2"),
+            ]);
+            route(&config, &mut h, &mut || 3);
+            assert_eq!(h.header("x-pick"), None, "{path}");
+            assert_eq!(h.header("x-token"), None, "{path}");
+            let route_values: Vec<_> = h.0.iter().filter(|(k, _)| k == "x-canary").collect();
+            match path {
+                "/web" => assert_eq!(route_values, [&("x-canary".to_string(), b"v2".to_vec())]),
+                "/admin" => assert_eq!(route_values, [&("x-canary".to_string(), b"a1".to_vec())]),
+                _ => assert!(route_values.is_empty(), "{route_values:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn without_a_decision_no_header_a_client_could_pick_by_survives() {
+        let config = parse(TWO.as_bytes()).unwrap();
+        let mut h = fake(&[
+            (":path", "/web"),
+            ("x-canary", "v2"),
+            ("x-version", "v2"),
+            ("x-pick", "a2"),
+            ("x-token", "t"),
+            ("x-user-id", "u"),
+        ]);
+        route_unconfigured(&mut h, [&config]);
+        let left: Vec<&str> = h.0.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(left, [":path", "x-user-id"]);
     }
 }

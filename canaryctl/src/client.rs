@@ -1,19 +1,28 @@
-//! The CLI side: talks to `canaryctl serve`'s admin API, prints what changed, and waits until every
-//! connected Envoy has applied the new version (or one refused it, or the wait times out).
+//! The CLI side: talks to `canaryctl serve`'s admin API (through reqwest), prints what changed, and waits
+//! until every Envoy of the fleet has applied the new version, or says by name which did not.
+//!
+//! Exit codes: 0 done; 1 refused (by canaryctl, or an Envoy NACKed it), or the wait timed out; 2 canaryctl
+//! could not be reached or answered nonsense; 3 saved and applied by every connected Envoy, but some
+//! Envoys of the fleet are disconnected and did not get it (`--allow-disconnected` makes that 0).
 
 use std::io::IsTerminal;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::server::{EnvoyStatus, WriteOutcome};
+use crate::fleet::{EnvoyStatus, Link, Progress};
+use crate::server::WriteOutcome;
+
+/// Exit code of a write that some Envoys of the fleet did not apply because they are disconnected.
+pub const EXIT_DISCONNECTED: u8 = 3;
 
 /// `GET /v1/status`, as the CLI reads it.
 #[derive(Deserialize)]
 struct StatusBody {
     desired: DesiredBody,
+    fleet: FleetBody,
     envoys: Vec<EnvoyStatus>,
 }
 
@@ -24,14 +33,17 @@ struct DesiredBody {
     summary: String,
 }
 
+#[derive(Deserialize)]
+struct FleetBody {
+    window_seconds: u64,
+}
+
 /// A dry run of `POST /v1/apply`.
 #[derive(Deserialize)]
 struct PreviewBody {
     version: u64,
     changes: Vec<String>,
 }
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// A failure of a CLI command; `exit_code` is what the process exits with.
 #[derive(Debug)]
@@ -50,7 +62,7 @@ impl CliError {
     }
 
     /// The server refused the change, an Envoy refused it, or the wait timed out (exit 1).
-    fn refused(message: impl Into<String>) -> Self {
+    pub fn refused(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
             exit_code: 1,
@@ -59,92 +71,90 @@ impl CliError {
 }
 
 pub struct Client {
-    host: String,
-    port: u16,
+    base: reqwest::Url,
+    http: reqwest::Client,
     token: Option<String>,
+}
+
+/// The innermost cause of an error, which is the one that says what went wrong.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 impl Client {
     /// `server` is the admin API's address: `http://127.0.0.1:9902` or `127.0.0.1:9902`.
     pub fn new(server: &str, token: Option<String>) -> Result<Self, CliError> {
-        let rest = server.strip_prefix("http://").unwrap_or(server);
-        if server.starts_with("https://") {
-            return Err(CliError::transport(
-                "the admin API speaks plain HTTP on loopback; use http://",
-            ));
-        }
-        let authority = rest.split('/').next().unwrap_or(rest);
-        let (host, port) = authority
-            .rsplit_once(':')
-            .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_string(), p)))
+        let with_scheme = if server.contains("://") {
+            server.to_string()
+        } else {
+            format!("http://{server}")
+        };
+        let base = reqwest::Url::parse(&with_scheme)
+            .ok()
+            .filter(|url| url.host_str().is_some() && url.port_or_known_default().is_some())
             .ok_or_else(|| {
-                CliError::transport(format!("--server {server:?}: expected host:port"))
+                CliError::transport(format!(
+                    "--server {}: expected http://host:port",
+                    canary_router::text::quote(server)
+                ))
             })?;
-        Ok(Self { host, port, token })
+        if base.scheme() != "http" {
+            return Err(CliError::transport(format!(
+                "--server {}: the admin API speaks plain HTTP (keep it on loopback, or put TLS in front \
+                 and point the CLI at it from there)",
+                canary_router::text::quote(server)
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|err| CliError::transport(format!("cannot start the HTTP client: {err}")))?;
+        Ok(Self { base, http, token })
     }
 
-    async fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<(u16, Value), CliError> {
-        let unreachable = |err: std::io::Error| {
+    async fn request(&self, path: &str, body: Option<&Value>) -> Result<(u16, Value), CliError> {
+        let url = self
+            .base
+            .join(path)
+            .map_err(|err| CliError::transport(format!("{path}: {err}")))?;
+        let mut request = match body {
+            Some(body) => self.http.post(url).json(body),
+            None => self.http.get(url),
+        };
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let unreachable = |err: reqwest::Error| {
             CliError::transport(format!(
-                "cannot reach canaryctl serve at {}:{}: {err}",
-                self.host, self.port
+                "cannot reach canaryctl serve at {}: {}",
+                self.base,
+                root_cause(&err)
             ))
         };
-        let mut stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| {
-            CliError::transport(format!(
-                "cannot reach canaryctl serve at {}:{}: timed out",
-                self.host, self.port
-            ))
-        })?
-        .map_err(unreachable)?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n",
-            self.host
-        );
-        if let Some(token) = &self.token {
-            head.push_str(&format!("Authorization: Bearer {token}\r\n"));
-        }
-        if method != "GET" {
-            head.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
-        }
-        head.push_str("\r\n");
-        stream
-            .write_all(head.as_bytes())
-            .await
-            .map_err(unreachable)?;
-        stream
-            .write_all(body.as_bytes())
-            .await
-            .map_err(unreachable)?;
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
-            .await
-            .map_err(|_| CliError::transport("canaryctl serve did not answer within 30 s"))?
-            .map_err(unreachable)?;
-        parse_response(&raw)
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.map_err(unreachable)?;
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Ok((status, value))
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
-        let (status, body) = self.request("GET", path, None).await?;
+        let (status, body) = self.request(path, None).await?;
         typed(status, body)
     }
 
     async fn post<T: DeserializeOwned>(&self, path: &str, body: Value) -> Result<T, CliError> {
-        let (status, answer) = self.request("POST", path, Some(&body)).await?;
+        let (status, answer) = self.request(path, Some(&body)).await?;
         typed(status, answer)
     }
 }
@@ -163,50 +173,6 @@ fn error_text(status: u16, body: &Value) -> String {
         Some(message) if status == 401 => format!("unauthorized: {message}"),
         Some(message) => message.to_string(),
         None => format!("canaryctl serve answered HTTP {status}"),
-    }
-}
-
-/// Parse an HTTP/1.1 response read to EOF (Connection: close), chunked or not.
-fn parse_response(raw: &[u8]) -> Result<(u16, Value), CliError> {
-    let bad = || CliError::transport("canaryctl serve sent a malformed HTTP response");
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(bad)?;
-    let head = String::from_utf8_lossy(raw.get(..split).ok_or_else(bad)?).to_string();
-    let mut body = raw.get(split + 4..).ok_or_else(bad)?.to_vec();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(bad)?;
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body).ok_or_else(bad)?;
-    }
-    let value = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
-    };
-    Ok((status, value))
-}
-
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(data.get(..line_end)?).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        data = data.get(line_end + 2..)?;
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
     }
 }
 
@@ -235,8 +201,9 @@ pub async fn status(client: &Client, as_json: bool) -> Result<(), CliError> {
     let mut rows = vec![[
         "ENVOY".to_string(),
         "CLUSTER".to_string(),
-        "STREAM".to_string(),
+        "LINK".to_string(),
         "APPLIED".to_string(),
+        "LAST SEEN".to_string(),
         "NOTE".to_string(),
     ]];
     for e in &status.envoys {
@@ -245,36 +212,64 @@ pub async fn status(client: &Client, as_json: bool) -> Result<(), CliError> {
             Some(v) => format!("{v} (behind)"),
             None => "-".to_string(),
         };
-        let note = match &e.nack {
-            Some(n) => format!("NACK of version {}: {}", n.version, n.message),
-            None => format!("since {}", ago(e.last_change_unix)),
+        let mut notes = Vec::new();
+        if let Some(n) = &e.nack {
+            notes.push(format!("NACK of version {}: {}", n.version, n.message));
+        }
+        if e.streams > 1 {
+            notes.push(format!("{} streams share this node id", e.streams));
+        }
+        match e.link {
+            Link::Disconnected => notes.push(format!(
+                "disconnected since {}",
+                when(e.disconnected_since_unix.unwrap_or(e.last_seen_unix))
+            )),
+            Link::Gone => notes.push(format!(
+                "not in the fleet (not seen for {})",
+                humantime::format_duration(Duration::from_secs(status.fleet.window_seconds))
+            )),
+            Link::Connected | Link::Reconnecting => {}
+        }
+        let last_seen = match e.link {
+            Link::Connected => "now".to_string(),
+            _ => ago(e.last_seen_unix),
         };
-        let stream = if e.connected { "connected" } else { "gone" };
         rows.push([
             e.node_id.clone(),
             e.cluster.clone(),
-            stream.to_string(),
+            link_name(e.link).to_string(),
             applied,
-            note,
+            last_seen,
+            notes.join("; "),
         ]);
     }
-    let mut widths = [0usize; 4];
-    for row in &rows {
+    print_table(&rows);
+    Ok(())
+}
+
+fn link_name(link: Link) -> &'static str {
+    match link {
+        Link::Connected => "connected",
+        Link::Reconnecting => "reconnecting",
+        Link::Disconnected => "disconnected",
+        Link::Gone => "gone",
+    }
+}
+
+fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row.iter()) {
-            *width = (*width).max(cell.len());
+            *width = (*width).max(cell.chars().count());
         }
     }
-    for row in &rows {
+    for row in rows {
         let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            match widths.get(i) {
-                Some(w) => line.push_str(&format!("{cell:<w$}  ")),
-                None => line.push_str(cell),
-            }
+        for (cell, width) in row.iter().zip(widths) {
+            line.push_str(&format!("{cell:<width$}  "));
         }
         println!("{}", line.trim_end());
     }
-    Ok(())
 }
 
 fn ago(unix: u64) -> String {
@@ -282,14 +277,23 @@ fn ago(unix: u64) -> String {
     match secs {
         0..=119 => format!("{secs}s ago"),
         120..=7199 => format!("{}m ago", secs / 60),
-        _ => format!("{}h ago", secs / 3600),
+        7200..=172_799 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
     }
+}
+
+/// A time as RFC 3339 (UTC) and how long ago it was.
+fn when(unix: u64) -> String {
+    let at = UNIX_EPOCH + Duration::from_secs(unix);
+    format!("{} ({})", humantime::format_rfc3339_seconds(at), ago(unix))
 }
 
 /// How a write command waits for the fleet.
 pub struct Wait {
     pub enabled: bool,
     pub timeout: Duration,
+    /// Disconnected Envoys that did not get the version are reported but do not fail the command.
+    pub allow_disconnected: bool,
 }
 
 /// Send a write, print what changed, and wait for the fleet.
@@ -307,61 +311,69 @@ pub async fn write(client: &Client, path: &str, body: Value, wait: &Wait) -> Res
     }
     println!("saved as version {}", outcome.version);
     if wait.enabled {
-        wait_for_fleet(client, outcome.version, wait.timeout).await?;
+        wait_for_fleet(client, outcome.version, wait).await?;
     }
     Ok(())
 }
 
-/// Poll until every connected Envoy has ACKed `version`; any NACK of it, or the timeout, is an error.
-pub async fn wait_for_fleet(
-    client: &Client,
-    version: u64,
-    timeout: Duration,
-) -> Result<(), CliError> {
+fn names(envoys: &[&EnvoyStatus]) -> String {
+    envoys
+        .iter()
+        .map(|e| e.node_id.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Poll until every Envoy of the fleet has applied `version`, refused it, or is disconnected; then say
+/// which is which. A refusal or the timeout is exit 1, a disconnected Envoy exit 3.
+pub async fn wait_for_fleet(client: &Client, version: u64, wait: &Wait) -> Result<(), CliError> {
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut last_line = String::new();
+    let end_progress_line = |last_line: &str| {
+        if tty && !last_line.is_empty() {
+            eprint!("\r{}\r", " ".repeat(last_line.chars().count()));
+        }
+    };
     loop {
         let status: StatusBody = client.get("/v1/status").await?;
-        let envoys: Vec<&EnvoyStatus> = status.envoys.iter().filter(|e| e.connected).collect();
-        if let Some((envoy, nack)) = envoys.iter().find_map(|e| {
-            e.nack
-                .as_ref()
-                .filter(|n| n.version == version)
-                .map(|n| (e, n))
-        }) {
-            if tty && !last_line.is_empty() {
-                eprintln!();
-            }
-            return Err(CliError::refused(format!(
-                "Envoy {} refused version {version}: {} (it keeps serving version {})",
-                envoy.node_id,
-                nack.message,
-                envoy
-                    .acked_version
-                    .map_or("none".to_string(), |v| v.to_string())
-            )));
+        let progress = Progress::of(&status.envoys, version);
+        if !progress.refused.is_empty() {
+            end_progress_line(&last_line);
+            let reasons: Vec<String> = progress
+                .refused
+                .iter()
+                .map(|envoy| {
+                    let nack = envoy.nack.as_ref().map_or("", |n| n.message.as_str());
+                    let kept = envoy
+                        .acked_version
+                        .map_or("none".to_string(), |v| v.to_string());
+                    format!(
+                        "Envoy {} refused version {version}: {nack} (it keeps serving version {kept})",
+                        envoy.node_id
+                    )
+                })
+                .collect();
+            return Err(CliError::refused(reasons.join("; ")));
         }
-        let done = |e: &&&EnvoyStatus| e.acked_version.is_some_and(|v| v >= version);
-        let applied = envoys.iter().filter(done).count();
+        let fleet = progress.fleet_size();
         let elapsed = started.elapsed().as_secs_f64();
-        if envoys.is_empty() {
-            println!("no Envoy is connected: version {version} is saved and will be served when they connect");
+        if fleet == 0 {
+            println!("no Envoy is in the fleet: version {version} is saved and will be served when they connect");
             return Ok(());
         }
-        if applied == envoys.len() {
-            if tty && !last_line.is_empty() {
-                eprint!("\r{}\r", " ".repeat(last_line.len()));
-            }
+        if progress.settled() {
+            end_progress_line(&last_line);
             println!(
-                "applied by {applied}/{} Envoys in {elapsed:.2} s",
-                envoys.len()
+                "applied by {}/{fleet} Envoys in {elapsed:.2} s",
+                progress.applied.len()
             );
-            return Ok(());
+            return report_disconnected(&progress, version, wait);
         }
         let line = format!(
-            "waiting for Envoys to apply version {version}: {applied}/{} ({elapsed:.1} s)",
-            envoys.len()
+            "waiting for Envoys to apply version {version}: {}/{fleet} ({elapsed:.1} s; waiting for {})",
+            progress.applied.len(),
+            names(&progress.waiting)
         );
         if tty {
             eprint!("\r{line}");
@@ -369,39 +381,74 @@ pub async fn wait_for_fleet(
             eprintln!("{line}");
         }
         last_line = line;
-        if started.elapsed() >= timeout {
+        if started.elapsed() >= wait.timeout {
             if tty {
                 eprintln!();
             }
-            let pending: Vec<&str> = envoys
-                .iter()
-                .filter(|e| !done(e))
-                .map(|e| e.node_id.as_str())
-                .collect();
             return Err(CliError::refused(format!(
-                "timed out after {:.0} s: {} of {} Envoys have not applied version {version} ({})",
-                timeout.as_secs_f64(),
-                pending.len(),
-                envoys.len(),
-                pending.join(", ")
+                "timed out after {:.0} s: {} of {fleet} Envoys have not applied version {version} ({})",
+                wait.timeout.as_secs_f64(),
+                progress.waiting.len() + progress.disconnected.len(),
+                names(&[progress.waiting.as_slice(), progress.disconnected.as_slice()].concat())
             )));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
+/// Names each disconnected Envoy of the fleet; exit 3 unless `--allow-disconnected`.
+fn report_disconnected(progress: &Progress, version: u64, wait: &Wait) -> Result<(), CliError> {
+    if progress.disconnected.is_empty() {
+        return Ok(());
+    }
+    for envoy in &progress.disconnected {
+        let since = envoy
+            .disconnected_since_unix
+            .unwrap_or(envoy.last_seen_unix);
+        println!(
+            "{} ({}): not applied: disconnected since {}; it gets version {version} when it reconnects",
+            envoy.node_id,
+            envoy.cluster,
+            when(since)
+        );
+    }
+    let count = progress.disconnected.len();
+    let message = format!(
+        "{count} Envoy{} of the fleet did not apply version {version}: disconnected ({})",
+        if count == 1 { "" } else { "s" },
+        names(&progress.disconnected)
+    );
+    if wait.allow_disconnected {
+        println!("{message} (allowed by --allow-disconnected)");
+        Ok(())
+    } else {
+        Err(CliError {
+            message: format!("{message}; --allow-disconnected accepts this"),
+            exit_code: EXIT_DISCONNECTED,
+        })
+    }
+}
+
+/// `["v2=12.5", "v3=1%"]` → `{"rollout", "percents": {"v2": 12.5, "v3": 1}}`, each percent sent as the
+/// number it was written as (canaryctl serve reads it exactly and refuses what the filter would).
 pub fn set_body(rollout: &str, assignments: &[String]) -> Result<Value, CliError> {
     let mut percents = serde_json::Map::new();
     for assignment in assignments {
         let (version, percent) = assignment.rsplit_once('=').ok_or_else(|| {
             CliError::refused(format!(
-                "{assignment:?}: expected <version>=<percent>, e.g. v2=12.5"
+                "{}: expected <version>=<percent>, e.g. v2=12.5",
+                canary_router::text::quote(assignment)
             ))
         })?;
-        let percent: f64 = percent.trim_end_matches('%').parse().map_err(|_| {
-            CliError::refused(format!("{assignment:?}: {percent:?} is not a number"))
+        let text = percent.strip_suffix('%').unwrap_or(percent);
+        let number: serde_json::Number = text.parse().map_err(|_| {
+            CliError::refused(format!(
+                "{}: {} is not a number",
+                canary_router::text::quote(assignment),
+                canary_router::text::quote(percent)
+            ))
         })?;
-        percents.insert(version.to_string(), json!(percent));
+        percents.insert(version.to_string(), Value::Number(number));
     }
     Ok(json!({ "rollout": rollout, "percents": percents }))
 }
@@ -450,39 +497,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn responses_parse_plain_and_chunked() {
-        let (status, body) =
-            parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"a\": true}").unwrap();
-        assert_eq!((status, body), (200, json!({"a": true})));
-        let chunked = b"HTTP/1.1 401 Unauthorized\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{\"err\r\na\r\nor\": \"no\"}\r\n0\r\n\r\n";
+    fn set_arguments_are_version_equals_percent_sent_as_written() {
         assert_eq!(
-            parse_response(chunked).unwrap(),
-            (401, json!({"error": "no"}))
+            set_body("web", &["v2=12.5".into(), "v3=1%".into()])
+                .unwrap()
+                .to_string(),
+            r#"{"percents":{"v2":12.5,"v3":1},"rollout":"web"}"#
         );
-        assert!(parse_response(b"garbage").is_err());
-    }
-
-    #[test]
-    fn set_arguments_are_version_equals_percent() {
+        // The text goes as written: canaryctl serve refuses float noise with the filter's message.
         assert_eq!(
-            set_body("web", &["v2=12.5".into(), "v3=1%".into()]).unwrap(),
-            json!({"rollout": "web", "percents": {"v2": 12.5, "v3": 1.0}})
+            set_body("web", &["v2=0.30000000000000004".into()])
+                .unwrap()
+                .to_string(),
+            r#"{"percents":{"v2":0.30000000000000004},"rollout":"web"}"#
         );
         assert!(set_body("web", &["v2".into()])
             .unwrap_err()
             .message
             .contains("expected <version>=<percent>"));
-        assert!(set_body("web", &["v2=x".into()])
-            .unwrap_err()
-            .message
-            .contains("is not a number"));
+        assert_eq!(
+            set_body("web", &["v2=x\n".into()]).unwrap_err().message,
+            "\"v2=x\\n\": \"x\\n\" is not a number"
+        );
     }
 
     #[test]
     fn server_addresses() {
         let c = Client::new("http://127.0.0.1:9902", None).unwrap();
-        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 9902));
-        assert!(Client::new("localhost", None).is_err());
+        assert_eq!(c.base.as_str(), "http://127.0.0.1:9902/");
+        let c = Client::new("localhost:9902", None).unwrap();
+        assert_eq!(c.base.as_str(), "http://localhost:9902/");
         assert!(Client::new("https://x:1", None).is_err());
+        assert!(Client::new("::::", None).is_err());
     }
 }

@@ -5,6 +5,7 @@
 
 mod admin;
 mod client;
+mod fleet;
 mod server;
 mod state;
 mod xds;
@@ -19,8 +20,9 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use serde_json::json;
 
 use client::{CliError, Client, Wait};
-use server::{FilterSettings, Server};
-use state::{Desired, StateFile};
+use fleet::FleetSettings;
+use server::{Artifact, FilterSettings, Server};
+use state::{Desired, Saved, StateFile};
 
 #[derive(Parser)]
 #[command(
@@ -37,9 +39,13 @@ struct Cli {
         default_value = "http://127.0.0.1:9902"
     )]
     server: String,
-    /// Bearer token for writes (serve: require it; other commands: send it).
+    /// The admin token (serve: require it on /v1; other commands: send it). Visible in `ps`: prefer
+    /// --token-file or the environment.
     #[arg(long, global = true, env = "CANARYCTL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the admin token (one line; a trailing newline is ignored).
+    #[arg(long, global = true, env = "CANARYCTL_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +58,10 @@ struct WaitArgs {
     /// Save and push, but do not wait for the Envoys.
     #[arg(long)]
     no_wait: bool,
+    /// Exit 0 even when Envoys of the fleet are disconnected and did not get the change (they are
+    /// still named; without this flag that is exit 3).
+    #[arg(long)]
+    allow_disconnected: bool,
 }
 
 impl WaitArgs {
@@ -59,6 +69,7 @@ impl WaitArgs {
         Wait {
             enabled: !self.no_wait,
             timeout: Duration::from_secs_f64(self.timeout.max(0.0)),
+            allow_disconnected: self.allow_disconnected,
         }
     }
 }
@@ -79,15 +90,30 @@ enum Command {
         /// The plugin configuration to start from when there is no state file yet.
         #[arg(long, value_name = "FILE")]
         init_config: Option<String>,
+        /// Replace a saved config that this build refuses with FILE, as the next version, keeping the
+        /// fleet; refused when the saved config is valid.
+        #[arg(long, value_name = "FILE", conflicts_with = "init_config")]
+        recover_config: Option<String>,
         /// The .wasm path as the Envoys see it.
         #[arg(
             long,
             default_value = "target/wasm32-wasip1/release/canary_router.wasm"
         )]
         wasm_path: String,
+        /// Serve the native module (Envoy 1.40's DynamicModuleFilter) at this path, as the Envoys see it,
+        /// instead of the .wasm (use envoy/envoy-ads-native.yaml).
+        #[arg(long, value_name = "SO")]
+        native_module: Option<String>,
         /// The ECDS resource name (the filter's name in the Envoys' http_filters).
         #[arg(long, default_value = "canary-router")]
         filter_name: String,
+        /// Envoys seen within this time are the fleet: a write waits for each, and names the
+        /// disconnected ones.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        fleet_window: Duration,
+        /// Envoys not seen for this long are forgotten.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        forget_after: Duration,
     },
     /// Desired config and, per Envoy, the version it applied or refused.
     Status {
@@ -150,27 +176,65 @@ fn main() -> ExitCode {
     }
 }
 
+/// The admin token from --token or --token-file (or their environment variables), not both.
+fn admin_token(cli: &Cli) -> Result<Option<String>, CliError> {
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(_), Some(_)) => {
+            return Err(fail(
+                "give the admin token one way: --token (CANARYCTL_TOKEN) or --token-file (CANARYCTL_TOKEN_FILE)",
+            ))
+        }
+        (Some(token), None) => token.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|err| fail(format!("--token-file {path}: {err}")))?
+            .trim_end_matches(['\n', '\r'])
+            .to_string(),
+        (None, None) => return Ok(None),
+    };
+    if token.trim().is_empty() || token.chars().any(char::is_control) {
+        return Err(fail(
+            "the admin token is empty or has control characters: give one line of text",
+        ));
+    }
+    Ok(Some(token))
+}
+
 async fn run(cli: Cli) -> Result<(), CliError> {
-    let client = || Client::new(&cli.server, cli.token.clone());
+    let token = admin_token(&cli)?;
+    let client = || Client::new(&cli.server, token.clone());
     match &cli.command {
         Command::Serve {
             xds,
             admin,
             state,
             init_config,
+            recover_config,
             wasm_path,
+            native_module,
             filter_name,
+            fleet_window,
+            forget_after,
         } => {
-            serve(
-                *xds,
-                *admin,
-                state,
-                init_config.as_deref(),
-                wasm_path,
-                filter_name,
-                cli.token.clone(),
-            )
-            .await
+            let artifact = match native_module {
+                Some(path) => Artifact::Native(path.clone()),
+                None => Artifact::Wasm(wasm_path.clone()),
+            };
+            let settings = ServeSettings {
+                xds: *xds,
+                admin: *admin,
+                state: state.clone(),
+                init_config: init_config.clone(),
+                recover_config: recover_config.clone(),
+                filter: FilterSettings {
+                    name: filter_name.clone(),
+                    artifact,
+                },
+                fleet: FleetSettings {
+                    window: *fleet_window,
+                    forget_after: *forget_after,
+                },
+            };
+            serve(settings, token).await
         }
         Command::Status { json } => client::status(&client()?, *json).await,
         Command::Set {
@@ -213,52 +277,85 @@ fn fail(message: impl Into<String>) -> CliError {
     }
 }
 
-async fn serve(
-    xds_addr: SocketAddr,
-    admin_addr: SocketAddr,
-    state_path: &str,
-    init_config: Option<&str>,
-    wasm_path: &str,
-    filter_name: &str,
-    token: Option<String>,
-) -> Result<(), CliError> {
+/// What `canaryctl serve` was told.
+struct ServeSettings {
+    xds: SocketAddr,
+    admin: SocketAddr,
+    state: String,
+    init_config: Option<String>,
+    recover_config: Option<String>,
+    filter: FilterSettings,
+    fleet: FleetSettings,
+}
+
+fn read_config(path: &str) -> Result<canary_router::config::RawConfig, CliError> {
+    let text = std::fs::read(path).map_err(|err| fail(format!("{path}: {err}")))?;
+    state::parse_config(&text).map_err(|err| fail(format!("{path}: {err}")))
+}
+
+/// The state to serve: the state file's, or one started from --init-config, or recovered.
+fn starting_state(settings: &ServeSettings) -> Result<Saved, CliError> {
+    let state_path = &settings.state;
+    let state_file = StateFile::new(state_path);
+    if let Some(path) = &settings.recover_config {
+        let saved = state_file
+            .recover(read_config(path)?)
+            .map_err(|err| fail(err.to_string()))?;
+        eprintln!(
+            "canaryctl: state {state_path} recovered with {path}: version {}",
+            saved.desired.version
+        );
+        return Ok(saved);
+    }
+    if let Some(saved) = state_file.load().map_err(|err| fail(err.to_string()))? {
+        eprintln!(
+            "canaryctl: state {state_path}: version {}, {} Envoys known",
+            saved.desired.version,
+            saved.fleet.len()
+        );
+        return Ok(saved);
+    }
+    let path = settings.init_config.as_deref().ok_or_else(|| {
+        fail(format!(
+            "no state file at {state_path}: give --init-config FILE to start one"
+        ))
+    })?;
+    let saved = Saved {
+        desired: Desired {
+            version: 1,
+            updated_at_unix: state::now_unix(),
+            config: read_config(path)?,
+        },
+        fleet: Vec::new(),
+    };
+    state_file
+        .save(&saved.desired, &saved.fleet)
+        .map_err(|err| fail(err.to_string()))?;
+    eprintln!("canaryctl: state {state_path} started from {path}: version 1");
+    Ok(saved)
+}
+
+async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), CliError> {
+    let (xds_addr, admin_addr) = (settings.xds, settings.admin);
     if token.is_none() && !admin_addr.ip().is_loopback() {
         return Err(fail(format!(
-            "the admin API on {admin_addr} would accept writes from anyone: set --token (or CANARYCTL_TOKEN), or listen on loopback"
+            "the admin API on {admin_addr} would accept writes from anyone: set --token-file (or CANARYCTL_TOKEN), or listen on loopback"
         )));
     }
-    let state_file = StateFile::new(state_path);
-    let desired = match state_file.load().map_err(|err| fail(err.to_string()))? {
-        Some(desired) => {
-            eprintln!("canaryctl: state {state_path}: version {}", desired.version);
-            desired
-        }
-        None => {
-            let path = init_config.ok_or_else(|| {
-                fail(format!(
-                    "no state file at {state_path}: give --init-config FILE to start one"
-                ))
-            })?;
-            let text = std::fs::read(path).map_err(|err| fail(format!("{path}: {err}")))?;
-            let config =
-                state::parse_config(&text).map_err(|err| fail(format!("{path}: {err}")))?;
-            let desired = Desired {
-                version: 1,
-                updated_at_unix: state::now_unix(),
-                config,
-            };
-            state_file
-                .save(&desired)
-                .map_err(|err| fail(err.to_string()))?;
-            eprintln!("canaryctl: state {state_path} started from {path}: version 1");
-            desired
-        }
-    };
-    let filter = FilterSettings {
-        name: filter_name.to_string(),
-        wasm_path: wasm_path.to_string(),
-    };
-    let server = Arc::new(Server::new(filter, state_file, desired, token));
+    if settings.fleet.forget_after < settings.fleet.window {
+        return Err(fail(
+            "--forget-after must be at least --fleet-window: an Envoy of the fleet cannot be forgotten",
+        ));
+    }
+    let saved = starting_state(&settings)?;
+    let server = Arc::new(Server::new(
+        settings.filter,
+        StateFile::new(&settings.state),
+        saved.desired,
+        saved.fleet,
+        settings.fleet,
+        token,
+    ));
 
     let admin_listener = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -266,7 +363,11 @@ async fn serve(
     let xds_listener = tokio::net::TcpListener::bind(xds_addr)
         .await
         .map_err(|err| fail(format!("xDS on {xds_addr}: {err}")))?;
+    // Port 0 picks a free port: say which.
+    let xds_addr = xds_listener.local_addr().unwrap_or(xds_addr);
+    let admin_addr = admin_listener.local_addr().unwrap_or(admin_addr);
     eprintln!("canaryctl: serving ADS on {xds_addr}, admin API on http://{admin_addr}");
+    tokio::spawn(server.clone().keep_fleet());
 
     let shutdown = async {
         let ctrl_c = tokio::signal::ctrl_c();

@@ -1,46 +1,32 @@
 //! What `canaryctl serve` holds: the desired state (durable, broadcast to every xDS stream), the fleet of
-//! connected Envoys with what each last applied or refused, and counters for `/metrics`.
+//! Envoys it has seen with what each applied or refused (durable too), and counters for `/metrics`.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, KnownEnvoy};
 use crate::state::{now_unix, Changes, Desired, StateError, StateFile};
 use canary_router::config::RawConfig;
 
-/// How the filter is delivered: the ECDS resource name and the `.wasm` path as the Envoys see it.
+/// Which build of the filter the Envoys load, and where they find it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Artifact {
+    /// The proxy-wasm `.wasm`, at this path as the Envoys see it.
+    Wasm(String),
+    /// The native dynamic module (`libcanary_router_native.so`), at this path as the Envoys see it.
+    Native(String),
+}
+
+/// How the filter is delivered: the ECDS resource name and the artifact.
 #[derive(Debug, Clone)]
 pub struct FilterSettings {
     pub name: String,
-    pub wasm_path: String,
-}
-
-/// One xDS stream, i.e. one Envoy (a reconnecting Envoy replaces its earlier entry).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EnvoyStatus {
-    pub node_id: String,
-    pub cluster: String,
-    pub peer: String,
-    pub connected: bool,
-    pub connected_at_unix: u64,
-    /// The last desired version pushed to it.
-    pub sent_version: Option<u64>,
-    /// The last version it ACKed (applied).
-    pub acked_version: Option<u64>,
-    /// Its refusal of the latest version it was sent, if it refused it.
-    pub nack: Option<Nack>,
-    pub last_change_unix: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Nack {
-    pub version: u64,
-    pub message: String,
-    pub at_unix: u64,
+    pub artifact: Artifact,
 }
 
 #[derive(Default)]
@@ -51,7 +37,7 @@ pub struct Metrics {
     pub writes_applied: AtomicU64,
     pub writes_unchanged: AtomicU64,
     pub writes_refused: AtomicU64,
-    pub writes_unauthorized: AtomicU64,
+    pub unauthorized: AtomicU64,
 }
 
 impl Metrics {
@@ -75,12 +61,13 @@ pub struct WriteOutcome {
 pub struct Server {
     pub filter: FilterSettings,
     pub metrics: Metrics,
+    pub fleet_settings: FleetSettings,
     token: Option<String>,
     state_file: StateFile,
     desired: watch::Sender<Arc<Desired>>,
-    /// Serialises writes, so two operators cannot both edit version N.
+    /// Serialises writes of the state file, so two operators cannot both edit version N.
     write_lock: tokio::sync::Mutex<()>,
-    fleet: Mutex<BTreeMap<u64, EnvoyStatus>>,
+    fleet: Mutex<Fleet>,
     next_stream: AtomicU64,
 }
 
@@ -89,17 +76,20 @@ impl Server {
         filter: FilterSettings,
         state_file: StateFile,
         desired: Desired,
+        known: Vec<KnownEnvoy>,
+        fleet_settings: FleetSettings,
         token: Option<String>,
     ) -> Self {
         let (desired, _) = watch::channel(Arc::new(desired));
         Self {
             filter,
             metrics: Metrics::default(),
+            fleet_settings,
             token,
             state_file,
             desired,
             write_lock: tokio::sync::Mutex::new(()),
-            fleet: Mutex::new(BTreeMap::new()),
+            fleet: Mutex::new(Fleet::restore(known, now_unix())),
             next_stream: AtomicU64::new(1),
         }
     }
@@ -112,7 +102,7 @@ impl Server {
         self.desired.subscribe()
     }
 
-    /// True when writes need no token, or `given` is the token (compared in constant time).
+    /// True when no token is configured, or `given` is the token (compared in constant time).
     pub fn authorised(&self, given: Option<&str>) -> bool {
         match &self.token {
             None => true,
@@ -150,7 +140,8 @@ impl Server {
             updated_at_unix: now_unix(),
             config,
         };
-        self.state_file.save(&next)?;
+        let known = self.fleet().known(now_unix());
+        self.state_file.save(&next, &known)?;
         let version = next.version;
         self.desired.send_replace(Arc::new(next));
         Metrics::bump(&self.metrics.writes_applied);
@@ -161,9 +152,40 @@ impl Server {
         })
     }
 
+    /// Keeps the state file's fleet current: saves it when it changed, forgets Envoys gone too long, and
+    /// refreshes the connected Envoys' last-seen time once a minute. Runs until the process ends.
+    pub async fn keep_fleet(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut seconds = 0u64;
+        loop {
+            tick.tick().await;
+            seconds += 1;
+            let now = now_unix();
+            let save = {
+                let mut fleet = self.fleet();
+                for node in fleet.forget(&self.fleet_settings, now) {
+                    eprintln!(
+                        "canaryctl: forgot Envoy {} (not seen for over {})",
+                        canary_router::text::quote(&node),
+                        humantime::format_duration(self.fleet_settings.forget_after)
+                    );
+                }
+                let refresh = seconds % 60 == 0 && fleet.any_connected();
+                fleet.take_dirty() || refresh
+            };
+            if save {
+                let _guard = self.write_lock.lock().await;
+                let known = self.fleet().known(now);
+                if let Err(err) = self.state_file.save(&self.desired(), &known) {
+                    eprintln!("canaryctl: cannot save the fleet: {err}");
+                }
+            }
+        }
+    }
+
     // -- the fleet ---------------------------------------------------------------------------------
 
-    fn fleet(&self) -> MutexGuard<'_, BTreeMap<u64, EnvoyStatus>> {
+    fn fleet(&self) -> MutexGuard<'_, Fleet> {
         // A poisoned lock only means a panic elsewhere; the map itself is still consistent.
         self.fleet
             .lock()
@@ -171,79 +193,36 @@ impl Server {
     }
 
     pub fn envoys(&self) -> Vec<EnvoyStatus> {
-        self.fleet().values().cloned().collect()
+        self.fleet().status(&self.fleet_settings, now_unix())
     }
 
     pub fn connect(&self, peer: Option<SocketAddr>) -> u64 {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let now = now_unix();
-        self.fleet().insert(
-            id,
-            EnvoyStatus {
-                node_id: String::new(),
-                cluster: String::new(),
-                peer: peer.map(|p| p.to_string()).unwrap_or_default(),
-                connected: true,
-                connected_at_unix: now,
-                sent_version: None,
-                acked_version: None,
-                nack: None,
-                last_change_unix: now,
-            },
-        );
+        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        self.fleet().open_stream(id, peer);
         id
     }
 
-    /// Name a stream by its node; an earlier, disconnected entry of the same node is dropped.
     pub fn identify(&self, stream: u64, node_id: &str, cluster: &str) {
-        let mut fleet = self.fleet();
-        if fleet
-            .get(&stream)
-            .is_some_and(|e| e.node_id == node_id && e.cluster == cluster)
-        {
-            return;
-        }
-        fleet.retain(|&id, e| id == stream || e.connected || e.node_id != node_id);
-        if let Some(entry) = fleet.get_mut(&stream) {
-            entry.node_id = node_id.to_string();
-            entry.cluster = cluster.to_string();
-        }
+        self.fleet().identify(stream, node_id, cluster, now_unix());
     }
 
     pub fn sent(&self, stream: u64, version: u64) {
         Metrics::bump(&self.metrics.pushes);
-        if let Some(entry) = self.fleet().get_mut(&stream) {
-            entry.sent_version = Some(version);
-            entry.last_change_unix = now_unix();
-        }
+        self.fleet().sent(stream, version);
     }
 
     pub fn acked(&self, stream: u64, version: u64) {
         Metrics::bump(&self.metrics.acks);
-        if let Some(entry) = self.fleet().get_mut(&stream) {
-            entry.acked_version = Some(version);
-            entry.nack = None;
-            entry.last_change_unix = now_unix();
-        }
+        self.fleet().acked(stream, version, now_unix());
     }
 
     pub fn nacked(&self, stream: u64, version: u64, message: String) {
         Metrics::bump(&self.metrics.nacks);
-        if let Some(entry) = self.fleet().get_mut(&stream) {
-            let now = now_unix();
-            entry.nack = Some(Nack {
-                version,
-                message,
-                at_unix: now,
-            });
-            entry.last_change_unix = now;
-        }
+        self.fleet().nacked(stream, version, message, now_unix());
     }
 
     pub fn disconnect(&self, stream: u64) {
-        if let Some(entry) = self.fleet().get_mut(&stream) {
-            entry.connected = false;
-            entry.last_change_unix = now_unix();
-        }
+        self.fleet().close_stream(stream, now_unix());
     }
 }

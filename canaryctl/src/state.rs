@@ -1,19 +1,24 @@
 //! The desired state canaryctl serves: one plugin configuration and its version, kept durable in a state
-//! file, and the edits operators make to it (set, promote, roll back, apply).
+//! file with the fleet it has seen, and the edits operators make to it (set, promote, roll back, apply).
 //!
 //! Every edit produces a whole new configuration that must pass the filter's own validation (the same
-//! Rust code the `.wasm` runs), so nothing the filter would refuse is ever pushed.
+//! Rust code the `.wasm` runs), so nothing the filter would refuse is ever saved or pushed, and canaryctl
+//! can always restart from what it saved.
 
 use std::fmt;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use canary_router::config::{parse_raw, percent_text, RawCanary, RawConfig, RawRollout};
+use canary_router::config::{
+    self, invalid_percent, percent_text, Percent, RawCanary, RawConfig, RawRollout,
+};
 use serde::{Deserialize, Serialize};
 
+use crate::fleet::KnownEnvoy;
+
 /// The configuration being served and its version (`version_info` on the wire; it only grows).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Desired {
     pub version: u64,
     pub updated_at_unix: u64,
@@ -27,8 +32,15 @@ pub enum StateError {
     Invalid(String),
     /// The edit names something the configuration does not have, or is ambiguous.
     Edit(String),
-    /// The state file could not be read or written.
+    /// The state file could not be read or written, or is not a state file.
     Io(String),
+    /// The state file is fine but the config it holds is refused by this build's validation (saved by an
+    /// older canaryctl, or edited by hand): reported as that, with the way to recover.
+    SavedConfigRefused {
+        path: String,
+        version: u64,
+        reason: String,
+    },
 }
 
 impl fmt::Display for StateError {
@@ -36,6 +48,17 @@ impl fmt::Display for StateError {
         match self {
             StateError::Invalid(msg) => write!(f, "invalid config: {msg}"),
             StateError::Edit(msg) | StateError::Io(msg) => f.write_str(msg),
+            StateError::SavedConfigRefused {
+                path,
+                version,
+                reason,
+            } => write!(
+                f,
+                "{path}: the config saved as version {version} is refused: {reason}. Nothing was changed. \
+                 To recover, start once with --recover-config FILE: a valid config that replaces it as \
+                 version {} and keeps the fleet (see docs/canaryctl.md)",
+                version + 1
+            ),
         }
     }
 }
@@ -58,13 +81,48 @@ pub fn validate(config: &RawConfig) -> Result<(), StateError> {
 
 /// Parse and validate a plugin configuration given as JSON text.
 pub fn parse_config(json: &[u8]) -> Result<RawConfig, StateError> {
-    let raw = parse_raw(json).map_err(|err| StateError::Invalid(err.to_string()))?;
+    let raw = config::parse_raw(json).map_err(|err| StateError::Invalid(err.to_string()))?;
     validate(&raw)?;
     Ok(raw)
 }
 
-/// The durable state file: written whole to a temporary file, fsynced, renamed over the old one, and the
-/// directory fsynced, so a crash leaves either the old state or the new one.
+/// Read and validate a plugin configuration held in a JSON value (an API body).
+pub fn config_from_value(value: serde_json::Value) -> Result<RawConfig, StateError> {
+    let raw = config::from_value(value).map_err(|err| StateError::Invalid(err.to_string()))?;
+    validate(&raw)?;
+    Ok(raw)
+}
+
+/// The state file as written: the desired state and the fleet.
+#[derive(Serialize)]
+struct Stored<'a> {
+    version: u64,
+    updated_at_unix: u64,
+    config: &'a RawConfig,
+    fleet: &'a [KnownEnvoy],
+}
+
+/// The state file as read: the config is checked apart, so that a refused config is reported as that.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Loaded {
+    version: u64,
+    updated_at_unix: u64,
+    config: serde_json::Value,
+    #[serde(default)]
+    fleet: Vec<KnownEnvoy>,
+}
+
+/// What a state file holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saved {
+    pub desired: Desired,
+    pub fleet: Vec<KnownEnvoy>,
+}
+
+/// The durable state file: written whole to a temporary file (mode 0600: it holds the override tokens),
+/// fsynced, renamed over the old one, and the directory fsynced, so a crash leaves either the old state
+/// or the new one.
 #[derive(Debug, Clone)]
 pub struct StateFile {
     path: PathBuf,
@@ -75,31 +133,95 @@ impl StateFile {
         Self { path: path.into() }
     }
 
-    /// The saved state, `None` when there is no file yet. A file that does not parse or validate is an
-    /// error: starting from nothing would silently drop what operators set.
-    pub fn load(&self) -> Result<Option<Desired>, StateError> {
+    fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// The saved state, `None` when there is no file yet. A file that does not parse, or whose config is
+    /// refused, is an error: starting from nothing would silently drop what operators set.
+    pub fn load(&self) -> Result<Option<Saved>, StateError> {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(StateError::Io(format!("{}: {err}", self.path.display()))),
+            Err(err) => return Err(StateError::Io(format!("{}: {err}", self.shown()))),
         };
-        let desired: Desired = serde_json::from_slice(&bytes).map_err(|err| {
+        self.keep_private();
+        let loaded: Loaded = serde_json::from_slice(&bytes).map_err(|err| {
             StateError::Io(format!(
-                "{}: not a canaryctl state file: {err}",
-                self.path.display()
+                "{}: not a canaryctl state file: {}",
+                self.shown(),
+                canary_router::text::one_line(&err.to_string(), canary_router::text::MAX_LINE)
             ))
         })?;
-        validate(&desired.config).map_err(|err| {
-            StateError::Io(format!(
-                "{}: the saved config is refused: {err}",
-                self.path.display()
-            ))
-        })?;
-        Ok(Some(desired))
+        let refused = |reason: String| StateError::SavedConfigRefused {
+            path: self.shown(),
+            version: loaded.version,
+            reason,
+        };
+        let config = config::from_value(loaded.config).map_err(|err| refused(err.to_string()))?;
+        config.validate().map_err(|err| refused(err.to_string()))?;
+        Ok(Some(Saved {
+            desired: Desired {
+                version: loaded.version,
+                updated_at_unix: loaded.updated_at_unix,
+                config,
+            },
+            fleet: loaded.fleet,
+        }))
     }
 
-    pub fn save(&self, desired: &Desired) -> Result<(), StateError> {
-        let io = |err: std::io::Error| StateError::Io(format!("{}: {err}", self.path.display()));
+    /// A state file whose config is refused, with `config` in its place as the next version; its version
+    /// count and fleet are kept. Refused when the file is missing, unreadable, or its config is valid.
+    pub fn recover(&self, config: RawConfig) -> Result<Saved, StateError> {
+        match self.load() {
+            Err(StateError::SavedConfigRefused { version, .. }) => {
+                let bytes = std::fs::read(&self.path)
+                    .map_err(|err| StateError::Io(format!("{}: {err}", self.shown())))?;
+                let loaded: Loaded = serde_json::from_slice(&bytes)
+                    .map_err(|err| StateError::Io(format!("{}: {err}", self.shown())))?;
+                let saved = Saved {
+                    desired: Desired {
+                        version: version + 1,
+                        updated_at_unix: now_unix(),
+                        config,
+                    },
+                    fleet: loaded.fleet,
+                };
+                self.save(&saved.desired, &saved.fleet)?;
+                Ok(saved)
+            }
+            Ok(Some(saved)) => Err(StateError::Edit(format!(
+                "{}: its config (version {}) is valid: --recover-config only replaces a refused one; \
+                 change a valid config with `canaryctl apply`",
+                self.shown(),
+                saved.desired.version
+            ))),
+            Ok(None) => Err(StateError::Edit(format!(
+                "{}: no state file to recover: start with --init-config FILE",
+                self.shown()
+            ))),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Tightens a state file readable by others to 0600 (it holds the override tokens).
+    fn keep_private(&self) {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(&self.path) {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    let _ = std::fs::set_permissions(
+                        &self.path,
+                        std::fs::Permissions::from_mode(0o600),
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn save(&self, desired: &Desired, fleet: &[KnownEnvoy]) -> Result<(), StateError> {
+        let io = |err: std::io::Error| StateError::Io(format!("{}: {err}", self.shown()));
         let dir = match self.path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
             _ => PathBuf::from("."),
@@ -110,10 +232,20 @@ impl StateFile {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "state".to_string());
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let body = serde_json::to_vec_pretty(desired)
+        let stored = Stored {
+            version: desired.version,
+            updated_at_unix: desired.updated_at_unix,
+            config: &desired.config,
+            fleet,
+        };
+        let body = serde_json::to_vec_pretty(&stored)
             .map_err(|err| StateError::Io(format!("cannot encode the state: {err}")))?;
         let result = (|| {
-            let mut file = std::fs::File::create(&tmp)?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&tmp)?;
             file.write_all(&body)?;
             file.write_all(b"\n")?;
             file.sync_all()?;
@@ -141,22 +273,23 @@ fn rollout_mut<'c>(
         .find(|r| r.name == name)
         .ok_or_else(|| {
             StateError::Edit(format!(
-                "no rollout named {name:?} (rollouts: {})",
+                "no rollout named {} (rollouts: {})",
+                canary_router::text::quote(name),
                 known.join(", ")
             ))
         })
 }
 
-fn pct(percent: f64) -> String {
-    // Percentages have at most two decimals (validated), so basis points are exact.
-    percent_text((percent * 100.0).round().clamp(0.0, 10_000.0) as u32)
+fn pct(percent: Percent) -> String {
+    percent_text(percent.basis_points())
 }
 
-/// Set canary percentages of one rollout: `[("v2", 25.0)]`.
+/// Set canary percentages of one rollout, each given as the text of a number: `[("v2", "25")]`. A percent
+/// the contract refuses gets the filter's own message, at the canary's path.
 pub fn set_percents(
     config: &RawConfig,
     rollout: &str,
-    percents: &[(String, f64)],
+    percents: &[(String, String)],
 ) -> Result<(RawConfig, Changes), StateError> {
     if percents.is_empty() {
         return Err(StateError::Edit(
@@ -164,15 +297,21 @@ pub fn set_percents(
         ));
     }
     let mut next = config.clone();
+    let rollout_index = next
+        .rollouts
+        .iter()
+        .position(|r| r.name == rollout)
+        .unwrap_or_default();
     let target = rollout_mut(&mut next, rollout)?;
     let mut changes = Changes::new();
-    for (version, percent) in percents {
+    for (version, text) in percents {
         let canaries: Vec<String> = target.canaries.iter().map(|c| c.version.clone()).collect();
         let stable = target.stable.clone();
-        let canary = target
+        let (canary_index, canary) = target
             .canaries
             .iter_mut()
-            .find(|c| &c.version == version)
+            .enumerate()
+            .find(|(_, c)| &c.version == version)
             .ok_or_else(|| {
                 if *version == stable {
                     StateError::Edit(format!(
@@ -182,18 +321,28 @@ pub fn set_percents(
                     ))
                 } else {
                     StateError::Edit(format!(
-                        "{rollout} has no canary {version:?} (canaries: {})",
+                        "{rollout} has no canary {} (canaries: {})",
+                        canary_router::text::quote(version),
                         canaries.join(", ")
                     ))
                 }
             })?;
-        if canary.percent != *percent {
+        let percent = Percent::from_text(text).ok_or_else(|| {
+            StateError::Invalid(
+                invalid_percent(
+                    format!("rollouts[{rollout_index}].canaries[{canary_index}].percent"),
+                    text,
+                )
+                .to_string(),
+            )
+        })?;
+        if canary.percent != percent {
             changes.push(format!(
                 "{rollout}: {version} {} → {}",
                 pct(canary.percent),
-                pct(*percent)
+                pct(percent)
             ));
-            canary.percent = *percent;
+            canary.percent = percent;
         }
     }
     validate(&next)?;
@@ -227,7 +376,8 @@ pub fn promote(
         .position(|c| c.version == chosen)
         .ok_or_else(|| {
             StateError::Edit(format!(
-                "{rollout} has no canary {chosen:?} (canaries: {})",
+                "{rollout} has no canary {} (canaries: {})",
+                canary_router::text::quote(&chosen),
                 names.join(", ")
             ))
         })?;
@@ -239,7 +389,7 @@ pub fn promote(
     if let Some(slot) = target.canaries.get_mut(position) {
         *slot = RawCanary {
             version: old_stable.clone(),
-            percent: 0.0,
+            percent: Percent::ZERO,
         };
     }
     changes.push(format!("{rollout}: {old_stable} kept as a canary at 0%"));
@@ -260,14 +410,14 @@ pub fn rollback(config: &RawConfig, rollout: &str) -> Result<(RawConfig, Changes
 fn zero_canaries(rollout: &str, target: &mut RawRollout, quiet: Option<&str>) -> Changes {
     let mut changes = Changes::new();
     for canary in &mut target.canaries {
-        if canary.percent != 0.0 && quiet != Some(canary.version.as_str()) {
+        if canary.percent != Percent::ZERO && quiet != Some(canary.version.as_str()) {
             changes.push(format!(
                 "{rollout}: {} {} → 0%",
                 canary.version,
                 pct(canary.percent)
             ));
         }
-        canary.percent = 0.0;
+        canary.percent = Percent::ZERO;
     }
     changes
 }
@@ -279,38 +429,76 @@ pub fn apply(config: &RawConfig, new: RawConfig) -> Result<(RawConfig, Changes),
     Ok((new, changes))
 }
 
-/// A readable diff of two configurations: one line per changed JSON path.
+/// What a secret shows as in diffs and in the status: its value never leaves canaryctl.
+pub const SECRET: &str = "(secret)";
+/// A secret that an edit sets or changes, as a diff shows it.
+pub const NEW_SECRET: &str = "(new secret)";
+
+/// The configuration as the admin API shows it: every override token replaced by [`SECRET`].
+pub fn redacted(config: &RawConfig) -> serde_json::Value {
+    let mut value = serde_json::to_value(config).unwrap_or_default();
+    for_each_token(&mut value, |token, _| {
+        *token = serde_json::Value::from(SECRET)
+    });
+    value
+}
+
+/// Calls `f` with each rollout's override token and the rollout's name.
+fn for_each_token(config: &mut serde_json::Value, mut f: impl FnMut(&mut serde_json::Value, &str)) {
+    let Some(rollouts) = config.get_mut("rollouts").and_then(|r| r.as_array_mut()) else {
+        return;
+    };
+    for rollout in rollouts {
+        let name = rollout
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or_default()
+            .to_string();
+        if let Some(token) = rollout.get_mut("override").and_then(|o| o.get_mut("token")) {
+            f(token, &name);
+        }
+    }
+}
+
+/// A readable diff of two configurations: one line per changed JSON path. Override tokens are never
+/// shown: an unchanged one shows nothing, a new or changed one shows as [`NEW_SECRET`].
 pub fn diff(old: &RawConfig, new: &RawConfig) -> Changes {
-    let old = serde_json::to_value(old).unwrap_or_default();
-    let new = serde_json::to_value(new).unwrap_or_default();
+    let mut old_value = serde_json::to_value(old).unwrap_or_default();
+    let mut new_value = serde_json::to_value(new).unwrap_or_default();
+    let mut old_tokens = std::collections::HashMap::new();
+    for_each_token(&mut old_value, |token, rollout| {
+        old_tokens.insert(rollout.to_string(), token.clone());
+        *token = serde_json::Value::from(SECRET);
+    });
+    for_each_token(&mut new_value, |token, rollout| {
+        let same = old_tokens.get(rollout) == Some(&*token);
+        *token = serde_json::Value::from(if same { SECRET } else { NEW_SECRET });
+    });
     let mut out = Changes::new();
-    diff_values("", &old, &new, &mut out);
+    diff_values("", &old_value, &new_value, &mut out);
     out
 }
 
 fn diff_values(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Changes) {
     use serde_json::Value;
+    let child = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
     match (old, new) {
         (Value::Object(a), Value::Object(b)) => {
             for (key, va) in a {
-                let p = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
                 match b.get(key) {
-                    Some(vb) => diff_values(&p, va, vb, out),
-                    None => out.push(format!("- {p}: {va}")),
+                    Some(vb) => diff_values(&child(key), va, vb, out),
+                    None => out.push(format!("- {}: {va}", child(key))),
                 }
             }
             for (key, vb) in b {
                 if !a.contains_key(key) {
-                    let p = if path.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{path}.{key}")
-                    };
-                    out.push(format!("+ {p}: {vb}"));
+                    out.push(format!("+ {}: {vb}", child(key)));
                 }
             }
         }
@@ -338,6 +526,22 @@ mod tests {
         parse_config(json.as_bytes()).unwrap()
     }
 
+    fn set(
+        config: &RawConfig,
+        rollout: &str,
+        pairs: &[(&str, &str)],
+    ) -> Result<(RawConfig, Changes), StateError> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(v, p)| (v.to_string(), p.to_string()))
+            .collect();
+        set_percents(config, rollout, &pairs)
+    }
+
+    fn percent(text: &str) -> Percent {
+        Percent::from_text(text).unwrap()
+    }
+
     const TWO: &str = r#"{"rollouts":[
         {"name":"web","stable":"v1","canaries":[{"version":"v2","percent":5}],
          "rules":[{"header":"x-group","values":["beta"],"version":"v2"}]},
@@ -345,39 +549,51 @@ mod tests {
 
     #[test]
     fn set_changes_only_the_named_canaries_and_says_so() {
-        let (next, changes) = set_percents(&config(TWO), "web", &[("v2".into(), 25.0)]).unwrap();
+        let (next, changes) = set(&config(TWO), "web", &[("v2", "25")]).unwrap();
         assert_eq!(changes, vec!["web: v2 5% → 25%"]);
-        assert_eq!(next.rollouts[0].canaries[0].percent, 25.0);
+        assert_eq!(next.rollouts[0].canaries[0].percent, percent("25"));
         assert_eq!(next.rollouts[1], config(TWO).rollouts[1]);
-        let (_, none) = set_percents(&next, "web", &[("v2".into(), 25.0)]).unwrap();
+        let (_, none) = set(&next, "web", &[("v2", "25.00")]).unwrap();
         assert!(none.is_empty(), "setting the same percent changes nothing");
     }
 
     #[test]
     fn set_refuses_what_the_filter_would_refuse_with_its_text() {
-        let err = set_percents(&config(TWO), "api", &[("c".into(), 95.0)]).unwrap_err();
+        let err = set(&config(TWO), "api", &[("c", "95")]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "invalid config: rollouts[1].canaries: a total of 105% is not allowed: canary percents that add up to at most 100"
         );
-        let err = set_percents(&config(TWO), "web", &[("v2".into(), 12.345)]).unwrap_err();
-        assert!(
-            err.to_string().contains("percent: 12.345 is not allowed"),
-            "{err}"
-        );
+        // Float noise from a ramp script (0.1 * 3), a typo-class tail, and a value a float would round to 100.
+        for (rollout, version, index, text) in [
+            (
+                "web",
+                "v2",
+                "rollouts[0].canaries[0]",
+                "0.30000000000000004",
+            ),
+            ("api", "c", "rollouts[1].canaries[1]", "12.500000001"),
+            ("web", "v2", "rollouts[0].canaries[0]", "99.999999999"),
+            ("web", "v2", "rollouts[0].canaries[0]", "12.345"),
+        ] {
+            assert_eq!(
+                set(&config(TWO), rollout, &[(version, text)]).unwrap_err().to_string(),
+                format!("invalid config: {index}.percent: {text} is not allowed: a number from 0 to 100 with at most two decimals")
+            );
+        }
         assert_eq!(
-            set_percents(&config(TWO), "shop", &[("v2".into(), 1.0)])
+            set(&config(TWO), "shop", &[("v2", "1")])
                 .unwrap_err()
                 .to_string(),
             "no rollout named \"shop\" (rollouts: web, api)"
         );
         assert_eq!(
-            set_percents(&config(TWO), "web", &[("v9".into(), 1.0)])
+            set(&config(TWO), "web", &[("v9", "1")])
                 .unwrap_err()
                 .to_string(),
             "web has no canary \"v9\" (canaries: v2)"
         );
-        assert!(set_percents(&config(TWO), "web", &[("v1".into(), 1.0)])
+        assert!(set(&config(TWO), "web", &[("v1", "1")])
             .unwrap_err()
             .to_string()
             .starts_with("v1 is the stable version of web"));
@@ -392,7 +608,7 @@ mod tests {
             web.canaries,
             vec![RawCanary {
                 version: "v1".into(),
-                percent: 0.0
+                percent: Percent::ZERO
             }]
         );
         assert_eq!(
@@ -417,11 +633,11 @@ mod tests {
             vec![
                 RawCanary {
                     version: "b".into(),
-                    percent: 0.0
+                    percent: Percent::ZERO
                 },
                 RawCanary {
                     version: "a".into(),
-                    percent: 0.0
+                    percent: Percent::ZERO
                 }
             ]
         );
@@ -434,7 +650,10 @@ mod tests {
     #[test]
     fn rollback_sends_every_user_of_the_rollout_to_stable() {
         let (next, changes) = rollback(&config(TWO), "api").unwrap();
-        assert!(next.rollouts[1].canaries.iter().all(|c| c.percent == 0.0));
+        assert!(next.rollouts[1]
+            .canaries
+            .iter()
+            .all(|c| c.percent == Percent::ZERO));
         assert_eq!(changes, vec!["api: b 10% → 0%", "api: c 20% → 0%"]);
         assert_eq!(next.rollouts[0], config(TWO).rollouts[0]);
     }
@@ -450,7 +669,7 @@ mod tests {
             "{changes:?}"
         );
         assert!(
-            changes.contains(&"~ rollouts[0].canaries[0].percent: 5.0 → 50.0".to_string()),
+            changes.contains(&"~ rollouts[0].canaries[0].percent: 5 → 50".to_string()),
             "{changes:?}"
         );
         assert!(
@@ -466,9 +685,57 @@ mod tests {
     }
 
     #[test]
-    fn the_state_file_survives_a_round_trip_and_refuses_garbage() {
-        let dir = std::env::temp_dir().join(format!("canaryctl-state-test-{}", std::process::id()));
+    fn diffs_and_the_shown_config_never_contain_a_token() {
+        let with = |token: &str| {
+            config(&format!(
+                r#"{{"rollouts":[{{"name":"web","stable":"v1","canaries":[{{"version":"v2","percent":5}}],
+                   "override":{{"header":"x-o","token_header":"x-t","token":"{token}"}}}}]}}"#
+            ))
+        };
+        let without = config(
+            r#"{"rollouts":[{"name":"web","stable":"v1","canaries":[{"version":"v2","percent":5}]}]}"#,
+        );
+        let added = diff(&without, &with("hunter2"));
+        assert_eq!(added.len(), 1);
+        assert!(
+            added[0].starts_with("+ rollouts[0].override: ")
+                && added[0].contains("\"(new secret)\""),
+            "{added:?}"
+        );
+        assert_eq!(
+            diff(&with("hunter2"), &with("hunter3")),
+            ["~ rollouts[0].override.token: \"(secret)\" → \"(new secret)\""]
+        );
+        assert!(diff(&with("hunter2"), &with("hunter2")).is_empty());
+        let removed = diff(&with("hunter2"), &without);
+        assert_eq!(removed.len(), 1);
+        let shown = redacted(&with("hunter2")).to_string();
+        for text in added.iter().chain(&removed).chain([&shown]) {
+            assert!(!text.contains("hunter"), "{text}");
+        }
+        assert!(shown.contains("\"token\":\"(secret)\""), "{shown}");
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("canaryctl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn known(node: &str) -> KnownEnvoy {
+        KnownEnvoy {
+            node_id: node.into(),
+            cluster: "edge".into(),
+            first_seen_unix: 1,
+            last_seen_unix: 2,
+            acked_version: Some(7),
+        }
+    }
+
+    #[test]
+    fn the_state_file_survives_a_round_trip_is_private_and_refuses_garbage() {
+        let dir = temp_dir("state");
         let file = StateFile::new(dir.join("state.json"));
         assert_eq!(file.load().unwrap(), None);
         let desired = Desired {
@@ -476,8 +743,23 @@ mod tests {
             updated_at_unix: 1,
             config: config(TWO),
         };
-        file.save(&desired).unwrap();
-        assert_eq!(file.load().unwrap(), Some(desired));
+        file.save(&desired, &[known("front-1")]).unwrap();
+        assert_eq!(
+            file.load().unwrap(),
+            Some(Saved {
+                desired: desired.clone(),
+                fleet: vec![known("front-1")]
+            })
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("state.json"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "the state file holds override tokens");
+        }
         let leftovers: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -489,6 +771,53 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not a canaryctl state file"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_saved_config_this_build_refuses_is_reported_as_that_and_can_be_recovered() {
+        let dir = temp_dir("recover");
+        let path = dir.join("state.json");
+        // What an older canaryctl saved after accepting float noise: the filter refuses it.
+        std::fs::write(
+            &path,
+            r#"{"version": 12, "updated_at_unix": 5,
+               "config": {"rollouts":[{"name":"web","stable":"v1","canaries":[{"version":"v2","percent":0.30000000000000004}]}]},
+               "fleet": [{"node_id":"front-1","cluster":"edge","first_seen_unix":1,"last_seen_unix":2,"acked_version":7}]}"#,
+        )
+        .unwrap();
+        let file = StateFile::new(&path);
+        let err = file.load().unwrap_err();
+        assert!(
+            matches!(err, StateError::SavedConfigRefused { version: 12, .. }),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("the config saved as version 12 is refused: rollouts[0].canaries[0].percent: 0.30000000000000004 is not allowed"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--recover-config FILE") && !text.contains("not a canaryctl state file"),
+            "{text}"
+        );
+        let before = std::fs::read(&path).unwrap();
+        assert!(
+            file.load().is_err() && std::fs::read(&path).unwrap() == before,
+            "loading changes nothing"
+        );
+
+        let saved = file.recover(config(TWO)).unwrap();
+        assert_eq!(saved.desired.version, 13);
+        assert_eq!(saved.fleet, vec![known("front-1")], "the fleet is kept");
+        assert_eq!(file.load().unwrap(), Some(saved));
+        assert!(
+            file.recover(config(TWO))
+                .unwrap_err()
+                .to_string()
+                .contains("is valid"),
+            "a valid config is never replaced this way"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

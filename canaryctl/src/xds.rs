@@ -10,6 +10,8 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::core::v3::{
     async_data_source, data_source, AsyncDataSource, DataSource, TypedExtensionConfig,
 };
+use envoy_types::pb::envoy::extensions::dynamic_modules::v3::DynamicModuleConfig;
+use envoy_types::pb::envoy::extensions::filters::http::dynamic_modules::v3::DynamicModuleFilter;
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::wasm::v3::{
     plugin_config, FailurePolicy, PluginConfig, VmConfig,
@@ -24,39 +26,58 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::server::{FilterSettings, Server};
+use crate::server::{Artifact, FilterSettings, Server};
 use crate::state::Desired;
 
 pub const TYPED_EXTENSION_CONFIG: &str =
     "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
 
-/// The ECDS resource: the Wasm HTTP filter carrying the plugin configuration as JSON (FAIL_RELOAD, the
-/// same shape as envoy/envoy-inline.yaml and tools/ecds.py).
+/// The native module's name and metrics namespace, as in envoy/envoy-native.yaml.
+pub const NATIVE_MODULE_NAME: &str = "canary_router_native";
+
+/// The ECDS resource: the filter carrying the plugin configuration as JSON, in the same shape as the
+/// shipped bootstraps (envoy/envoy-inline.yaml for the `.wasm` with FAIL_RELOAD, envoy/envoy-native.yaml
+/// for the native module) and tools/ecds.py.
 pub fn filter_resource(filter: &FilterSettings, desired: &Desired) -> Any {
     let json = serde_json::to_string(&desired.config).unwrap_or_default();
-    let plugin = PluginConfig {
-        name: filter.name.clone(),
-        root_id: filter.name.clone(),
-        configuration: Some(pack_any(StringValue { value: json })),
-        failure_policy: FailurePolicy::FailReload as i32,
-        vm: Some(plugin_config::Vm::VmConfig(VmConfig {
-            vm_id: filter.name.clone(),
-            runtime: "envoy.wasm.runtime.v8".to_string(),
-            code: Some(AsyncDataSource {
-                specifier: Some(async_data_source::Specifier::Local(DataSource {
-                    specifier: Some(data_source::Specifier::Filename(filter.wasm_path.clone())),
-                    ..Default::default()
-                })),
-            }),
+    let configuration = Some(pack_any(StringValue { value: json }));
+    let local = |path: &str| AsyncDataSource {
+        specifier: Some(async_data_source::Specifier::Local(DataSource {
+            specifier: Some(data_source::Specifier::Filename(path.to_string())),
             ..Default::default()
         })),
-        ..Default::default()
+    };
+    let typed_config = match &filter.artifact {
+        Artifact::Wasm(path) => pack_any(Wasm {
+            config: Some(PluginConfig {
+                name: filter.name.clone(),
+                root_id: filter.name.clone(),
+                configuration,
+                failure_policy: FailurePolicy::FailReload as i32,
+                vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+                    vm_id: filter.name.clone(),
+                    runtime: "envoy.wasm.runtime.v8".to_string(),
+                    code: Some(local(path)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+        }),
+        Artifact::Native(path) => pack_any(DynamicModuleFilter {
+            dynamic_module_config: Some(DynamicModuleConfig {
+                name: NATIVE_MODULE_NAME.to_string(),
+                metrics_namespace: NATIVE_MODULE_NAME.to_string(),
+                module: Some(local(path)),
+                ..Default::default()
+            }),
+            filter_name: filter.name.clone(),
+            filter_config: configuration,
+            ..Default::default()
+        }),
     };
     pack_any(TypedExtensionConfig {
         name: filter.name.clone(),
-        typed_config: Some(pack_any(Wasm {
-            config: Some(plugin),
-        })),
+        typed_config: Some(typed_config),
     })
 }
 

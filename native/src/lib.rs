@@ -11,6 +11,15 @@
 //! (not Rust API: nothing else may call them). Envoy 1.40 resolves every hook below when it loads the module, including the callout, stream,
 //! scheduler and watermark ones this filter never uses: they are present and do nothing.
 
+// `catch_unwind` in every hook is what keeps a bug from aborting Envoy, and `panic = "abort"` makes it
+// dead code: refuse to build that way (use the `native` profile: `make native`).
+#[cfg(panic = "abort")]
+compile_error!(
+    "canary-router-native must be built with panic = \"unwind\": with \"abort\", a panic in the module \
+     takes Envoy down instead of sending one request to stable. Build it with `make native` \
+     (cargo build --profile native -p canary-router-native), not --release."
+);
+
 mod abi;
 
 use std::cell::Cell;
@@ -221,11 +230,14 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         true
     });
     if !decided {
-        // No decision (a caught panic): the client may not pick the version, so stable serves it.
+        // No decision (a caught panic): the client may not pick the version, so stable serves it, with
+        // the stream's own route, override and token headers removed too.
         guard((), || {
             // SAFETY: as above.
+            let config = unsafe { filter.cast::<Filter>().as_ref() }.map(|f| &f.loaded.config);
+            // SAFETY: as above.
             let mut stream = unsafe { Stream::new(filter_envoy) };
-            route_unconfigured(&mut NativeRequest(&mut stream));
+            route_unconfigured(&mut NativeRequest(&mut stream), config);
             stream.finish();
         });
     }

@@ -1,0 +1,456 @@
+//! The fleet: every Envoy canaryctl has seen, by node id, and what each applied. Plain data and rules, no
+//! tokio or gRPC types, so that "did this change reach the fleet?" is answered by tested code.
+//!
+//! - An Envoy is remembered from its first xDS request until it has been gone for `forget_after`; what is
+//!   remembered is saved in the state file, so a restarted canaryctl still knows who is missing.
+//! - The fleet a write must reach is every Envoy seen within `window`, connected or not.
+//! - An Envoy whose stream closed less than [`RECONNECT_GRACE`] ago (or that canaryctl has not seen since it
+//!   started) is reconnecting: a write waits for it. After that it is disconnected, and a write reports it
+//!   by name instead of claiming success.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How long an Envoy may take to come back before a write calls it disconnected. Envoy retries a dropped
+/// ADS stream within a second or two; a canaryctl restart is covered by counting from its start.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(10);
+
+/// Which Envoys writes wait for, and when a gone one is forgotten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetSettings {
+    pub window: Duration,
+    pub forget_after: Duration,
+}
+
+/// What the state file keeps of an Envoy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnownEnvoy {
+    pub node_id: String,
+    pub cluster: String,
+    pub first_seen_unix: u64,
+    pub last_seen_unix: u64,
+    pub acked_version: Option<u64>,
+}
+
+/// An Envoy's refusal of a version, with Envoy's reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nack {
+    pub version: u64,
+    pub message: String,
+    pub at_unix: u64,
+}
+
+/// Where an Envoy's xDS stream stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Link {
+    Connected,
+    /// Its stream closed less than [`RECONNECT_GRACE`] ago, or canaryctl has not seen it since starting.
+    Reconnecting,
+    /// Gone for longer than that, but seen within the fleet window: writes report it.
+    Disconnected,
+    /// Not seen within the fleet window: writes no longer wait for it (forgotten after `forget_after`).
+    Gone,
+}
+
+/// One Envoy as `GET /v1/status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvoyStatus {
+    pub node_id: String,
+    pub cluster: String,
+    /// The address of its open (or last) stream.
+    pub peer: String,
+    pub link: Link,
+    /// Open xDS streams with this node id: more than one means two Envoys share an id.
+    pub streams: u32,
+    pub first_seen_unix: u64,
+    /// Now, while connected.
+    pub last_seen_unix: u64,
+    /// When its stream closed (or canaryctl started), while not connected.
+    pub disconnected_since_unix: Option<u64>,
+    /// Writes wait for it: seen within the fleet window.
+    pub in_fleet: bool,
+    pub sent_version: Option<u64>,
+    pub acked_version: Option<u64>,
+    /// Its refusal of the latest version it was sent, if it refused it.
+    pub nack: Option<Nack>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    cluster: String,
+    peer: String,
+    streams: u32,
+    first_seen_unix: u64,
+    last_seen_unix: u64,
+    /// Set while no stream is open.
+    disconnected_since_unix: Option<u64>,
+    sent_version: Option<u64>,
+    acked_version: Option<u64>,
+    nack: Option<Nack>,
+}
+
+/// Every Envoy seen and every open stream; all times are passed in (unix seconds).
+#[derive(Debug, Default)]
+pub struct Fleet {
+    envoys: BTreeMap<String, Entry>,
+    /// Open streams: their node id once their first request named it, and their peer.
+    streams: HashMap<u64, (Option<String>, String)>,
+    /// Something worth saving changed since the last [`Fleet::take_dirty`].
+    dirty: bool,
+}
+
+impl Fleet {
+    /// The fleet a restarted canaryctl starts from: every saved Envoy, not connected since `now`.
+    pub fn restore(known: Vec<KnownEnvoy>, now: u64) -> Self {
+        let envoys = known
+            .into_iter()
+            .map(|k| {
+                let entry = Entry {
+                    cluster: k.cluster,
+                    peer: String::new(),
+                    streams: 0,
+                    first_seen_unix: k.first_seen_unix,
+                    last_seen_unix: k.last_seen_unix,
+                    disconnected_since_unix: Some(now),
+                    sent_version: None,
+                    acked_version: k.acked_version,
+                    nack: None,
+                };
+                (k.node_id, entry)
+            })
+            .collect();
+        Self {
+            envoys,
+            streams: HashMap::new(),
+            dirty: false,
+        }
+    }
+
+    /// What the state file keeps; `now` is the last-seen time of the connected ones.
+    pub fn known(&self, now: u64) -> Vec<KnownEnvoy> {
+        self.envoys
+            .iter()
+            .map(|(node_id, e)| KnownEnvoy {
+                node_id: node_id.clone(),
+                cluster: e.cluster.clone(),
+                first_seen_unix: e.first_seen_unix,
+                last_seen_unix: if e.streams > 0 { now } else { e.last_seen_unix },
+                acked_version: e.acked_version,
+            })
+            .collect()
+    }
+
+    /// True (once) when something changed that the state file should keep.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// True when some Envoy is connected (its last-seen time moves with the clock).
+    pub fn any_connected(&self) -> bool {
+        self.envoys.values().any(|e| e.streams > 0)
+    }
+
+    pub fn open_stream(&mut self, stream: u64, peer: String) {
+        self.streams.insert(stream, (None, peer));
+    }
+
+    /// The stream's node, from its first request; a stream never changes node.
+    pub fn identify(&mut self, stream: u64, node_id: &str, cluster: &str, now: u64) {
+        let Some((node, peer)) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        if node.is_some() {
+            return;
+        }
+        *node = Some(node_id.to_string());
+        let peer = peer.clone();
+        let entry = self
+            .envoys
+            .entry(node_id.to_string())
+            .or_insert_with(|| Entry {
+                cluster: String::new(),
+                peer: String::new(),
+                streams: 0,
+                first_seen_unix: now,
+                last_seen_unix: now,
+                disconnected_since_unix: None,
+                sent_version: None,
+                acked_version: None,
+                nack: None,
+            });
+        entry.cluster = cluster.to_string();
+        entry.peer = peer;
+        entry.streams += 1;
+        entry.last_seen_unix = now;
+        entry.disconnected_since_unix = None;
+        self.dirty = true;
+    }
+
+    fn entry_of(&mut self, stream: u64) -> Option<&mut Entry> {
+        let node = self.streams.get(&stream)?.0.as_ref()?;
+        self.envoys.get_mut(node)
+    }
+
+    pub fn sent(&mut self, stream: u64, version: u64) {
+        if let Some(entry) = self.entry_of(stream) {
+            entry.sent_version = Some(version);
+        }
+    }
+
+    pub fn acked(&mut self, stream: u64, version: u64, now: u64) {
+        if let Some(entry) = self.entry_of(stream) {
+            entry.acked_version = Some(version);
+            entry.nack = None;
+            entry.last_seen_unix = now;
+            self.dirty = true;
+        }
+    }
+
+    pub fn nacked(&mut self, stream: u64, version: u64, message: String, now: u64) {
+        if let Some(entry) = self.entry_of(stream) {
+            entry.nack = Some(Nack {
+                version,
+                message,
+                at_unix: now,
+            });
+            entry.last_seen_unix = now;
+        }
+    }
+
+    pub fn close_stream(&mut self, stream: u64, now: u64) {
+        let Some((Some(node), _)) = self.streams.remove(&stream) else {
+            return;
+        };
+        if let Some(entry) = self.envoys.get_mut(&node) {
+            entry.streams = entry.streams.saturating_sub(1);
+            entry.last_seen_unix = now;
+            if entry.streams == 0 {
+                entry.disconnected_since_unix = Some(now);
+            }
+            self.dirty = true;
+        }
+    }
+
+    /// Drops the Envoys not seen for `forget_after`; returns their node ids.
+    pub fn forget(&mut self, settings: &FleetSettings, now: u64) -> Vec<String> {
+        let limit = settings.forget_after.as_secs();
+        let gone: Vec<String> = self
+            .envoys
+            .iter()
+            .filter(|(_, e)| e.streams == 0 && now.saturating_sub(e.last_seen_unix) > limit)
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in &gone {
+            self.envoys.remove(node);
+        }
+        if !gone.is_empty() {
+            self.dirty = true;
+        }
+        gone
+    }
+
+    /// Every remembered Envoy as the status shows it, by node id.
+    pub fn status(&self, settings: &FleetSettings, now: u64) -> Vec<EnvoyStatus> {
+        self.envoys
+            .iter()
+            .map(|(node_id, e)| {
+                let connected = e.streams > 0;
+                let last_seen_unix = if connected { now } else { e.last_seen_unix };
+                let in_fleet = now.saturating_sub(last_seen_unix) <= settings.window.as_secs();
+                let since = e.disconnected_since_unix.unwrap_or(last_seen_unix);
+                let link = if connected {
+                    Link::Connected
+                } else if !in_fleet {
+                    Link::Gone
+                } else if now.saturating_sub(since) < RECONNECT_GRACE.as_secs() {
+                    Link::Reconnecting
+                } else {
+                    Link::Disconnected
+                };
+                EnvoyStatus {
+                    node_id: node_id.clone(),
+                    cluster: e.cluster.clone(),
+                    peer: e.peer.clone(),
+                    link,
+                    streams: e.streams,
+                    first_seen_unix: e.first_seen_unix,
+                    last_seen_unix,
+                    disconnected_since_unix: (!connected).then_some(since),
+                    in_fleet,
+                    sent_version: e.sent_version,
+                    acked_version: e.acked_version,
+                    nack: e.nack.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// How far a version has got through the fleet (only Envoys in the fleet window count).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress<'a> {
+    pub applied: Vec<&'a EnvoyStatus>,
+    /// Refused it (a NACK of this version): it keeps serving an older one.
+    pub refused: Vec<&'a EnvoyStatus>,
+    /// Connected or reconnecting, and not there yet.
+    pub waiting: Vec<&'a EnvoyStatus>,
+    /// Gone longer than the grace: it gets the version when it reconnects.
+    pub disconnected: Vec<&'a EnvoyStatus>,
+}
+
+impl<'a> Progress<'a> {
+    pub fn of(envoys: &'a [EnvoyStatus], version: u64) -> Self {
+        let mut progress = Progress::default();
+        for envoy in envoys.iter().filter(|e| e.in_fleet) {
+            let list = if envoy.acked_version.is_some_and(|v| v >= version) {
+                &mut progress.applied
+            } else if envoy.nack.as_ref().is_some_and(|n| n.version == version) {
+                &mut progress.refused
+            } else {
+                match envoy.link {
+                    Link::Connected | Link::Reconnecting => &mut progress.waiting,
+                    Link::Disconnected | Link::Gone => &mut progress.disconnected,
+                }
+            };
+            list.push(envoy);
+        }
+        progress
+    }
+
+    /// Nothing left to wait for.
+    pub fn settled(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    pub fn fleet_size(&self) -> usize {
+        self.applied.len() + self.refused.len() + self.waiting.len() + self.disconnected.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: FleetSettings = FleetSettings {
+        window: Duration::from_secs(3600),
+        forget_after: Duration::from_secs(7 * 24 * 3600),
+    };
+
+    fn connect(fleet: &mut Fleet, stream: u64, node: &str, now: u64) {
+        fleet.open_stream(stream, format!("127.0.0.1:{stream}"));
+        fleet.identify(stream, node, "edge", now);
+    }
+
+    fn by_node<'a>(envoys: &'a [EnvoyStatus], node: &str) -> &'a EnvoyStatus {
+        envoys.iter().find(|e| e.node_id == node).unwrap()
+    }
+
+    #[test]
+    fn an_envoy_is_remembered_by_node_across_reconnects() {
+        let mut fleet = Fleet::default();
+        connect(&mut fleet, 1, "front-1", 100);
+        fleet.sent(1, 3);
+        fleet.acked(1, 3, 101);
+        fleet.close_stream(1, 110);
+        let status = fleet.status(&HOUR, 112);
+        let e = by_node(&status, "front-1");
+        assert_eq!(
+            (e.link, e.streams, e.acked_version),
+            (Link::Reconnecting, 0, Some(3))
+        );
+        assert_eq!(fleet.status(&HOUR, 121)[0].link, Link::Disconnected);
+        connect(&mut fleet, 2, "front-1", 130);
+        let status = fleet.status(&HOUR, 131);
+        assert_eq!(status.len(), 1, "one entry per node, not per stream");
+        assert_eq!(
+            (status[0].link, status[0].first_seen_unix),
+            (Link::Connected, 100)
+        );
+        assert_eq!(status[0].disconnected_since_unix, None);
+    }
+
+    #[test]
+    fn a_write_counts_every_envoy_of_the_window_and_names_the_missing() {
+        let mut fleet = Fleet::default();
+        for (stream, node) in [(1, "a"), (2, "b"), (3, "c"), (5, "e")] {
+            connect(&mut fleet, stream, node, 1_000);
+        }
+        connect(&mut fleet, 4, "d", 500);
+        fleet.close_stream(4, 500); // d: last seen 4100 s before the write, outside the one-hour window
+        fleet.close_stream(3, 4_000); // c: dropped 600 s before the write
+        let now = 4_600;
+        fleet.acked(1, 2, now);
+        fleet.nacked(2, 2, "bad".into(), now);
+        let status = fleet.status(&HOUR, now);
+        let progress = Progress::of(&status, 2);
+        let names =
+            |list: &[&EnvoyStatus]| list.iter().map(|e| e.node_id.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&progress.applied), ["a"]);
+        assert_eq!(names(&progress.refused), ["b"]);
+        assert_eq!(names(&progress.waiting), ["e"]);
+        assert_eq!(names(&progress.disconnected), ["c"]);
+        assert_eq!(progress.fleet_size(), 4, "d is outside the window");
+        assert!(!progress.settled());
+        assert_eq!(by_node(&status, "d").link, Link::Gone);
+        let later = fleet.status(&HOUR, 9_000);
+        assert!(!by_node(&later, "c").in_fleet && by_node(&later, "c").link == Link::Gone);
+    }
+
+    #[test]
+    fn a_restarted_canaryctl_waits_for_the_saved_fleet_to_come_back() {
+        let mut fleet = Fleet::default();
+        connect(&mut fleet, 1, "a", 100);
+        fleet.acked(1, 7, 100);
+        let saved = fleet.known(200);
+        assert_eq!(
+            saved[0].last_seen_unix, 200,
+            "a connected Envoy was seen now"
+        );
+        let text = serde_json::to_string(&saved).unwrap();
+        let restored = Fleet::restore(serde_json::from_str(&text).unwrap(), 300);
+        let status = restored.status(&HOUR, 305);
+        assert_eq!(
+            (status[0].link, status[0].acked_version),
+            (Link::Reconnecting, Some(7))
+        );
+        assert_eq!(Progress::of(&status, 8).waiting.len(), 1);
+        let status = restored.status(&HOUR, 320);
+        assert_eq!(Progress::of(&status, 8).disconnected.len(), 1);
+        assert_eq!(Progress::of(&status, 7).applied.len(), 1);
+    }
+
+    #[test]
+    fn envoys_gone_longer_than_forget_after_are_forgotten() {
+        let settings = FleetSettings {
+            window: Duration::from_secs(60),
+            forget_after: Duration::from_secs(600),
+        };
+        let mut fleet = Fleet::default();
+        connect(&mut fleet, 1, "old", 0);
+        connect(&mut fleet, 2, "live", 0);
+        fleet.close_stream(1, 10);
+        let _ = fleet.take_dirty();
+        assert!(fleet.forget(&settings, 600).is_empty());
+        assert_eq!(fleet.forget(&settings, 611), ["old"]);
+        assert!(fleet.take_dirty());
+        assert_eq!(
+            fleet.status(&settings, 10_000).len(),
+            1,
+            "a connected Envoy is never forgotten"
+        );
+    }
+
+    #[test]
+    fn two_envoys_sharing_a_node_id_show_as_two_streams() {
+        let mut fleet = Fleet::default();
+        connect(&mut fleet, 1, "dup", 0);
+        connect(&mut fleet, 2, "dup", 0);
+        fleet.close_stream(1, 5);
+        let status = fleet.status(&HOUR, 6);
+        assert_eq!((status[0].link, status[0].streams), (Link::Connected, 1));
+    }
+}
