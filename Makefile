@@ -9,11 +9,11 @@ WASM_TARGET := wasm32-wasip1
 WASM        := target/$(WASM_TARGET)/release/canary_router.wasm
 CANARYCTL   := target/release/canaryctl
 NATIVE      := target/native/libcanary_router_native.so
-BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yaml envoy/envoy-native.yaml envoy/demo-app-v1.yaml envoy/demo-app-v2.yaml
+BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yaml envoy/envoy-ads-native.yaml envoy/envoy-native.yaml envoy/demo-app-v1.yaml envoy/demo-app-v2.yaml
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup install-docker-compose wasm canaryctl native native-panic skew-wasm unit lint validate integration test bench demo compose-prep clean
+.PHONY: help setup install-docker-compose wasm canaryctl native native-panic skew-wasm skew-native native-guard unit lint validate integration test bench demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,9 +51,12 @@ native-panic:
 canaryctl: ## Build the control plane: target/release/canaryctl
 	cargo build --release -p canaryctl
 
-# The filter as an older release would build (only for the version-skew test; see RawConfig::validate).
+# The filter as an older release would build (only for the version-skew tests; see RawConfig::validate).
 skew-wasm: setup
 	RUSTFLAGS="--cfg canary_router_simulate_old_release" cargo build --release --target $(WASM_TARGET) --target-dir target/skew -p canary-router
+
+skew-native:
+	RUSTFLAGS="--cfg canary_router_simulate_old_release" cargo build --profile native --target-dir target/skew -p canary-router-native
 
 unit: ## Host tests: config contract, decision order, golden hash vectors, properties, canaryctl
 	cargo test --release --workspace
@@ -70,7 +73,7 @@ validate: wasm native install-docker-compose ## envoy --mode validate on every s
 	done
 	docker-compose -f docker-compose.yaml config -q && echo "valid: docker-compose.yaml"
 
-integration: wasm native native-panic canaryctl skew-wasm install-docker-compose ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
+integration: wasm native native-panic canaryctl skew-wasm skew-native install-docker-compose ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
 	cd tests/integration && ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests

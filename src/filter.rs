@@ -22,6 +22,7 @@ use crate::config::{self, Config};
 use crate::decision::Request;
 use crate::metrics;
 use crate::route::{route, route_unconfigured, RequestHeaders};
+use crate::streams::Streams;
 
 /// The host functions used (proxy-wasm ABI 0.2.1, module "env").
 mod host {
@@ -83,9 +84,6 @@ const PLUGIN_CONFIGURATION: u32 = 7;
 const COUNTER: u32 = 0;
 const LOG_INFO: u32 = 2;
 const LOG_ERROR: u32 = 4;
-/// Streams tracked at once (those past their create and not yet deleted). Only a host that never calls
-/// `proxy_on_delete` reaches it: then the oldest stream is forgotten, one at a time.
-const MAX_STREAMS: usize = 1 << 16;
 /// Counts the requests decided with no configuration (an unknown root): they went to stable.
 const UNCONFIGURED_COUNTER: &str = "canary_router_unconfigured";
 
@@ -167,8 +165,8 @@ struct Stream {
 struct State {
     /// Plugin configs by root context id: every live root, until the host deletes it.
     roots: BTreeMap<u32, Rc<Active>>,
-    /// Streams by context id (ids only grow, so the first is the oldest), until the host deletes them.
-    streams: BTreeMap<u32, Stream>,
+    /// Streams by context id, until the host deletes them.
+    streams: Streams<Stream>,
     /// The id of `canary_router_unconfigured` (defined the first time it is needed).
     unconfigured: Option<u32>,
     /// splitmix64 state (0: not seeded yet).
@@ -247,9 +245,6 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32)
             cookie: None,
         };
         state.streams.insert(context_id, stream);
-        if state.streams.len() > MAX_STREAMS {
-            state.streams.pop_first();
-        }
     });
 }
 
@@ -258,7 +253,7 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32)
 pub extern "C" fn proxy_on_delete(context_id: u32) {
     STATE.with(|state| {
         let mut state = state.borrow_mut();
-        if state.streams.remove(&context_id).is_none() {
+        if state.streams.remove(context_id).is_none() {
             state.roots.remove(&context_id);
         }
     });
@@ -329,7 +324,7 @@ pub extern "C" fn proxy_on_request_headers(
 ) -> u32 {
     let active = STATE.with(|state| {
         let state = state.borrow();
-        let root = state.streams.get(&context_id)?.root;
+        let root = state.streams.get(context_id)?.root;
         state.roots.get(&root).cloned()
     });
     let Some(active) = active else {
@@ -340,7 +335,7 @@ pub extern "C" fn proxy_on_request_headers(
     let routed = route(config, &mut HostRequest::default(), &mut next_random);
     if let Some(cookie) = routed.set_cookie {
         STATE.with(|state| {
-            if let Some(stream) = state.borrow_mut().streams.get_mut(&context_id) {
+            if let Some(stream) = state.borrow_mut().streams.get_mut(context_id) {
                 stream.cookie = Some(cookie);
             }
         });
@@ -382,7 +377,7 @@ pub extern "C" fn proxy_on_response_headers(
 ) -> u32 {
     let cookie = STATE.with(|state| {
         let mut state = state.borrow_mut();
-        state.streams.get_mut(&context_id)?.cookie.take()
+        state.streams.get_mut(context_id)?.cookie.take()
     });
     if let Some(cookie) = cookie {
         add_header(RESPONSE_HEADERS, "set-cookie", cookie.as_bytes());

@@ -9,6 +9,7 @@
 //!   [`text`]: user values in one-line error messages,
 //! - [`decision`]: the routing decision, and [`route`]: writing it into the request, for both builds,
 //! - [`hash`]: the specified sticky hash,
+//! - [`streams`]: the glue's per-stream state, bounded without wholesale clears,
 //! - `filter` (wasm32 only): the proxy-wasm glue (our own thin ABI 0.2.1 layer) that reads headers in and
 //!   writes the decision out. The native build (`native/`, an Envoy dynamic module) is the other glue.
 
@@ -18,6 +19,7 @@ pub mod hash;
 pub mod metrics;
 pub mod percent;
 pub mod route;
+pub mod streams;
 pub mod text;
 
 #[cfg(target_arch = "wasm32")]

@@ -274,18 +274,19 @@ def local(args) -> int:
             apps[version] = (app, port)
         for app, port in apps.values():
             app.wait_serving(port)
+        # Port 0 (canaryctl's ports, Envoy's admin): a free port, learned once the process runs.
         control = lab.Canaryctl(RUN_DIR, init_config=plugin_config(args.steps[0]), xds_port=args.xds_port,
                                 admin_port=args.canaryctl_port)
         processes.append(control.start())
         where = lab.FrontAddresses(listener_port=args.port, admin_port=args.admin_port,
-                                   upstream_ports={"v1": args.v1_port, "v2": args.v2_port}, xds_port=args.xds_port)
+                                   upstream_ports={"v1": args.v1_port, "v2": args.v2_port}, xds_port=control.xds_port)
         text = lab.render_front("envoy-ads.yaml", where)
         envoy = lab.EnvoyProcess("envoy", text, RUN_DIR, admin_port=args.admin_port, workers=2,
                                  extra_args=["--service-node", "demo-envoy", "--service-cluster", "demo"])
         processes.append(envoy.start())
         envoy.wait_ready()
         control.wait_envoys(1)
-        print(f"Envoy on http://127.0.0.1:{args.port} (admin http://127.0.0.1:{args.admin_port}), "
+        print(f"Envoy on http://127.0.0.1:{args.port} (admin http://127.0.0.1:{envoy.admin_port}), "
               f"app v1 on :{args.v1_port}, app v2 on :{args.v2_port}, canaryctl on {control.server}; "
               f"logs in {RUN_DIR}")
         print(f"{args.users} users on {args.clients} connections; canary steps {args.steps} by `canaryctl set`, "

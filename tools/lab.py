@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -103,10 +104,28 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+class PortHold:
+    """A port held for an Envoy listener we start next, so that nothing can take it between our choice and
+    Envoy's bind: a socket bound (not listening) with SO_REUSEADDR and SO_REUSEPORT. Other binds fail and
+    outgoing connections skip it, while Envoy's listeners, which set SO_REUSEPORT, bind it beside us.
+    Release it once the Envoy listens (EnvoyProcess does, given `holds`). For servers that do not set
+    SO_REUSEPORT (Envoy's admin, canaryctl), bind port 0 and ask them instead."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sock.bind((host, 0))
+        self.port = self.sock.getsockname()[1]
+
+    def release(self):
+        self.sock.close()
+
+
 def free_port() -> int:
-    """A free port for a server we start next. Taken below the kernel's ephemeral range: a port from that
-    range (what binding port 0 gives) can be grabbed by any outgoing connection before our server binds it,
-    and the server then fails with "Address already in use"."""
+    """A port that was free a moment ago, for tools that run servers on fixed ports (the demo, benchmarks).
+    Tests use PortHold or port 0 instead: this one can be taken before the server binds it. Taken below the
+    kernel's ephemeral range, where outgoing connections do not take ports."""
     low, high = 10000, max(10001, min(_ephemeral_low(), 32768))
     for _ in range(1000):
         port = random.randrange(low, high)
@@ -145,7 +164,11 @@ def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_d
         replacements[shipped] = f"address: {where.upstream_host}, port_value: {where.upstream_ports[version]}"
     if "ads: {}" in text:
         replacements[SHIPPED_XDS] = f"address: 127.0.0.1, port_value: {where.xds_port}"
-        replacements[SHIPPED_WASM] = f"filename: {wasm}"  # the fail-safe default_config
+        # The fail-safe default_config: the .wasm (envoy-ads.yaml) or the native module (envoy-ads-native.yaml).
+        if "dynamic_modules" in text:
+            replacements[SHIPPED_NATIVE] = f"filename: {native}"
+        else:
+            replacements[SHIPPED_WASM] = f"filename: {wasm}"
     elif "config_discovery" in text:
         if ecds_dir is None:
             raise ValueError(f"{bootstrap} reads its filter config by ECDS: give ecds_dir")
@@ -246,10 +269,14 @@ class EnvoyProcess(ManagedProcess):
 
     def __init__(self, name: str, config_text: str, workdir: str, admin_port: int | None = None,
                  workers: int = 2, envoy_bin: str = ENVOY_BIN, extra_args: list[str] | None = None,
-                 cpus: str | None = None):
+                 cpus: str | None = None, holds: list[PortHold] | None = None):
+        """`admin_port` 0: the bootstrap's admin listens on port 0, and the port Envoy took is read from
+        --admin-address-path. `holds`: the listener ports this Envoy binds, released once it is ready."""
         super().__init__(name, os.path.join(workdir, f"{name}.log"))
         self.workdir = workdir
         self.admin_port = admin_port
+        self.holds = list(holds or [])
+        self.admin_address_path = os.path.join(workdir, f"{name}.admin-address") if admin_port == 0 else None
         self.workers = workers
         self.envoy_bin = envoy_bin
         self.extra_args = extra_args or []
@@ -261,10 +288,29 @@ class EnvoyProcess(ManagedProcess):
 
     def start(self) -> "EnvoyProcess":
         pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        address = ["--admin-address-path", self.admin_address_path] if self.admin_address_path else []
         self._spawn([*pin, self.envoy_bin, "-c", self.config_path, "--base-id", str(self.base_id),
-                     "--concurrency", str(self.workers), "-l", "info", "--drain-time-s", "1", *self.extra_args],
-                    cwd=self.workdir)
+                     "--concurrency", str(self.workers), "-l", "info", "--drain-time-s", "1", *address,
+                     *self.extra_args], cwd=self.workdir)
         return self
+
+    def release_holds(self):
+        for hold in self.holds:
+            hold.release()
+        self.holds = []
+
+    def stop(self):
+        self.release_holds()
+        super().stop()
+
+    def _resolve_admin_port(self):
+        """With admin port 0: the port Envoy wrote to --admin-address-path, once it has."""
+        if self.admin_port == 0 and self.admin_address_path:
+            try:
+                with open(self.admin_address_path) as f:
+                    self.admin_port = int(f.read().strip().rsplit(":", 1)[1])
+            except (OSError, ValueError, IndexError):
+                pass
 
     def wait_ready(self, deadline_s: float = 30.0):
         """Wait for the admin /ready (or, without admin, for `ready_probe`) within a deadline."""
@@ -275,6 +321,7 @@ class EnvoyProcess(ManagedProcess):
                                    + self.log())
             try:
                 if self.admin("/ready").strip() == "LIVE":
+                    self.release_holds()
                     return self
             except OSError:
                 pass
@@ -290,6 +337,7 @@ class EnvoyProcess(ManagedProcess):
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
                     if r.status == 200:
+                        self.release_holds()
                         return self
             except OSError:
                 pass
@@ -302,8 +350,9 @@ class EnvoyProcess(ManagedProcess):
     # -- admin ---------------------------------------------------------------------------------------
 
     def admin(self, path: str) -> str:
-        if self.admin_port is None:
-            raise OSError(f"{self.name} has no admin interface")
+        self._resolve_admin_port()
+        if not self.admin_port:
+            raise OSError(f"{self.name} has no admin interface (yet)")
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
             return r.read().decode()
 
@@ -333,17 +382,28 @@ CANARYCTL = os.environ.get("CANARYCTL_BIN") or os.path.join(ROOT, "target", "rel
 
 
 class Canaryctl(ManagedProcess):
-    """`canaryctl serve` on free ports, and its CLI pointed at it."""
+    """`canaryctl serve`, and its CLI pointed at it. Ports 0 (the default) let canaryctl pick free ones: it
+    says which in its log, and they are read from there."""
 
     def __init__(self, workdir: str, wasm_path: str = WASM, init_config: str | None = None,
-                 token: str | None = None, xds_port: int | None = None, admin_port: int | None = None):
+                 token: str | None = None, xds_port: int = 0, admin_port: int = 0,
+                 native_module: str | None = None, extra_args: list[str] | None = None):
         super().__init__("canaryctl", os.path.join(workdir, "canaryctl.log"))
         self.workdir = workdir
-        self.xds_port = xds_port or free_port()
-        self.admin_port = admin_port or free_port()
+        self.xds_port = xds_port
+        self.admin_port = admin_port
         self.state_path = os.path.join(workdir, "canaryctl-state.json")
         self.wasm_path = wasm_path
+        self.native_module = native_module
+        self.extra_args = extra_args or []
         self.token = token
+        self.token_path = None
+        if token is not None:
+            # Given as a file (0600), as operators should: a --token argument is visible in `ps`.
+            self.token_path = os.path.join(workdir, "admin-token")
+            fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
         self.init_config_path = None
         if init_config is not None:
             self.init_config_path = os.path.join(workdir, "init-config.json")
@@ -354,39 +414,60 @@ class Canaryctl(ManagedProcess):
     def server(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self, deadline_s: float = 15.0) -> "Canaryctl":
+    def args(self) -> list[str]:
         args = [CANARYCTL, "serve", "--xds", f"127.0.0.1:{self.xds_port}", "--admin", f"127.0.0.1:{self.admin_port}",
-                "--state", self.state_path, "--wasm-path", self.wasm_path]
+                "--state", self.state_path]
+        args += ["--native-module", self.native_module] if self.native_module else ["--wasm-path", self.wasm_path]
         if self.init_config_path:
             args += ["--init-config", self.init_config_path]
-        env = dict(os.environ)
-        env.pop("CANARYCTL_TOKEN", None)
-        if self.token:
-            env["CANARYCTL_TOKEN"] = self.token
-        self._spawn(args, env=env)
+        if self.token_path:
+            args += ["--token-file", self.token_path]
+        return args + self.extra_args
+
+    def start(self, deadline_s: float = 15.0) -> "Canaryctl":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CANARYCTL_")}
+        offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        self._spawn(self.args(), env=env)
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"canaryctl serve exited with {self.process.returncode}\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.server}/v1/status", timeout=2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+            with open(self.log_path, errors="replace") as f:
+                f.seek(offset)
+                found = re.search(r"serving ADS on 127\.0\.0\.1:(\d+), admin API on http://127\.0\.0\.1:(\d+)",
+                                  f.read())
+            if found:
+                self.xds_port, self.admin_port = int(found.group(1)), int(found.group(2))
+                try:
+                    with urllib.request.urlopen(f"{self.server}/healthz", timeout=2):
+                        return self
+                except OSError:
+                    pass
+            time.sleep(0.05)
         raise RuntimeError(f"canaryctl serve not answering within {deadline_s}s\n{self.log()}")
 
     def run(self, *args: str, token: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        """Run a CLI command against this server (`token`: sent with it, default none)."""
-        env = dict(os.environ)
-        env.pop("CANARYCTL_TOKEN", None)
+        """Run a CLI command against this server (`token`: sent with it, by CANARYCTL_TOKEN; default none)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CANARYCTL_")}
         if token:
             env["CANARYCTL_TOKEN"] = token
         return subprocess.run([CANARYCTL, "--server", self.server, *args], capture_output=True, text=True,
                               env=env, timeout=timeout)
 
-    def status(self) -> dict:
-        with urllib.request.urlopen(f"{self.server}/v1/status", timeout=5) as r:
+    def api(self, path: str, body: dict | None = None, token: str | None = "default") -> dict:
+        """An admin API call, with this server's token unless told otherwise (None: no token)."""
+        token = self.token if token == "default" else token
+        headers = {"content-type": "application/json"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.server}{path}", data=data, headers=headers,
+                                         method="GET" if body is None else "POST")
+        with urllib.request.urlopen(request, timeout=5) as r:
             return json.load(r)
+
+    def status(self) -> dict:
+        return self.api("/v1/status")
 
     def wait_envoys(self, count: int, version: int | None = None, deadline_s: float = 30.0) -> dict:
         """Wait until `count` Envoys are connected and have applied `version` (default: the desired one)."""
@@ -395,8 +476,22 @@ class Canaryctl(ManagedProcess):
         while time.monotonic() < deadline:
             status = self.status()
             want = version if version is not None else status["desired"]["version"]
-            current = [e for e in status["envoys"] if e["connected"] and e["acked_version"] == want]
+            current = [e for e in status["envoys"] if e["link"] == "connected" and e["acked_version"] == want]
             if len(current) >= count:
                 return status
             time.sleep(0.05)
         raise RuntimeError(f"{count} Envoys did not apply the config within {deadline_s}s: {status}\n{self.log()}")
+
+
+def eventually(check, deadline_s: float = 10.0, interval_s: float = 0.02, what: str = "the condition"):
+    """Poll `check()` until it returns something truthy, within a deadline; return it. Envoy applies a pushed
+    config on its workers a moment after it ACKs it, so tests poll the effect instead of asserting at once."""
+    deadline = time.monotonic() + deadline_s
+    last = None
+    while True:
+        last = check()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} did not hold within {deadline_s} s (last: {last!r})")
+        time.sleep(interval_s)

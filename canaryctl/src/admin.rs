@@ -95,7 +95,7 @@ async fn status(State(server): State<Arc<Server>>) -> Response {
         "fleet": {
             "window_seconds": settings.window.as_secs(),
             "forget_after_seconds": settings.forget_after.as_secs(),
-            "reconnect_grace_seconds": crate::fleet::RECONNECT_GRACE.as_secs(),
+            "reconnect_grace_seconds": settings.reconnect_grace.as_secs(),
         },
         "envoys": server.envoys(),
     }))

@@ -4,7 +4,7 @@
 //! - An Envoy is remembered from its first xDS request until it has been gone for `forget_after`; what is
 //!   remembered is saved in the state file, so a restarted canaryctl still knows who is missing.
 //! - The fleet a write must reach is every Envoy seen within `window`, connected or not.
-//! - An Envoy whose stream closed less than [`RECONNECT_GRACE`] ago (or that canaryctl has not seen since it
+//! - An Envoy whose stream closed less than `reconnect_grace` ago (or that canaryctl has not seen since it
 //!   started) is reconnecting: a write waits for it. After that it is disconnected, and a write reports it
 //!   by name instead of claiming success.
 
@@ -13,15 +13,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// How long an Envoy may take to come back before a write calls it disconnected. Envoy retries a dropped
-/// ADS stream within a second or two; a canaryctl restart is covered by counting from its start.
-pub const RECONNECT_GRACE: Duration = Duration::from_secs(10);
-
-/// Which Envoys writes wait for, and when a gone one is forgotten.
+/// Which Envoys writes wait for, how long a dropped one may take to come back, and when a gone one is
+/// forgotten.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FleetSettings {
     pub window: Duration,
     pub forget_after: Duration,
+    /// How long an Envoy may take to come back before a write calls it disconnected. Envoy retries a
+    /// dropped ADS stream within a second or two; a canaryctl restart is covered by counting from its start.
+    pub reconnect_grace: Duration,
 }
 
 /// What the state file keeps of an Envoy.
@@ -48,7 +48,7 @@ pub struct Nack {
 #[serde(rename_all = "snake_case")]
 pub enum Link {
     Connected,
-    /// Its stream closed less than [`RECONNECT_GRACE`] ago, or canaryctl has not seen it since starting.
+    /// Its stream closed less than `reconnect_grace` ago, or canaryctl has not seen it since starting.
     Reconnecting,
     /// Gone for longer than that, but seen within the fleet window: writes report it.
     Disconnected,
@@ -266,7 +266,7 @@ impl Fleet {
                     Link::Connected
                 } else if !in_fleet {
                     Link::Gone
-                } else if now.saturating_sub(since) < RECONNECT_GRACE.as_secs() {
+                } else if now.saturating_sub(since) < settings.reconnect_grace.as_secs() {
                     Link::Reconnecting
                 } else {
                     Link::Disconnected
@@ -338,6 +338,7 @@ mod tests {
     const HOUR: FleetSettings = FleetSettings {
         window: Duration::from_secs(3600),
         forget_after: Duration::from_secs(7 * 24 * 3600),
+        reconnect_grace: Duration::from_secs(10),
     };
 
     fn connect(fleet: &mut Fleet, stream: u64, node: &str, now: u64) {
@@ -428,6 +429,7 @@ mod tests {
         let settings = FleetSettings {
             window: Duration::from_secs(60),
             forget_after: Duration::from_secs(600),
+            reconnect_grace: Duration::from_secs(10),
         };
         let mut fleet = Fleet::default();
         connect(&mut fleet, 1, "old", 0);

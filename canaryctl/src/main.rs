@@ -114,6 +114,10 @@ enum Command {
         /// Envoys not seen for this long are forgotten.
         #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         forget_after: Duration,
+        /// How long a write waits for an Envoy whose stream dropped (or, after a restart, that has not
+        /// reconnected yet) before reporting it disconnected.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        reconnect_grace: Duration,
     },
     /// Desired config and, per Envoy, the version it applied or refused.
     Status {
@@ -214,6 +218,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             filter_name,
             fleet_window,
             forget_after,
+            reconnect_grace,
         } => {
             let artifact = match native_module {
                 Some(path) => Artifact::Native(path.clone()),
@@ -232,6 +237,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 fleet: FleetSettings {
                     window: *fleet_window,
                     forget_after: *forget_after,
+                    reconnect_grace: *reconnect_grace,
                 },
             };
             serve(settings, token).await

@@ -95,9 +95,10 @@ def demo_apps(processes):
     workdir = tempfile.mkdtemp(prefix="canary-router-apps-")
     apps = {}
     for version in ("v1", "v2"):
-        port = lab.free_port()
-        app = lab.EnvoyProcess(f"app-{version}", lab.render_app(version, port), workdir, workers=1)
-        app.port = port
+        hold = lab.PortHold()
+        app = lab.EnvoyProcess(f"app-{version}", lab.render_app(version, hold.port), workdir, workers=1,
+                               holds=[hold])
+        app.port = hold.port
         processes.append(app)
         apps[version] = app.start()
     for app in apps.values():
@@ -107,11 +108,12 @@ def demo_apps(processes):
 
 @pytest.fixture
 def canaryctl(processes):
-    """canaryctl(init_config, token=None, wasm_path=WASM) -> a started `canaryctl serve`."""
+    """canaryctl(init_config, token=None, wasm_path=WASM, native_module=None) -> a started `canaryctl serve`."""
 
-    def start(init_config=None, token=None, wasm_path=WASM, workdir=None):
+    def start(init_config=None, token=None, wasm_path=WASM, workdir=None, native_module=None, extra_args=None):
         server = lab.Canaryctl(workdir or tempfile.mkdtemp(prefix="canaryctl-test-"), wasm_path=wasm_path,
-                               init_config=init_config, token=token)
+                               init_config=init_config, token=token, native_module=native_module,
+                               extra_args=extra_args)
         processes.append(server)
         return server.start()
 

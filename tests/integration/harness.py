@@ -83,17 +83,18 @@ class Envoy(lab.EnvoyProcess):
                  workers: int = 2, xds_port: int = 18000, node_id: str | None = None, native: str = NATIVE,
                  artifact: str = "wasm"):
         workdir = tempfile.mkdtemp(prefix="canary-router-test-")
-        self.port = lab.free_port()
+        hold = lab.PortHold()  # the listener's port, held until Envoy listens on it
+        self.port = hold.port
         self.ecds_dir = os.path.join(workdir, "ecds")
         os.makedirs(self.ecds_dir)
-        where = lab.FrontAddresses(listener_port=self.port, admin_port=lab.free_port(),
+        where = lab.FrontAddresses(listener_port=self.port, admin_port=0,
                                    upstream_ports=upstream_ports, xds_port=xds_port)
         self.native = native if artifact == "native" else None
         text = lab.render_front(bootstrap, where, ecds_dir=self.ecds_dir, plugin_config=plugin_config, native=native,
                                 native_ecds=self.native is not None)
         extra = ["--service-node", node_id, "--service-cluster", "edge"] if node_id else []
-        super().__init__(node_id or "envoy", text, workdir, admin_port=where.admin_port, workers=workers,
-                         extra_args=extra)
+        super().__init__(node_id or "envoy", text, workdir, admin_port=0, workers=workers,
+                         extra_args=extra, holds=[hold])
 
     def publish(self, plugin_config: str) -> str:
         return ecds.publish(self.ecds_dir, plugin_config, wasm_path=WASM, native_path=self.native)
@@ -205,15 +206,23 @@ class Traffic:
             return Counter(self.statuses), Counter(self.served)
 
 
-def raw_request(port: int, request: bytes, timeout: float = 10.0) -> int:
-    """Send raw bytes (for requests http.client refuses to build); return the status code (0: none)."""
+def raw_exchange(port: int, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send raw bytes (for requests http.client refuses to build) on a connection the request closes; return
+    the status code (0: none) and the body."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request)
         data = b""
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
+        while True:
+            chunk = s.recv(65536)
             if not chunk:
                 break
             data += chunk
-    parts = data.split(b" ", 2)
-    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    head, _, body = data.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    return status, body
+
+
+def raw_request(port: int, request: bytes, timeout: float = 10.0) -> int:
+    """Send raw bytes; return the status code (0: none)."""
+    return raw_exchange(port, request, timeout)[0]

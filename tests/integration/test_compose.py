@@ -123,8 +123,12 @@ def test_the_health_check_passes_on_a_live_envoy_and_fails_without_one(compose, 
     envoy = start_envoy()
     live = [arg.replace("/9901", f"/{envoy.admin_port}") for arg in test[1:]]
     assert subprocess.run(live, timeout=10).returncode == 0
-    dead = [arg.replace("/9901", f"/{lab.free_port()}") for arg in test[1:]]
-    assert subprocess.run(dead, timeout=10, stderr=subprocess.DEVNULL).returncode != 0
+    nobody = lab.PortHold()  # bound, never listening: nothing answers there
+    try:
+        dead = [arg.replace("/9901", f"/{nobody.port}") for arg in test[1:]]
+        assert subprocess.run(dead, timeout=10, stderr=subprocess.DEVNULL).returncode != 0
+    finally:
+        nobody.release()
 
 
 def test_the_canaryctl_service_starts_from_its_own_command(compose, tmp_path):
@@ -141,13 +145,13 @@ def test_the_canaryctl_service_starts_from_its_own_command(compose, tmp_path):
                  for p in service["ports"]}
     assert published == {command[command.index("--admin") + 1].rsplit(":", 1)[1]}
 
-    # Run the same command here: mounts laid out under a root, listen addresses moved to free loopback ports.
+    # Run the same command here: mounts laid out under a root, listen addresses moved to loopback port 0.
     root = str(tmp_path / "root")
     replicate_mounts(service, root)
     argv = []
     for arg in command:
         if arg.startswith("0.0.0.0:"):
-            arg = f"127.0.0.1:{lab.free_port()}"
+            arg = "127.0.0.1:0"
         elif arg.startswith("/"):
             arg = root + arg
         argv.append(arg)

@@ -1,12 +1,12 @@
 """Configuration delivered by ECDS from a watched directory: live changes, refusals, no lost requests."""
 
 import json
-import time
 from collections import Counter
 
 import pytest
 
 from harness import Traffic, expected_version
+from lab import eventually
 
 # Both builds read their configuration by ECDS the same way: the .wasm's Wasm filter config, or the native
 # module's DynamicModuleFilter config (tools/ecds.py --native), from the same watched directory.
@@ -29,9 +29,20 @@ def served_share(envoy, users=200) -> float:
 
 
 def publish_and_wait(envoy, plugin_config: str, stat: str = "update_success"):
+    """Publish and wait until Envoy took it (applied or refused). Its workers switch a moment later."""
     before = envoy.stat(ECDS_STATS + stat)
     envoy.publish(plugin_config)
     envoy.wait_stat(ECDS_STATS + stat, before + 1)
+
+
+def decides(envoy, percent: float, users: int, prefix: str) -> bool:
+    """Every one of these users gets the version the spec says for `percent`."""
+    conn = envoy.connection()
+    try:
+        return all(envoy.get("/", {"x-user-id": f"{prefix}-{i}"}, conn=conn).served_by ==
+                   expected_version("web", f"{prefix}-{i}", "v1", [("v2", percent)]) for i in range(users))
+    finally:
+        conn.close()
 
 
 def test_percentage_changes_apply_live_with_zero_failed_requests(start_envoy):
@@ -41,14 +52,10 @@ def test_percentage_changes_apply_live_with_zero_failed_requests(start_envoy):
     with Traffic(envoy) as traffic:
         for percent in steps:
             publish_and_wait(envoy, config(percent))
-            # Every request decided after the update uses the new split, exactly as the spec says.
-            conn = envoy.connection()
-            for i in range(50):
-                user = f"check-{percent}-{i}"
-                assert envoy.get("/", {"x-user-id": user}, conn=conn).served_by == \
-                    expected_version("web", user, "v1", [("v2", percent)]), (percent, user)
-            conn.close()
-            time.sleep(0.2)  # let the concurrent clients run on this config too
+            # Once the workers switched, every request uses the new split, exactly as the spec says.
+            eventually(lambda: decides(envoy, percent, 50, f"check-{percent}"), what=f"the {percent}% split")
+            marks = traffic.total() + 50  # let the concurrent clients run on this config too
+            eventually(lambda: traffic.total() >= marks, what="traffic on this config")
     assert traffic.total() > 500, traffic.statuses
     assert traffic.errors == [], traffic.errors[:5]
     assert set(traffic.statuses) == {200}, traffic.statuses
@@ -72,14 +79,17 @@ def test_every_request_is_counted_once_across_a_config_change(start_envoy):
     for i in range(40):
         assert envoy.get("/", {"x-user-id": f"count-{i}"}, conn=conn).served_by == "v1"
     conn.close()
+    eventually(lambda: (counted(envoy, "v1"), counted(envoy, "v2")) == (40, 0), what="40 counted for v1")
     publish_and_wait(envoy, config(100))
+    # The workers switch a moment after the update; probe until they have (each probe is counted too).
+    eventually(lambda: envoy.get("/", {"x-user-id": "probe"}).served_by == "v2", what="the 100% config")
+    base = eventually(lambda: (lambda c: c if c == (counted(envoy, "v1"), counted(envoy, "v2")) else None)(
+        (counted(envoy, "v1"), counted(envoy, "v2"))), what="settled counters")
     conn = envoy.connection()
     for i in range(60):
         assert envoy.get("/", {"x-user-id": f"count-{i}"}, conn=conn).served_by == "v2"
-    deadline = time.monotonic() + 5
-    while (counts := (counted(envoy, "v1"), counted(envoy, "v2"))) != (40, 60):
-        assert time.monotonic() < deadline, f"counted (v1, v2) = {counts}, sent (40, 60)"
-        time.sleep(0.05)
+    eventually(lambda: (counted(envoy, "v1"), counted(envoy, "v2")) == (base[0], base[1] + 60),
+               what=f"60 more counted for v2 (from {base})")
 
 
 def test_a_refused_config_changes_nothing_and_the_next_good_one_applies(start_envoy):
@@ -99,9 +109,9 @@ def test_a_refused_config_changes_nothing_and_the_next_good_one_applies(start_en
     with Traffic(envoy, clients=3) as traffic:
         for bad, message in refusals:
             publish_and_wait(envoy, bad, stat="update_rejected")
-            assert message in envoy.log(), f"expected the filter to log: {message}"
+            eventually(lambda: message in envoy.log(), what=f"the filter logging: {message}")
             assert served_share(envoy, users=100) == 100, f"the last good config keeps serving after: {bad}"
         publish_and_wait(envoy, config(0))
-        assert served_share(envoy) == 0
+        eventually(lambda: served_share(envoy) == 0, what="the next good config")
     assert set(traffic.statuses) == {200} and traffic.errors == [], (traffic.statuses, traffic.errors[:5])
     assert traffic.mismatches == []

@@ -1,10 +1,12 @@
-"""Hostile requests never make the filter trap: no 5xx, no VM failure, and the next user is routed right."""
+"""Hostile requests never make the filter trap: no 5xx, no VM failure, and the next user is routed right.
+What each upstream received is checked too: exactly one route header, naming the version that served it,
+and no override or token header."""
 
 import json
 
 import pytest
 
-from harness import expected_version, raw_request
+from harness import expected_version, raw_exchange
 
 pytestmark = pytest.mark.both_artifacts
 
@@ -53,13 +55,32 @@ HOSTILE = {
 }
 
 
+# Requests the rollout does not match (its hosts and its "/" prefix): stable, with no route header.
+NO_ROLLOUT = {"path without slash", "ipv6 literal host", "broken ipv6 host", "host of colons", "HTTP/1.0 without host"}
+
+
 def test_hostile_requests_get_no_5xx_and_never_trap_the_vm(start_envoy):
     envoy = start_envoy(plugin_config=CONFIG)
-    statuses = {name: raw_request(envoy.port, raw) for name, raw in HOSTILE.items()}
+    answers = {name: raw_exchange(envoy.port, raw) for name, raw in HOSTILE.items()}
+    statuses = {name: status for name, (status, _) in answers.items()}
     server_errors = {name: s for name, s in statuses.items() if s == 0 or s >= 500}
     assert server_errors == {}, f"5xx or no answer: {server_errors} (all: {statuses})"
     served = sum(1 for s in statuses.values() if s == 200)
     assert served >= len(HOSTILE) - 4, f"most hostile requests are still served: {statuses}"
+
+    # What reached the upstream: one route header naming the version that served it (none, and stable,
+    # where no rollout matches), and no override or token header.
+    for name, (status, body) in answers.items():
+        if status != 200:
+            continue
+        answer = json.loads(body)
+        received = answer["headers"]
+        if name in NO_ROLLOUT:
+            assert ("x-version" not in received, answer["served_by"]) == (True, "v1"), (name, received)
+        else:
+            assert received.get("x-version") == [answer["served_by"]], (name, received.get("x-version"))
+        leaked = {h: received[h] for h in ("x-version-override", "x-override-token") if h in received}
+        assert leaked == {}, (name, leaked)
 
     # No trap happened: a trapped stream would be a 503 and, under FAIL_RELOAD, a VM reload.
     failures = {k: v for k, v in envoy.stats().items()

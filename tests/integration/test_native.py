@@ -1,9 +1,11 @@
 """The native build (an Envoy 1.40 dynamic module) beyond the shared suite: it loads with a matching ABI,
-and a panic inside it is contained: no abort of Envoy, nothing on stderr, the request goes to stable."""
+a panic inside it is contained (no abort of Envoy, nothing on stderr, the request goes to stable with no
+client-chosen header left), and it cannot be built with panic = "abort"."""
 
 import json
 import os
 import re
+import subprocess
 
 import lab
 from harness import ROOT, expected_version
@@ -37,3 +39,28 @@ def test_a_panic_in_the_module_is_contained_and_the_request_goes_to_stable(start
     assert "canary-router: internal error, request sent to stable" in log
     assert "deliberate panic (test build)" in log
     assert not re.search(r"thread '.*' panicked at", log), "the default panic hook must not print"
+
+
+def test_after_a_panic_no_header_a_client_could_pick_by_reaches_the_upstream(start_envoy):
+    # A configured route header, and an override with a token: the fail-safe path strips them all, not
+    # only the default x-version.
+    config = json.dumps({"route_header": "x-canary", "rollouts": [{
+        "name": "web", "stable": "v1", "canaries": [{"version": "v2", "percent": 50}],
+        "override": {"header": "x-pick", "token_header": "x-token", "token": "t0k"}}]})
+    envoy = start_envoy("envoy-native.yaml", plugin_config=config, native=PANIC_BUILD)
+    r = envoy.get("/", {"x-canary": "v2", "x-version": "v2", "x-pick": "v2", "x-token": "t0k",
+                        "x-canary-router-panic": "1"})
+    assert r.status == 200 and r.served_by == "v1"
+    assert {name: r.received(name) for name in ("x-canary", "x-version", "x-pick", "x-token")} == \
+        {"x-canary": [], "x-version": [], "x-pick": [], "x-token": []}, r.json["headers"]
+
+
+def test_a_native_build_with_panic_abort_is_refused_at_compile_time(tmp_path):
+    # `catch_unwind` is the only thing between a bug and an aborted Envoy; `panic = "abort"` (the release
+    # profile) would make it dead code. The module refuses to compile that way, saying why.
+    result = subprocess.run(["cargo", "check", "--release", "-p", "canary-router-native",
+                             "--target-dir", os.path.join(ROOT, "target", "guard")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0, "a panic = \"abort\" build of the native module compiled"
+    assert 'canary-router-native must be built with panic = "unwind"' in result.stderr, result.stderr[-2000:]
+    assert "make native" in result.stderr

@@ -138,6 +138,24 @@ def test_override_with_and_without_a_token(start_envoy):
     assert envoy.get("/", {"x-version-override": "v1"}).served_by == "v1"
 
 
+def test_no_rollouts_override_or_token_header_reaches_an_upstream_whichever_rollout_matched(start_envoy):
+    # Only the admin rollout has an override with a token. A request for the web rollout, or for no rollout,
+    # must not carry that token upstream either.
+    config = json.dumps({"rollouts": [
+        {"name": "admin", "match": {"path_prefix": "/admin"}, "stable": "v1",
+         "canaries": [{"version": "v2", "percent": 0}],
+         "override": {"header": "x-version-override", "token_header": "x-override-token", "token": "s3cret"}},
+        {"name": "web", "match": {"path_prefix": "/web"}, "stable": "v1",
+         "canaries": [{"version": "v2", "percent": 100}]},
+    ]})
+    envoy = start_envoy(plugin_config=config)
+    for path, served in (("/web", "v2"), ("/other", "v1"), ("/admin", "v2")):
+        r = envoy.get(path, {"x-version-override": "v2", "x-override-token": "s3cret"})
+        assert r.served_by == served, path
+        assert r.received("x-version-override") == [] and r.received("x-override-token") == [], \
+            f"{path}: {r.json['headers']}"
+
+
 SET_COOKIE = re.compile(r"^canary_id=([0-9a-f]{16}); Max-Age=3600; Path=/; HttpOnly; SameSite=Lax$")
 
 
@@ -225,10 +243,10 @@ def test_two_configs_sharing_one_vm_each_route_by_their_own(upstreams, processes
         "stable": {"filter": lambda _: bench.wasm_filter("canary-router", lab.WASM, all_stable),
                    "routes": bench.HEADER_ROUTES},
     }
-    ports = {name: lab.free_port() for name in variants}
-    admin = lab.free_port()
-    text = bench.bootstrap(admin, ports, {v: u.port for v, u in upstreams.items()}, variants)
-    envoy = lab.EnvoyProcess("shared-vm", text, str(tmp_path), admin_port=admin, workers=1)
+    holds = {name: lab.PortHold() for name in variants}
+    ports = {name: hold.port for name, hold in holds.items()}
+    text = bench.bootstrap(0, ports, {v: u.port for v, u in upstreams.items()}, variants)
+    envoy = lab.EnvoyProcess("shared-vm", text, str(tmp_path), admin_port=0, workers=1, holds=list(holds.values()))
     processes.append(envoy)
     envoy.start().wait_ready()
     # Envoy 1.40 with one worker keeps 3 VMs per distinct VM (base, main thread, worker); two distinct
@@ -240,3 +258,61 @@ def test_two_configs_sharing_one_vm_each_route_by_their_own(upstreams, processes
             conn.request("GET", "/", headers={"x-user-id": "someone"})
             body = json.loads(conn.getresponse().read())
             assert body["served_by"] == want, f"listener {name} served by {body['served_by']}"
+
+
+def test_a_stream_is_decided_by_its_own_config_while_another_is_updated_many_times(upstreams, processes, tmp_path):
+    # Two filter configs in one VM: an inline one (all to the canary) and one by ECDS, updated 24 times. The
+    # VM gets a root context per update and deletes the old ones; the inline listener's streams must keep
+    # their own root's config throughout, never another plugin's (the glue once kept 16 roots and used the
+    # newest for a root it did not know).
+    import bench
+    import ecds
+    import lab
+
+    ecds_dir = tmp_path / "ecds"
+    ecds_dir.mkdir()
+    ecds.publish(str(ecds_dir), rollout_config(0), version="0", wasm_path=lab.WASM)
+    by_ecds = f'''
+          - name: canary-router
+            config_discovery:
+              config_source:
+                path_config_source: {{ path: {ecds_dir}/{ecds.RESOURCE_FILE}, watched_directory: {{ path: {ecds_dir} }} }}
+                resource_api_version: V3
+              type_urls: [{ecds.WASM_TYPE}]'''
+    variants = {
+        "inline": {"filter": lambda _: bench.wasm_filter("canary-router", lab.WASM, rollout_config(100)),
+                   "routes": bench.HEADER_ROUTES},
+        "updated": {"filter": lambda _: by_ecds, "routes": bench.HEADER_ROUTES},
+    }
+    holds = {name: lab.PortHold() for name in variants}
+    ports = {name: hold.port for name, hold in holds.items()}
+    text = "node: { id: lifecycle, cluster: test }\n" + bench.bootstrap(
+        0, ports, {v: u.port for v, u in upstreams.items()}, variants)
+    envoy = lab.EnvoyProcess("lifecycle", text, str(tmp_path), admin_port=0, workers=1, holds=list(holds.values()))
+    processes.append(envoy)
+    envoy.start().wait_ready()
+    assert envoy.stat("wasm.wasm_vm_count") == 3, "both configs share one VM"
+
+    def served(name: str) -> str:
+        conn = __import__("http.client").client.HTTPConnection("127.0.0.1", ports[name], timeout=5)
+        conn.request("GET", "/")
+        return json.loads(conn.getresponse().read())["served_by"]
+
+    success = "extension_config_discovery.http_filter.canary-router.update_success"
+    for update in range(1, 25):
+        # Each update a config of its own (its salt): Envoy shares a root between identical configs.
+        percent = 100 if update % 2 else 0
+        before = envoy.stat(success)
+        ecds.publish(str(ecds_dir), rollout_config(percent, sticky={"keys": [{"header": "x-user-id"}],
+                                                                    "salt": f"update-{update}"}),
+                     version=str(update), wasm_path=lab.WASM)
+        envoy.wait_stat(success, before + 1)
+        want = "v2" if percent else "v1"
+        deadline = time.monotonic() + 10
+        while served("updated") != want:
+            assert time.monotonic() < deadline, f"update {update} not applied"
+            time.sleep(0.02)
+        for _ in range(3):
+            assert served("inline") == "v2", f"after update {update}, the inline listener used another config"
+    assert envoy.stat("wasmcustom.canary_router_unconfigured") == 0
+

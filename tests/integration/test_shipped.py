@@ -33,7 +33,8 @@ def test_every_shipped_filter_uses_fail_reload():
 def test_every_version_of_the_shipped_config_has_a_route_in_each_bootstrap():
     config = json.loads(shipped_plugin_config())
     versions = {v for r in config["rollouts"] for v in [r["stable"]] + [c["version"] for c in r["canaries"]]}
-    for bootstrap in ("envoy-inline.yaml", "envoy-ecds.yaml", "envoy-native.yaml"):
+    for bootstrap in ("envoy-inline.yaml", "envoy-ecds.yaml", "envoy-ads.yaml", "envoy-ads-native.yaml",
+                      "envoy-native.yaml"):
         text = read(bootstrap)
         routed = set(re.findall(r"name: x-version, string_match: \{ exact: ([^ }]+) \}", text))
         assert routed == versions, f"{bootstrap} routes {routed}, the config has {versions}"
@@ -73,6 +74,12 @@ def test_the_inline_and_ecds_bootstraps_differ_only_in_how_the_filter_config_arr
 def test_the_native_bootstrap_differs_from_the_inline_one_only_in_the_filter_entry():
     assert _without_filter_and_header(read("envoy-inline.yaml")) == _without_filter_and_header(read("envoy-native.yaml"))
     assert indent(shipped_plugin_config()) in read("envoy-native.yaml")
+
+
+def test_the_native_ads_bootstrap_differs_from_the_wasm_one_only_in_the_filter_entry():
+    assert _without_filter_and_header(read("envoy-ads.yaml")) == _without_filter_and_header(read("envoy-ads-native.yaml"))
+    native = read("envoy-ads-native.yaml")
+    assert "DynamicModuleFilter" in native and "envoy.extensions.filters.http.wasm" not in native
 
 
 def test_the_two_demo_apps_differ_only_in_version_and_port():
