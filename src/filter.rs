@@ -22,7 +22,7 @@ use crate::config::{self, Config};
 use crate::decision::Request;
 use crate::metrics;
 use crate::route::{route, route_unconfigured, RequestHeaders};
-use crate::streams::Streams;
+use crate::streams::{Pending, Streams};
 
 /// The host functions used (proxy-wasm ABI 0.2.1, module "env").
 mod host {
@@ -154,19 +154,15 @@ struct Active {
     counters: Vec<Option<u32>>,
 }
 
-/// One stream: its plugin config's root, and the `set-cookie` value waiting for its response headers.
-struct Stream {
-    root: u32,
-    cookie: Option<String>,
-}
-
 /// Everything the VM keeps between calls (one VM per worker thread, so no locking).
 #[derive(Default)]
 struct State {
     /// Plugin configs by root context id: every live root, until the host deletes it.
     roots: BTreeMap<u32, Rc<Active>>,
-    /// Streams by context id, until the host deletes them.
-    streams: Streams<Stream>,
+    /// Each new stream's root, until its request headers.
+    pending: Pending,
+    /// `set-cookie` values waiting for their stream's response headers (or its delete).
+    cookies: Streams<String>,
     /// The id of `canary_router_unconfigured` (defined the first time it is needed).
     unconfigured: Option<u32>,
     /// splitmix64 state (0: not seeded yet).
@@ -239,12 +235,10 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32)
         return;
     }
     STATE.with(|state| {
-        let mut state = state.borrow_mut();
-        let stream = Stream {
-            root: root_context_id,
-            cookie: None,
-        };
-        state.streams.insert(context_id, stream);
+        state
+            .borrow_mut()
+            .pending
+            .insert(context_id, root_context_id)
     });
 }
 
@@ -253,9 +247,10 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32)
 pub extern "C" fn proxy_on_delete(context_id: u32) {
     STATE.with(|state| {
         let mut state = state.borrow_mut();
-        if state.streams.remove(context_id).is_none() {
-            state.roots.remove(&context_id);
-        }
+        // Context ids are unique across roots and streams: at most one of these holds it.
+        state.pending.take(context_id);
+        state.cookies.remove(context_id);
+        state.roots.remove(&context_id);
     });
 }
 
@@ -323,8 +318,8 @@ pub extern "C" fn proxy_on_request_headers(
     _end_of_stream: bool,
 ) -> u32 {
     let active = STATE.with(|state| {
-        let state = state.borrow();
-        let root = state.streams.get(context_id)?.root;
+        let mut state = state.borrow_mut();
+        let root = state.pending.take(context_id)?;
         state.roots.get(&root).cloned()
     });
     let Some(active) = active else {
@@ -334,11 +329,7 @@ pub extern "C" fn proxy_on_request_headers(
     let config = &active.config;
     let routed = route(config, &mut HostRequest::default(), &mut next_random);
     if let Some(cookie) = routed.set_cookie {
-        STATE.with(|state| {
-            if let Some(stream) = state.borrow_mut().streams.get_mut(context_id) {
-                stream.cookie = Some(cookie);
-            }
-        });
+        STATE.with(|state| state.borrow_mut().cookies.insert(context_id, cookie));
     }
     if let Some(&Some(id)) = active.counters.get(routed.counter_slot) {
         // SAFETY: a plain call with numbers.
@@ -375,10 +366,7 @@ pub extern "C" fn proxy_on_response_headers(
     _num_headers: usize,
     _end_of_stream: bool,
 ) -> u32 {
-    let cookie = STATE.with(|state| {
-        let mut state = state.borrow_mut();
-        state.streams.get_mut(context_id)?.cookie.take()
-    });
+    let cookie = STATE.with(|state| state.borrow_mut().cookies.remove(context_id));
     if let Some(cookie) = cookie {
         add_header(RESPONSE_HEADERS, "set-cookie", cookie.as_bytes());
     }

@@ -111,11 +111,12 @@ class PortHold:
     Release it once the Envoy listens (EnvoyProcess does, given `holds`). For servers that do not set
     SO_REUSEPORT (Envoy's admin, canaryctl), bind port 0 and ask them instead."""
 
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        """`port`: a port an Envoy of ours listens on now, held again before it restarts on it."""
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
 
     def release(self):
@@ -269,9 +270,10 @@ class EnvoyProcess(ManagedProcess):
 
     def __init__(self, name: str, config_text: str, workdir: str, admin_port: int | None = None,
                  workers: int = 2, envoy_bin: str = ENVOY_BIN, extra_args: list[str] | None = None,
-                 cpus: str | None = None, holds: list[PortHold] | None = None):
+                 cpus: str | None = None, holds: list[PortHold] | None = None, wrapper: list[str] | None = None):
         """`admin_port` 0: the bootstrap's admin listens on port 0, and the port Envoy took is read from
-        --admin-address-path. `holds`: the listener ports this Envoy binds, released once it is ready."""
+        --admin-address-path. `holds`: the listener ports this Envoy binds, released once it is ready.
+        `wrapper`: a command Envoy runs under (e.g. valgrind and its options)."""
         super().__init__(name, os.path.join(workdir, f"{name}.log"))
         self.workdir = workdir
         self.admin_port = admin_port
@@ -281,13 +283,14 @@ class EnvoyProcess(ManagedProcess):
         self.envoy_bin = envoy_bin
         self.extra_args = extra_args or []
         self.cpus = cpus  # pin every thread with `taskset -c <cpus>` (benchmarks)
+        self.wrapper = list(wrapper or [])
         self.base_id = next_base_id()
         self.config_path = os.path.join(workdir, f"{name}.yaml")
         with open(self.config_path, "w") as f:
             f.write(config_text)
 
     def start(self) -> "EnvoyProcess":
-        pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        pin = (["taskset", "-c", self.cpus] if self.cpus else []) + self.wrapper
         address = ["--admin-address-path", self.admin_address_path] if self.admin_address_path else []
         self._spawn([*pin, self.envoy_bin, "-c", self.config_path, "--base-id", str(self.base_id),
                      "--concurrency", str(self.workers), "-l", "info", "--drain-time-s", "1", *address,

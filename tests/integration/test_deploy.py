@@ -1,7 +1,9 @@
 """Istio and Envoy Gateway manifests cannot run here; what can be checked is: they parse, the plugin config
 inside each passes the filter's own validation (the same Rust code, built natively), their routes cover
-every version of that config on the config's route header, and the OCI image they pull is what the
-Dockerfile builds."""
+every version of that config on the config's route header, the OCI image they pull is what the Dockerfile
+builds and is pinned by digest, the filter is scoped to its app's host, a client can never pick the version
+(even when Envoy Gateway skips a failed filter), and Istio gets the shipped bootstrap's stats tags (which
+the routing tests check on a live Envoy)."""
 
 import json
 import os
@@ -60,12 +62,21 @@ def test_the_dockerfile_packages_the_built_filter_as_plugin_wasm():
     assert rules == ["*", f"!{ecds.DEFAULT_WASM}"], "the build context is the .wasm alone"
 
 
+DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def shipped_stats_tags() -> list[dict]:
+    with open(os.path.join(lab.ENVOY_DIR, "envoy-ads.yaml")) as f:
+        return yaml.safe_load(f)["stats_config"]["stats_tags"]
+
+
 def test_istio_wasmplugin_virtualservice_and_destinationrule_agree(check_config):
     docs = documents("istio/canary-router.yaml")
-    assert set(docs) == {"WasmPlugin", "VirtualService", "DestinationRule"}
+    assert set(docs) == {"WasmPlugin", "VirtualService", "DestinationRule", "EnvoyFilter"}
     plugin = docs["WasmPlugin"]["spec"]
     assert plugin["failStrategy"] == "FAIL_RELOAD"
     assert plugin["url"] == f"oci://{dockerfile_image()}"
+    assert DIGEST.match(plugin["sha256"]), "the plugin is pinned by digest"
     summary = check_config(plugin["pluginConfig"])
     assert "rollout shop: v1 95% (stable), v2 5%" in summary
     header, canaries, stable = versions(plugin["pluginConfig"])
@@ -80,18 +91,36 @@ def test_istio_wasmplugin_virtualservice_and_destinationrule_agree(check_config)
     assert list(routed)[-1] is None, "the default route comes last"
     subsets = {s["name"]: s["labels"]["version"] for s in docs["DestinationRule"]["spec"]["subsets"]}
     assert subsets == {v: v for v in [stable, *canaries]}
+    hosts = plugin["pluginConfig"]["rollouts"][0]["match"]["hosts"]
+    assert hosts == docs["VirtualService"]["spec"]["hosts"], "the filter decides only for its app's host"
+
+    # The labels: the shipped bootstrap's stats tags, on the gateways the plugin runs in.
+    envoy_filter = docs["EnvoyFilter"]["spec"]
+    assert envoy_filter["workloadSelector"]["labels"] == docs["WasmPlugin"]["spec"]["selector"]["matchLabels"]
+    (patch,) = envoy_filter["configPatches"]
+    assert (patch["applyTo"], patch["patch"]["operation"]) == ("BOOTSTRAP", "MERGE")
+    wasm_tags = [t for t in shipped_stats_tags() if t["tag_name"] != "artifact"]
+    assert patch["patch"]["value"]["stats_config"]["stats_tags"] == wasm_tags
 
 
 def test_envoy_gateway_policy_and_httproute_agree(check_config):
     docs = documents("envoy-gateway/canary-router.yaml")
-    assert set(docs) == {"EnvoyExtensionPolicy", "HTTPRoute"}
+    assert set(docs) == {"EnvoyExtensionPolicy", "HTTPRoute", "ClientTrafficPolicy"}
     policy = docs["EnvoyExtensionPolicy"]["spec"]
-    assert policy["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "shop"}], \
-        "attached to the Gateway, so it runs before any route is chosen"
+    assert policy["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "shop"}], \
+        "attached to its app's HTTPRoute, not to every app behind the Gateway"
     (wasm,) = policy["wasm"]
-    assert wasm["code"] == {"type": "Image", "image": {"url": dockerfile_image()}}
+    assert wasm["code"]["type"] == "Image" and wasm["code"]["image"]["url"] == dockerfile_image()
+    assert DIGEST.match(wasm["code"]["image"]["sha256"]), "the plugin is pinned by digest"
     check_config(wasm["config"])
     header, canaries, stable = versions(wasm["config"])
+    assert wasm["config"]["rollouts"][0]["match"]["hosts"] == docs["HTTPRoute"]["spec"]["hostnames"]
+    # Fail-open skips a failed filter rather than failing every request of the worker; a client-sent route
+    # header is removed before any filter runs, so skipping the filter never lets a client pick the version.
+    assert wasm["failOpen"] is True
+    traffic = docs["ClientTrafficPolicy"]["spec"]
+    assert traffic["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "shop"}]
+    assert traffic["headers"]["earlyRequestHeaders"]["remove"] == [header]
 
     route = docs["HTTPRoute"]["spec"]
     assert route["parentRefs"] == [{"name": "shop"}]

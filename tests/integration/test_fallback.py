@@ -57,12 +57,13 @@ def test_a_restarted_canary_gets_its_share_back(start_envoy, demo_apps, processe
 
     assert share_matches_spec()
     with Traffic(envoy, clients=4) as traffic:
+        hold = lab.PortHold(port=demo_apps["v2"].port)  # nothing else takes the port while v2 is down
         demo_apps["v2"].stop()  # a clean stop this time (SIGTERM)
         wait_until(lambda: envoy.get("/", {"x-user-id": "r-canary-probe"}, conn=conn).served_by == "v1" and
                    all(envoy.get("/", {"x-user-id": f"r{i}"}, conn=conn).served_by == "v1" for i in range(50)),
                    20, "every user on stable while the canary is down")
         restarted = lab.EnvoyProcess("app-v2-restarted", lab.render_app("v2", demo_apps["v2"].port),
-                                     demo_apps["v2"].workdir, workers=1)
+                                     demo_apps["v2"].workdir, workers=1, holds=[hold])
         processes.append(restarted)
         restarted.start().wait_serving(demo_apps["v2"].port)
         wait_until(share_matches_spec, 30, "canary users back on the canary, by the spec")
