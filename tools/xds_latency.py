@@ -39,7 +39,7 @@ def post(url: str, body: dict) -> dict:
 
 def all_applied(control: lab.Canaryctl, version: int, count: int) -> bool:
     envoys = control.status()["envoys"]
-    return sum(1 for e in envoys if e["connected"] and (e["acked_version"] or 0) >= version) >= count
+    return sum(1 for e in envoys if e["link"] == "connected" and (e["acked_version"] or 0) >= version) >= count
 
 
 def measure(fleet: int, changes: int) -> dict[str, list[float]]:
