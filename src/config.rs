@@ -124,6 +124,11 @@ pub struct RawRollout {
         skip_serializing_if = "Option::is_none"
     )]
     pub override_: Option<RawOverride>,
+    /// The route table's default route (a request with no route header) serves this rollout's stable
+    /// version and adds the route header itself, so the filter need not write it for stable (see
+    /// [`Rollout::stable_by_default_route`]). `false` (the default): the filter always writes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stable_by_default_route: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,6 +350,10 @@ pub struct Rollout {
     pub assign_cookie: Option<AssignCookie>,
     pub rules: Vec<Rule>,
     pub override_: Option<Override>,
+    /// A request decided for stable that carried no route header is left as it is: Envoy already matched
+    /// it to the default route, which serves stable and adds the route header. No header write, and no
+    /// route re-match, for most of the traffic.
+    pub stable_by_default_route: bool,
 }
 
 /// A host pattern, lower-case, without port.
@@ -541,6 +550,7 @@ impl RawRollout {
             assign_cookie,
             rules,
             override_,
+            stable_by_default_route: self.stable_by_default_route,
         })
     }
 

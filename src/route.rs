@@ -44,7 +44,17 @@ pub fn route(
             set_cookie: None,
         };
     };
-    headers.replace(&config.route_header, d.version_name(config).as_bytes());
+    // Stable, and no client-sent route header to replace: the default route already serves it and adds
+    // the header (when the rollout says so), so nothing is written and Envoy matches no route again.
+    let stable_as_routed = d.version == 0
+        && config
+            .rollouts
+            .get(d.rollout)
+            .is_some_and(|r| r.stable_by_default_route)
+        && headers.header(&config.route_header).is_none();
+    if !stable_as_routed {
+        headers.replace(&config.route_header, d.version_name(config).as_bytes());
+    }
     Routed {
         counter_slot,
         set_cookie: d.set_cookie(config),
@@ -200,5 +210,56 @@ mod tests {
         route_unconfigured(&mut h, [&config]);
         let left: Vec<&str> = h.0.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(left, [":path", "x-user-id"]);
+    }
+
+    #[test]
+    fn with_stable_by_default_route_stable_requests_are_left_as_routed() {
+        let json = |flag: bool| {
+            format!(
+                r#"{{"rollouts":[{{"name":"web","stable":"v1","canaries":[{{"version":"v2","percent":50}}],
+                    "sticky":{{"keys":[{{"header":"x-user-id"}}]}},"stable_by_default_route":{flag}}}]}}"#
+            )
+        };
+        let config = parse(json(true).as_bytes()).unwrap();
+        let web = &config.rollouts[0];
+        let user = |canary: bool| {
+            (0..)
+                .map(|i| format!("u{i}"))
+                .find(|u| {
+                    let b = crate::hash::bucket(&web.salt, u.as_bytes());
+                    (crate::decision::version_for_bucket(web, b) == 1) == canary
+                })
+                .unwrap()
+        };
+        let (stable_user, canary_user) = (user(false), user(true));
+        // Stable, no route header: nothing written (the default route adds it).
+        let mut h = fake(&[(":path", "/"), ("x-user-id", &stable_user)]);
+        route(&config, &mut h, &mut || 0);
+        assert_eq!(h.header("x-version"), None);
+        // Canary: written. A spoofed header on a stable user: replaced, never kept.
+        let mut h = fake(&[("x-user-id", &canary_user)]);
+        route(&config, &mut h, &mut || 0);
+        assert_eq!(h.header("x-version"), Some(&b"v2"[..]));
+        for spoof in ["v2", "v1", ""] {
+            let mut h = fake(&[("x-user-id", &stable_user), ("x-version", spoof)]);
+            route(&config, &mut h, &mut || 0);
+            let values: Vec<_> = h.0.iter().filter(|(k, _)| k == "x-version").collect();
+            assert_eq!(
+                values,
+                [&("x-version".to_string(), b"v1".to_vec())],
+                "{spoof:?}"
+            );
+        }
+        // Off (the default): stable is written too.
+        let config = parse(json(false).as_bytes()).unwrap();
+        let mut h = fake(&[("x-user-id", &stable_user)]);
+        route(&config, &mut h, &mut || 0);
+        assert_eq!(h.header("x-version"), Some(&b"v1"[..]));
+        assert_eq!(
+            serde_json::to_string(&crate::config::parse_raw(json(false).as_bytes()).unwrap())
+                .unwrap(),
+            r#"{"rollouts":[{"name":"web","stable":"v1","canaries":[{"version":"v2","percent":50}],"sticky":{"keys":[{"header":"x-user-id"}]}}]}"#,
+            "false is the default and is not written back"
+        );
     }
 }

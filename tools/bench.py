@@ -75,12 +75,17 @@ def lua_filter(name: str = "envoy.filters.http.lua") -> str:
               default_source_code: {{ inline_string: {json.dumps(code)} }}'''
 
 
+# As in the shipped bootstraps, the stable (default) route names its version itself, so the filter need not
+# write the header for users it keeps on stable ("stable_by_default_route" in the shipped plugin config).
 HEADER_ROUTES = '''
               routes:
               - match: { prefix: "/", headers: [{ name: x-version, string_match: { exact: v2 } }] }
                 route: { cluster: v2 }
               - match: { prefix: "/" }
-                route: { cluster: v1 }'''
+                route: { cluster: v1 }
+                request_headers_to_add:
+                - header: { key: x-version, value: v1 }
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD'''
 
 # One route that takes the cluster from the route header: a filter that sets the header then needs only the
 # route's cluster re-picked (refreshRouteCluster), not a new route match. Probes only: a request without the

@@ -24,7 +24,7 @@ REQUEST_HEADERS_TOP = ") -> u32 {\n    let active = STATE"
 READ = "let mut h = HostRequest::default(); let _ = h.header(\"x-user-id\").map(|v| v.len());"
 WRITE = "replace_header(REQUEST_HEADERS, \"x-version\", b\"v1\");"
 # Counts the request in the newest config's first counter, as the filter counts every request.
-COUNT = ("let id = STATE.with(|s| s.borrow().roots.last().and_then(|(_, a)| a.counters.first().copied().flatten()));"
+COUNT = ("let id = STATE.with(|s| s.borrow().roots.values().next().and_then(|a| a.counters.first().copied().flatten()));"
          " if let Some(id) = id { let _ = unsafe { host::proxy_increment_metric(id, 1) }; }")
 
 # Reads headers one by one (proxy_get_header_map_value: one host call each, and one allocation callback
@@ -101,6 +101,8 @@ WASM_PROBES = {
                unexport("proxy_on_response_headers")),
     "noctx": ("the whole filter, proxy_on_context_create not exported (one plugin config per VM)",
               unexport("proxy_on_context_create")),
+    "nodelete": ("the whole filter, proxy_on_delete not exported (roots and streams never forgotten)",
+                 unexport("proxy_on_delete")),
     "lean": ("the whole filter, neither of those two callbacks exported",
              lambda s: unexport("proxy_on_context_create")(unexport("proxy_on_response_headers")(s))),
     "values": ("the whole filter, reading headers one by one (proxy_get_header_map_value)", one_by_one),

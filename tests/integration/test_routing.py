@@ -51,7 +51,8 @@ def test_a_client_sent_route_header_is_never_trusted(start_envoy):
         assert (r.status, r.served_by, r.received("x-version")) == (200, "v1", ["v1"]), headers
 
 
-def test_requests_no_rollout_matches_get_no_route_header_and_the_stable_default(start_envoy):
+def test_requests_no_rollout_matches_go_to_the_stable_default_which_names_itself(start_envoy):
+    # The filter writes no route header for them; the shipped default route serves stable and adds its own.
     config = rollout_config(100, match={"hosts": ["shop.example.com"], "path_prefix": "/shop"})
     envoy = start_envoy(plugin_config=config)
     r = envoy.get("/shop/cart", {"host": "SHOP.example.com:8080", "x-version": "v1"})
@@ -59,12 +60,34 @@ def test_requests_no_rollout_matches_get_no_route_header_and_the_stable_default(
     for host, path in [("other.org", "/shop"), ("shop.example.com", "/"), ("example.com", "/shop")]:
         r = envoy.get(path, {"host": host, "x-version": "v2"})
         assert r.status == 200
-        assert (r.served_by, r.received("x-version")) == ("v1", []), (host, path)
+        assert (r.served_by, r.received("x-version")) == ("v1", ["v1"]), (host, path)
     # Unmatched, the header is removed only when sent (a removal makes Envoy match the route again): sent
-    # twice, or empty, it is still removed.
+    # twice, or empty, it is still removed, and the upstream gets the route's one value.
     for spoof in ([("x-version", "v2"), ("x-version", "v2")], [("x-version", "")]):
         r = envoy.get("/", spoof)
-        assert (r.status, r.served_by, r.received("x-version")) == (200, "v1", []), spoof
+        assert (r.status, r.served_by, r.received("x-version")) == (200, "v1", ["v1"]), spoof
+
+
+@pytest.mark.parametrize("stable_by_default_route", [True, False])
+def test_every_upstream_gets_exactly_one_route_header_naming_itself(start_envoy, stable_by_default_route):
+    # With "stable_by_default_route" the filter writes nothing for users it keeps on stable (no header
+    # write, no route re-match): the shipped stable routes add the header. Either way each upstream must get
+    # exactly one value, its own, whatever a client sent.
+    config = rollout_config(30, **STICKY, stable_by_default_route=stable_by_default_route)
+    envoy = start_envoy(plugin_config=config)
+    conn = envoy.connection()
+    spoofs = [[], [("x-version", "v2")], [("x-version", "v1")], [("x-version", "")],
+              [("x-version", "v2"), ("X-Version", "v1")], [("x-version", "v9")]]
+    seen = Counter()
+    for i in range(120):
+        user = f"one-{i}"
+        headers = [("x-user-id", user), *spoofs[i % len(spoofs)]]
+        r = envoy.get("/", headers, conn=conn)
+        assert r.status == 200
+        assert r.served_by == expected_version("web", user, "v1", [("v2", 30)]), (user, headers)
+        assert r.received("x-version") == [r.served_by], (user, headers, r.received("x-version"))
+        seen[r.served_by] += 1
+    assert seen["v1"] > 40 and seen["v2"] > 15, seen
 
 
 def test_the_split_matches_the_spec_and_users_stick(start_envoy):
