@@ -13,7 +13,7 @@ BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yam
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup install-docker-compose wasm canaryctl native native-panic skew-wasm skew-native native-guard unit lint validate integration test bench demo compose-prep clean
+.PHONY: help setup install-docker-compose wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -83,11 +83,22 @@ compose-prep: wasm canaryctl ## Before `docker compose up`: build the filter and
 
 NOOP_WASM := bench/noop-filter/target/$(WASM_TARGET)/release/noop_filter.wasm
 
-bench: wasm native ## Benchmark the filter (wasm and native) against Envoy alone, weighted_clusters, Lua and a no-op SDK filter (see BENCHMARKS.md)
-	@command -v wrk >/dev/null && command -v nginx >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null; \
-	  else echo "bench needs wrk and nginx-light: sudo apt-get install wrk nginx-light"; exit 1; fi; }
+# Debian's tools the benchmarks need: valgrind (callgrind counts instructions), wrk and nginx-light (load and
+# upstreams for the CPU-time view).
+bench-tools:
+	@command -v valgrind >/dev/null && command -v wrk >/dev/null && command -v nginx >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind wrk nginx-light >/dev/null; \
+	  else echo "the benchmarks need valgrind, wrk and nginx-light: sudo apt-get install valgrind wrk nginx-light"; exit 1; fi; }
+
+bench-filters: wasm native
 	cargo build --release --target $(WASM_TARGET) --manifest-path bench/noop-filter/Cargo.toml
+
+bench-quick: bench-tools bench-filters ## Instructions per request only (callgrind, a few minutes): Envoy alone, Lua, the no-op SDK filter, the .wasm, the native module
+	$(PYTHON) tools/count_instructions.py $(COUNT_ARGS)
+
+bench: bench-tools bench-filters ## The benchmark: instructions per request (direct and upstream routes), then CPU time, latency and RSS (see BENCHMARKS.md)
+	$(PYTHON) tools/count_instructions.py $(COUNT_ARGS)
+	$(PYTHON) tools/count_instructions.py --routes upstream --variants b,c,d,e,f,g $(COUNT_ARGS)
 	cargo run --release --example microbench
 	$(PYTHON) tools/bench.py $(BENCH_ARGS)
 
