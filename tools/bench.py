@@ -124,6 +124,35 @@ def variants() -> dict[str, dict]:
     }
 
 
+def build_variants(into: dict[str, dict], extra=(), probe=(), cluster_header_probe=(), with_config=()) -> dict[str, str]:
+    """Builds of ours as more variants, added to `into` (`--extra NAME=PATH`: checked against the spec;
+    `--probe`: a cost-breakdown build, not checked; `--cluster-header-probe`: a probe on routes that take the
+    cluster from x-version; `--with-config NAME=CONFIG.json`: today's .wasm with another plugin config, not
+    checked). A .so path is a native module build, else a .wasm. Returns name -> artifact path."""
+    shipped = lab.shipped_plugin_config()
+    # (name, artifact, label, plugin config, checked against the spec, routes)
+    extras = []
+    for options, decides, routes in ((extra, True, HEADER_ROUTES), (probe, False, HEADER_ROUTES),
+                                     (cluster_header_probe, False, CLUSTER_HEADER_ROUTES)):
+        for option in options:
+            name, path = option.split("=", 1)
+            extras.append((name, path, f"canary-router build {os.path.basename(path)}", shipped, decides, routes))
+    for option in with_config:
+        name, path = option.split("=", 1)
+        with open(path) as f:
+            extras.append((name, lab.WASM, f"canary-router wasm with {os.path.basename(path)}", f.read(), False,
+                           HEADER_ROUTES))
+    paths = {}
+    for name, path, label, config, decides, routes in extras:
+        paths[name] = path
+        make = native_filter if path.endswith(".so") else wasm_filter
+        into[name] = {"label": label,
+                      "filter": lambda k, make=make, name=name, path=os.path.abspath(path), config=config:
+                          make(f"canary-router-{name}-{k}", path, config),
+                      "routes": routes, "decides": decides}
+    return paths
+
+
 def listener(name: str, port: int, variant: dict, copies: int = 1) -> str:
     """A listener for one variant, its filter `copies` times in a row (see --copies)."""
     filters = "".join(variant["filter"](k) for k in range(copies)) if variant["filter"] else ""
@@ -303,27 +332,7 @@ def main() -> int:
     with open(script, "w") as f:
         f.write(WRK_SCRIPT)
     all_variants = variants()
-    extra_wasm = {}
-    # Builds of ours as more variants: (name, artifact, label, plugin config, checked against the spec, routes).
-    shipped = lab.shipped_plugin_config()
-    extras = []
-    for options, decides, routes in ((args.extra, True, HEADER_ROUTES), (args.probe, False, HEADER_ROUTES),
-                                     (args.cluster_header_probe, False, CLUSTER_HEADER_ROUTES)):
-        for option in options:
-            name, path = option.split("=", 1)
-            extras.append((name, path, f"canary-router build {os.path.basename(path)}", shipped, decides, routes))
-    for option in args.with_config:
-        name, path = option.split("=", 1)
-        with open(path) as f:
-            extras.append((name, lab.WASM, f"canary-router wasm with {os.path.basename(path)}", f.read(), False,
-                           HEADER_ROUTES))
-    for name, path, label, config, decides, routes in extras:  # a .so path is a native module build, else a .wasm
-        extra_wasm[name] = path
-        make = native_filter if path.endswith(".so") else wasm_filter
-        all_variants[name] = {"label": label,
-                              "filter": lambda k, make=make, name=name, path=path, config=config:
-                                  make(f"canary-router-{name}-{k}", path, config),
-                              "routes": routes, "decides": decides}
+    extra_wasm = build_variants(all_variants, args.extra, args.probe, args.cluster_header_probe, args.with_config)
     chosen = [v for v in args.variants.split(",")] + list(extra_wasm)
     envoy_variants = {v: all_variants[v] for v in chosen if v != "a"}
     upstreams = {"v1": lab.free_port(), "v2": lab.free_port()}

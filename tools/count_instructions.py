@@ -123,7 +123,7 @@ def main() -> int:
     parser.add_argument("--probe", action="append", default=[], metavar="NAME=PATH",
                         help="a cost-breakdown build that does not decide (not checked)")
     parser.add_argument("--with-config", action="append", default=[], metavar="NAME=CONFIG.json",
-                        help="today's .wasm with another plugin config, checked against the shipped one's split")
+                        help="today's .wasm with another plugin config (not checked)")
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=300)
     args = parser.parse_args()
@@ -137,23 +137,8 @@ def main() -> int:
     if args.routes == "direct" and "c" in chosen:
         print("weighted_clusters (c) needs clusters: run it with --routes upstream", file=sys.stderr)
         return 2
-    shipped = lab.shipped_plugin_config()
-    for options, decides in ((args.extra, True), (args.probe, False)):
-        for option in options:
-            name, path = option.split("=", 1)
-            make = bench.native_filter if path.endswith(".so") else bench.wasm_filter
-            chosen[name] = {"label": f"canary-router build {os.path.basename(path)}", "routes": bench.HEADER_ROUTES,
-                            "decides": decides,
-                            "filter": lambda k, make=make, name=name, path=path:
-                                make(f"canary-router-{name}-{k}", os.path.abspath(path), shipped)}
-    for option in args.with_config:
-        name, path = option.split("=", 1)
-        with open(path) as f:
-            config = f.read()
-        chosen[name] = {"label": f"canary-router wasm with {os.path.basename(path)}", "routes": bench.HEADER_ROUTES,
-                        "decides": True,
-                        "filter": lambda k, name=name, config=config:
-                            bench.wasm_filter(f"canary-router-{name}-{k}", lab.WASM, config)}
+    for name in bench.build_variants(all_variants, args.extra, args.probe, with_config=args.with_config):
+        chosen[name] = all_variants[name]
     workdir = tempfile.mkdtemp(prefix="canary-router-count-")
     upstreams = None
     nginx = None
