@@ -58,7 +58,7 @@ impl ConfigError {
 }
 
 /// A contract violation at `field`; `value` is shown as given (quote strings with [`quote`] first).
-pub fn invalid(field: impl Into<String>, value: impl Into<String>, allowed: &str) -> ConfigError {
+fn invalid(field: impl Into<String>, value: impl Into<String>, allowed: &str) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         value: value.into(),
