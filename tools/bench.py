@@ -211,6 +211,16 @@ def running_envoy(name: str, workdir: str, listeners: dict[str, int], upstreams:
         envoy.stop()
 
 
+def start_nginx(workdir: str, upstreams: dict[str, int], pin: list[str] | None = None) -> lab.ManagedProcess:
+    """nginx answering as each version on its port (`pin`: a command it runs under, e.g. taskset)."""
+    os.makedirs(os.path.join(workdir, "tmp"), exist_ok=True)
+    with open(os.path.join(workdir, "nginx.conf"), "w") as f:
+        f.write(nginx_conf(workdir, upstreams))
+    nginx = lab.ManagedProcess("nginx", os.path.join(workdir, "nginx.log"))
+    nginx._spawn([*(pin or []), "nginx", "-c", os.path.join(workdir, "nginx.conf"), "-p", workdir])
+    return nginx
+
+
 def nginx_conf(workdir: str, upstreams: dict[str, int]) -> str:
     servers = "".join(f'''
     server {{
@@ -339,10 +349,7 @@ def main() -> int:
     if args.rss_workers:
         return rss_by_workers(workdir, envoy_variants, upstreams, [int(n) for n in args.rss_workers.split(",")],
                               all_variants)
-    with open(os.path.join(workdir, "nginx.conf"), "w") as f:
-        f.write(nginx_conf(workdir, upstreams))
-    nginx = lab.ManagedProcess("nginx", os.path.join(workdir, "nginx.log"))
-    nginx._spawn(["taskset", "-c", "0", "nginx", "-c", os.path.join(workdir, "nginx.conf"), "-p", workdir])
+    nginx = start_nginx(workdir, upstreams, pin=["taskset", "-c", "0"])
     ports = {v: lab.free_port() for v in envoy_variants}
     results: dict[str, dict[int, list[dict]]] = {v: {32: [], 1: []} for v in chosen}
     print(f"{args.rounds} rounds of {','.join(chosen)} over {args.envoys} Envoy start(s) "

@@ -143,13 +143,9 @@ def main() -> int:
     upstreams = None
     nginx = None
     if args.routes == "upstream":
-        os.makedirs(os.path.join(workdir, "tmp"))
-        holds = {"v1": lab.PortHold(), "v2": lab.PortHold()}
+        holds = {"v1": lab.PortHold(), "v2": lab.PortHold()}  # nginx listens with reuseport beside them
         upstreams = {v: hold.port for v, hold in holds.items()}
-        with open(os.path.join(workdir, "nginx.conf"), "w") as f:
-            f.write(bench.nginx_conf(workdir, upstreams))
-        nginx = lab.ManagedProcess("nginx", os.path.join(workdir, "nginx.log"))
-        nginx._spawn(["nginx", "-c", os.path.join(workdir, "nginx.conf"), "-p", workdir])
+        nginx = bench.start_nginx(workdir, upstreams)
         time.sleep(0.5)
         for hold in holds.values():
             hold.release()
