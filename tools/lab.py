@@ -42,6 +42,10 @@ SHIPPED_NATIVE = f"filename: {DEFAULT_NATIVE}"
 SHIPPED_XDS = "address: 127.0.0.1, port_value: 18000"
 SHIPPED_ECDS_PATH = "path: envoy/ecds/canary-router.json"
 SHIPPED_ECDS_DIR = "watched_directory: { path: envoy/ecds }"
+# The mTLS files of envoy/envoy-ads-tls.yaml, as `make certs` writes them.
+CERTS_DIR = os.path.join(ROOT, ".run", "certs")
+SHIPPED_TLS = {"cert": "filename: .run/certs/envoy.pem", "key": "filename: .run/certs/envoy.key",
+               "ca": "filename: .run/certs/ca.pem"}
 # Text in the shipped demo apps (demo-app-v1.yaml, demo-app-v2.yaml).
 SHIPPED_APP_LISTENER = {"v1": "address: 0.0.0.0, port_value: 8001", "v2": "address: 0.0.0.0, port_value: 8002"}
 INLINE_CONFIG_INDENT = " " * 20
@@ -151,11 +155,13 @@ class FrontAddresses:
 
 
 def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_dir: str | None = None,
-                 plugin_config: str | None = None, native: str = NATIVE, native_ecds: bool = False) -> str:
+                 plugin_config: str | None = None, native: str = NATIVE, native_ecds: bool = False,
+                 tls: dict[str, str] | None = None) -> str:
     """A shipped front bootstrap with test/demo addresses. For the ECDS bootstrap, `ecds_dir` receives the
     first resource: `plugin_config` if given, else the shipped envoy/ecds/canary-router.json. The ADS
     bootstrap gets its config from canaryctl on `where.xds_port`. With `native_ecds`, the ECDS bootstrap serves
-    the native module instead of the .wasm (its type_urls and resources say DynamicModuleFilter)."""
+    the native module instead of the .wasm (its type_urls and resources say DynamicModuleFilter). The mTLS
+    bootstrap reads `tls` {"cert", "key", "ca"} (default: what `make certs` wrote)."""
     text = read_shipped(bootstrap)
     replacements = {
         SHIPPED_ADMIN: f"address: 127.0.0.1, port_value: {where.admin_port}",
@@ -165,6 +171,11 @@ def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_d
         replacements[shipped] = f"address: {where.upstream_host}, port_value: {where.upstream_ports[version]}"
     if "ads: {}" in text:
         replacements[SHIPPED_XDS] = f"address: 127.0.0.1, port_value: {where.xds_port}"
+        if "envoy.transport_sockets.tls" in text:
+            files = tls or {"cert": os.path.join(CERTS_DIR, "envoy.pem"), "key": os.path.join(CERTS_DIR, "envoy.key"),
+                            "ca": os.path.join(CERTS_DIR, "ca.pem")}
+            for part, shipped in SHIPPED_TLS.items():
+                replacements[shipped] = f"filename: {files[part]}"
         # The fail-safe default_config: the .wasm (envoy-ads.yaml) or the native module (envoy-ads-native.yaml).
         if "dynamic_modules" in text:
             replacements[SHIPPED_NATIVE] = f"filename: {native}"
@@ -390,7 +401,8 @@ class Canaryctl(ManagedProcess):
 
     def __init__(self, workdir: str, wasm_path: str = WASM, init_config: str | None = None,
                  token: str | None = None, xds_port: int = 0, admin_port: int = 0,
-                 native_module: str | None = None, extra_args: list[str] | None = None):
+                 native_module: str | None = None, extra_args: list[str] | None = None,
+                 tls: dict[str, str] | None = None):
         super().__init__("canaryctl", os.path.join(workdir, "canaryctl.log"))
         self.workdir = workdir
         self.xds_port = xds_port
@@ -399,6 +411,8 @@ class Canaryctl(ManagedProcess):
         self.wasm_path = wasm_path
         self.native_module = native_module
         self.extra_args = extra_args or []
+        # mTLS on the xDS port: {"cert", "key", "client_ca"} files.
+        self.tls = tls
         self.token = token
         self.token_path = None
         if token is not None:
@@ -425,6 +439,9 @@ class Canaryctl(ManagedProcess):
             args += ["--init-config", self.init_config_path]
         if self.token_path:
             args += ["--token-file", self.token_path]
+        if self.tls:
+            args += ["--xds-tls-cert", self.tls["cert"], "--xds-tls-key", self.tls["key"],
+                     "--xds-client-ca", self.tls["client_ca"]]
         return args + self.extra_args
 
     def start(self, deadline_s: float = 15.0) -> "Canaryctl":

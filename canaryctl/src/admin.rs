@@ -30,6 +30,7 @@ use serde_json::json;
 use crate::fleet::Link;
 use crate::server::{Metrics, Server};
 use crate::state::{self, StateError};
+use crate::tls::Refused;
 
 pub fn router(server: Arc<Server>) -> Router {
     let guarded = Router::new()
@@ -98,8 +99,26 @@ async fn status(State(server): State<Arc<Server>>) -> Response {
             "reconnect_grace_seconds": settings.reconnect_grace.as_secs(),
         },
         "envoys": server.envoys(),
+        "xds": xds_security(&server),
+        "refused": server.refused_peers(),
     }))
     .into_response()
+}
+
+/// How the gRPC port is protected, for the status.
+fn xds_security(server: &Server) -> serde_json::Value {
+    match &server.tls {
+        None => json!({ "mtls": false }),
+        Some(tls) => {
+            let (subject, not_after) = tls.serving();
+            json!({
+                "mtls": true,
+                "serving_certificate": subject,
+                "serving_certificate_not_after_unix": not_after,
+                "trust_domain": tls.trust_domain(),
+            })
+        }
+    }
 }
 
 /// An edit of the desired config, given the parsed request.
@@ -344,6 +363,32 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         "Admin requests refused for a missing or wrong token.",
         &[(String::new(), Metrics::get(&m.unauthorized))],
     );
+    metric(
+        "canaryctl_xds_refused_total",
+        "counter",
+        "Connections and streams refused on the xDS port, by reason (TLS handshake or node identity).",
+        &Refused::ALL
+            .iter()
+            .map(|r| (format!("{{reason=\"{}\"}}", r.label()), server.refused_total(*r)))
+            .collect::<Vec<_>>(),
+    );
+    if let Some(tls) = &server.tls {
+        metric(
+            "canaryctl_xds_tls_reloads_total",
+            "counter",
+            "Re-reads of the xDS TLS files after a change or SIGHUP, by result (refused: the previous files keep serving).",
+            &[
+                ("{result=\"applied\"}".to_string(), Metrics::get(&m.tls_reloads)),
+                ("{result=\"refused\"}".to_string(), Metrics::get(&m.tls_reloads_refused)),
+            ],
+        );
+        metric(
+            "canaryctl_xds_tls_certificate_expiry_seconds",
+            "gauge",
+            "When the xDS serving certificate expires (unix seconds): alert well before it.",
+            &[(String::new(), u64::try_from(tls.serving().1).unwrap_or(0))],
+        );
+    }
     let mut shares = Vec::new();
     for rollout in &desired.config.rollouts {
         for canary in &rollout.canaries {

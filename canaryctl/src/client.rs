@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::fleet::{EnvoyStatus, Link, Progress};
+use crate::fleet::{EnvoyStatus, Link, Progress, RefusedPeer};
 use crate::server::WriteOutcome;
 
 /// Exit code of a write that some Envoys of the fleet did not apply because they are disconnected.
@@ -24,6 +24,16 @@ struct StatusBody {
     desired: DesiredBody,
     fleet: FleetBody,
     envoys: Vec<EnvoyStatus>,
+    #[serde(default)]
+    xds: XdsBody,
+    #[serde(default)]
+    refused: Vec<RefusedPeer>,
+}
+
+#[derive(Deserialize, Default)]
+struct XdsBody {
+    mtls: bool,
+    serving_certificate_not_after_unix: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -193,11 +203,50 @@ pub async fn status(client: &Client, as_json: bool) -> Result<(), CliError> {
     for part in status.desired.summary.split("; ") {
         println!("  {part}");
     }
+    match (
+        status.xds.mtls,
+        status.xds.serving_certificate_not_after_unix,
+    ) {
+        (true, Some(not_after)) => println!(
+            "xds: mTLS (TLS 1.3), serving certificate valid until {}",
+            crate::tls::unix_text(not_after)
+        ),
+        (true, None) => println!("xds: mTLS (TLS 1.3)"),
+        (false, _) => println!("xds: plaintext (loopback or --insecure-xds)"),
+    }
     if status.envoys.is_empty() {
         println!("no Envoy has connected");
-        return Ok(());
+    } else {
+        println!();
+        envoy_table(&status);
     }
-    println!();
+    if !status.refused.is_empty() {
+        println!("\nrefused on the xDS port:");
+        let mut rows = vec![[
+            "PEER".to_string(),
+            "REASON".to_string(),
+            "NODE".to_string(),
+            "COUNT".to_string(),
+            "LAST".to_string(),
+            "WHY".to_string(),
+        ]];
+        for r in &status.refused {
+            rows.push([
+                r.peer.clone(),
+                r.reason.clone(),
+                r.node_id.clone().unwrap_or_else(|| "-".to_string()),
+                r.count.to_string(),
+                ago(r.last_unix),
+                r.message.clone(),
+            ]);
+        }
+        print_table(&rows);
+    }
+    Ok(())
+}
+
+fn envoy_table(status: &StatusBody) {
+    let version = status.desired.version;
     let mut rows = vec![[
         "ENVOY".to_string(),
         "CLUSTER".to_string(),
@@ -244,7 +293,6 @@ pub async fn status(client: &Client, as_json: bool) -> Result<(), CliError> {
         ]);
     }
     print_table(&rows);
-    Ok(())
 }
 
 fn link_name(link: Link) -> &'static str {

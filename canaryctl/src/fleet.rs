@@ -77,6 +77,8 @@ pub struct EnvoyStatus {
     pub acked_version: Option<u64>,
     /// Its refusal of the latest version it was sent, if it refused it.
     pub nack: Option<Nack>,
+    /// With mTLS: the URI SAN of its client certificate that allows this node id.
+    pub certificate: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +93,7 @@ struct Entry {
     sent_version: Option<u64>,
     acked_version: Option<u64>,
     nack: Option<Nack>,
+    certificate: Option<String>,
 }
 
 /// Every Envoy seen and every open stream; all times are passed in (unix seconds).
@@ -119,6 +122,7 @@ impl Fleet {
                     sent_version: None,
                     acked_version: k.acked_version,
                     nack: None,
+                    certificate: None,
                 };
                 (k.node_id, entry)
             })
@@ -158,8 +162,16 @@ impl Fleet {
         self.streams.insert(stream, (None, peer));
     }
 
-    /// The stream's node, from its first request; a stream never changes node.
-    pub fn identify(&mut self, stream: u64, node_id: &str, cluster: &str, now: u64) {
+    /// The stream's node, from its first request; a stream never changes node. `certificate`: the URI SAN
+    /// that allowed it, with mTLS.
+    pub fn identify(
+        &mut self,
+        stream: u64,
+        node_id: &str,
+        cluster: &str,
+        certificate: Option<&str>,
+        now: u64,
+    ) {
         let Some((node, peer)) = self.streams.get_mut(&stream) else {
             return;
         };
@@ -181,8 +193,10 @@ impl Fleet {
                 sent_version: None,
                 acked_version: None,
                 nack: None,
+                certificate: None,
             });
         entry.cluster = cluster.to_string();
+        entry.certificate = certificate.map(str::to_string);
         entry.peer = peer;
         entry.streams += 1;
         entry.last_seen_unix = now;
@@ -284,6 +298,7 @@ impl Fleet {
                     sent_version: e.sent_version,
                     acked_version: e.acked_version,
                     nack: e.nack.clone(),
+                    certificate: e.certificate.clone(),
                 }
             })
             .collect()
@@ -331,6 +346,103 @@ impl<'a> Progress<'a> {
     }
 }
 
+/// A peer refused on the xDS port (TLS handshake or node identity), as the fleet view shows it: one entry per
+/// address, reason and claimed node id, however often it retried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedPeer {
+    /// Its IP address (each retry comes from a new port).
+    pub peer: String,
+    /// The label of `canaryctl_xds_refused_total`.
+    pub reason: String,
+    /// The latest refusal, in words.
+    pub message: String,
+    /// The node id it claimed, when it got as far as naming one.
+    pub node_id: Option<String>,
+    pub count: u64,
+    pub first_unix: u64,
+    pub last_unix: u64,
+    /// When it was last written to the log.
+    #[serde(skip)]
+    logged_unix: u64,
+}
+
+/// Recent refusals, bounded so that a scan of the port cannot grow memory, and the totals per reason.
+#[derive(Debug, Default)]
+pub struct RefusedPeers {
+    entries: Vec<RefusedPeer>,
+    totals: BTreeMap<&'static str, u64>,
+}
+
+impl RefusedPeers {
+    /// At most this many distinct refusals are kept (the oldest goes first).
+    pub const LIMIT: usize = 64;
+    /// A refusal that repeats is logged again after this many seconds.
+    pub const LOG_EVERY_S: u64 = 60;
+
+    /// Counts a refusal; true when it should be logged (new, or not logged for a minute).
+    pub fn record(
+        &mut self,
+        peer: String,
+        reason: &'static str,
+        message: String,
+        node_id: Option<String>,
+        now: u64,
+    ) -> bool {
+        *self.totals.entry(reason).or_default() += 1;
+        if let Some(entry) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.peer == peer && e.reason == reason && e.node_id == node_id)
+        {
+            entry.count += 1;
+            entry.last_unix = now;
+            entry.message = message;
+            let log = now.saturating_sub(entry.logged_unix) >= Self::LOG_EVERY_S;
+            if log {
+                entry.logged_unix = now;
+            }
+            return log;
+        }
+        if self.entries.len() >= Self::LIMIT {
+            let oldest = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_unix)
+                .map(|(i, _)| i);
+            if let Some(oldest) = oldest {
+                self.entries.swap_remove(oldest);
+            }
+        }
+        self.entries.push(RefusedPeer {
+            peer,
+            reason: reason.to_string(),
+            message,
+            node_id,
+            count: 1,
+            first_unix: now,
+            last_unix: now,
+            logged_unix: now,
+        });
+        true
+    }
+
+    /// The latest first.
+    pub fn list(&self) -> Vec<RefusedPeer> {
+        let mut list = self.entries.clone();
+        list.sort_by(|a, b| {
+            b.last_unix
+                .cmp(&a.last_unix)
+                .then_with(|| a.peer.cmp(&b.peer))
+        });
+        list
+    }
+
+    pub fn total(&self, reason: &str) -> u64 {
+        self.totals.get(reason).copied().unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,7 +455,7 @@ mod tests {
 
     fn connect(fleet: &mut Fleet, stream: u64, node: &str, now: u64) {
         fleet.open_stream(stream, format!("127.0.0.1:{stream}"));
-        fleet.identify(stream, node, "edge", now);
+        fleet.identify(stream, node, "edge", None, now);
     }
 
     fn by_node<'a>(envoys: &'a [EnvoyStatus], node: &str) -> &'a EnvoyStatus {
@@ -454,5 +566,66 @@ mod tests {
         fleet.close_stream(1, 5);
         let status = fleet.status(&HOUR, 6);
         assert_eq!((status[0].link, status[0].streams), (Link::Connected, 1));
+    }
+
+    #[test]
+    fn refusals_are_grouped_by_peer_reason_and_node_bounded_and_logged_once_a_minute() {
+        let mut refused = RefusedPeers::default();
+        let mismatch = || "node \"b\" is not named".to_string();
+        assert!(refused.record(
+            "10.0.0.1".into(),
+            "identity_mismatch",
+            mismatch(),
+            Some("b".into()),
+            100
+        ));
+        assert!(!refused.record(
+            "10.0.0.1".into(),
+            "identity_mismatch",
+            mismatch(),
+            Some("b".into()),
+            110
+        ));
+        assert!(refused.record(
+            "10.0.0.1".into(),
+            "identity_mismatch",
+            mismatch(),
+            Some("b".into()),
+            170
+        ));
+        assert!(refused.record(
+            "10.0.0.1".into(),
+            "unknown_ca",
+            "other CA".into(),
+            None,
+            171
+        ));
+        let list = refused.list();
+        assert_eq!(list.len(), 2);
+        assert_eq!((list[0].reason.as_str(), list[0].count), ("unknown_ca", 1));
+        assert_eq!(
+            (list[1].count, list[1].first_unix, list[1].last_unix),
+            (3, 100, 170)
+        );
+        assert_eq!(refused.total("identity_mismatch"), 3);
+
+        for i in 0..200u64 {
+            refused.record(
+                format!("10.1.0.{i}"),
+                "not_tls",
+                "plaintext".into(),
+                None,
+                200 + i,
+            );
+        }
+        let list = refused.list();
+        assert_eq!(list.len(), RefusedPeers::LIMIT);
+        assert_eq!(list[0].peer, "10.1.0.199");
+        assert_eq!(refused.total("not_tls"), 200);
+        assert_eq!(
+            refused.total("identity_mismatch"),
+            3,
+            "totals outlive the bounded list"
+        );
     }
 }

@@ -6,11 +6,14 @@
 mod admin;
 mod client;
 mod fleet;
+mod identity;
 mod server;
 mod state;
+mod tls;
 mod xds;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +24,7 @@ use serde_json::json;
 
 use client::{CliError, Client, Wait};
 use fleet::FleetSettings;
-use server::{Artifact, FilterSettings, Server};
+use server::{Artifact, FilterSettings, Metrics, Server};
 use state::{Desired, Saved, StateFile};
 
 #[derive(Parser)]
@@ -75,12 +78,34 @@ impl WaitArgs {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process: the size of `serve`'s flags does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the control plane: xDS (ADS) for the Envoys and the admin API for these commands.
     Serve {
-        /// Where Envoys connect (gRPC, ADS).
+        /// Where Envoys connect (gRPC, ADS). Beyond loopback it needs mTLS (--xds-tls-cert, --xds-tls-key,
+        /// --xds-client-ca) or --insecure-xds.
         #[arg(long, default_value = "127.0.0.1:18000")]
         xds: SocketAddr,
+        /// The xDS port's certificate chain (PEM). With --xds-tls-key and --xds-client-ca, every Envoy must
+        /// connect with TLS 1.3 and a client certificate; the files are re-read on change and on SIGHUP.
+        #[arg(long, value_name = "PEM", requires_all = ["xds_tls_key", "xds_client_ca"])]
+        xds_tls_cert: Option<PathBuf>,
+        /// The private key of --xds-tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+        #[arg(long, value_name = "PEM", requires_all = ["xds_tls_cert", "xds_client_ca"])]
+        xds_tls_key: Option<PathBuf>,
+        /// The CA certificates (PEM) that sign the Envoys' client certificates. A certificate names the
+        /// Envoys it may speak for in URI SANs: spiffe://<domain>/envoy/<cluster>/<node id>, or
+        /// spiffe://<domain>/envoy/<cluster> for any node of the cluster.
+        #[arg(long, value_name = "PEM", requires_all = ["xds_tls_cert", "xds_tls_key"])]
+        xds_client_ca: Option<PathBuf>,
+        /// Only SPIFFE ids in this trust domain name Envoys (default: any signed by --xds-client-ca).
+        #[arg(long, value_name = "DOMAIN", requires = "xds_client_ca")]
+        xds_trust_domain: Option<String>,
+        /// Serve xDS without TLS on a non-loopback address: anyone who reaches the port reads the filter
+        /// config (override tokens included) and can pose as an Envoy.
+        #[arg(long, conflicts_with = "xds_tls_cert")]
+        insecure_xds: bool,
         /// Where the admin API listens (JSON over HTTP; keep it on loopback or behind a token).
         #[arg(long, default_value = "127.0.0.1:9902")]
         admin: SocketAddr,
@@ -209,6 +234,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Serve {
             xds,
+            xds_tls_cert,
+            xds_tls_key,
+            xds_client_ca,
+            xds_trust_domain,
+            insecure_xds,
             admin,
             state,
             init_config,
@@ -224,8 +254,19 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 Some(path) => Artifact::Native(path.clone()),
                 None => Artifact::Wasm(wasm_path.clone()),
             };
+            let tls = match (xds_tls_cert, xds_tls_key, xds_client_ca) {
+                (Some(cert), Some(key), Some(client_ca)) => Some(tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: client_ca.clone(),
+                    trust_domain: xds_trust_domain.clone(),
+                }),
+                _ => None,
+            };
             let settings = ServeSettings {
                 xds: *xds,
+                tls,
+                insecure_xds: *insecure_xds,
                 admin: *admin,
                 state: state.clone(),
                 init_config: init_config.clone(),
@@ -286,6 +327,8 @@ fn fail(message: impl Into<String>) -> CliError {
 /// What `canaryctl serve` was told.
 struct ServeSettings {
     xds: SocketAddr,
+    tls: Option<tls::TlsFiles>,
+    insecure_xds: bool,
     admin: SocketAddr,
     state: String,
     init_config: Option<String>,
@@ -348,6 +391,21 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
             "the admin API on {admin_addr} would accept writes from anyone: set --token-file (or CANARYCTL_TOKEN), or listen on loopback"
         )));
     }
+    let tls = match settings.tls.clone() {
+        Some(files) => Some(Arc::new(tls::TlsState::load(files).map_err(fail)?)),
+        None if xds_addr.ip().is_loopback() => None,
+        None if settings.insecure_xds => {
+            eprintln!(
+                "canaryctl: WARNING: --insecure-xds: ADS on {xds_addr} is plaintext and unauthenticated: anyone who reaches it reads the filter config, override tokens included, and can pose as an Envoy"
+            );
+            None
+        }
+        None => {
+            return Err(fail(format!(
+                "xDS on {xds_addr} would be plaintext beyond loopback: anyone who reaches it reads the filter config (override tokens included) and can pose as an Envoy. Give --xds-tls-cert, --xds-tls-key and --xds-client-ca (docs/canaryctl.md), listen on loopback, or pass --insecure-xds"
+            )))
+        }
+    };
     if settings.fleet.forget_after < settings.fleet.window {
         return Err(fail(
             "--forget-after must be at least --fleet-window: an Envoy of the fleet cannot be forgotten",
@@ -361,6 +419,7 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
         saved.fleet,
         settings.fleet,
         token,
+        tls.clone(),
     ));
 
     let admin_listener = tokio::net::TcpListener::bind(admin_addr)
@@ -372,8 +431,18 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
     // Port 0 picks a free port: say which.
     let xds_addr = xds_listener.local_addr().unwrap_or(xds_addr);
     let admin_addr = admin_listener.local_addr().unwrap_or(admin_addr);
+    if let Some(tls) = &tls {
+        let (subject, not_after) = tls.serving();
+        eprintln!(
+            "canaryctl: xDS requires mTLS (TLS 1.3): serving certificate {subject}, valid until {}; re-read on change and on SIGHUP",
+            tls::unix_text(not_after)
+        );
+    }
     eprintln!("canaryctl: serving ADS on {xds_addr}, admin API on http://{admin_addr}");
     tokio::spawn(server.clone().keep_fleet());
+    tokio::spawn(reload_tls(server.clone()));
+    let (incoming, connections) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(tls::accept(xds_listener, tls, server.clone(), incoming));
 
     let shutdown = async {
         let ctrl_c = tokio::signal::ctrl_c();
@@ -403,7 +472,7 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(ads)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
+            tokio_stream::wrappers::ReceiverStream::new(connections),
             async move {
                 let _ = stop_xds.recv().await;
             },
@@ -420,4 +489,45 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
     })
     .await;
     Ok(())
+}
+
+/// Re-reads the xDS TLS files when they change (checked every couple of seconds) and at once on SIGHUP. A set
+/// that does not load is refused with one line; the previous one keeps serving.
+async fn reload_tls(server: Arc<Server>) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(tls::RELOAD_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        #[cfg(unix)]
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            _ = async { match hangup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
+        };
+        #[cfg(not(unix))]
+        let forced = {
+            tick.tick().await;
+            false
+        };
+        let Some(tls) = &server.tls else {
+            if forced {
+                eprintln!("canaryctl: SIGHUP: nothing to reload (no --xds-tls-cert)");
+            }
+            continue;
+        };
+        let why = if forced { "SIGHUP" } else { "changed" };
+        match tls.reload(forced) {
+            tls::Reload::Unchanged => {}
+            tls::Reload::Reloaded(serving) => {
+                Metrics::bump(&server.metrics.tls_reloads);
+                eprintln!(
+                    "canaryctl: xDS TLS files re-read ({why}): serving certificate {serving}"
+                );
+            }
+            tls::Reload::Refused(err) => {
+                Metrics::bump(&server.metrics.tls_reloads_refused);
+                eprintln!("canaryctl: xDS TLS files refused ({why}), the previous ones keep serving: {err}");
+            }
+        }
+    }
 }

@@ -9,8 +9,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, KnownEnvoy};
+use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, KnownEnvoy, RefusedPeer, RefusedPeers};
 use crate::state::{now_unix, Changes, Desired, StateError, StateFile};
+use crate::tls::{Refused, TlsState};
 use canary_router::config::RawConfig;
 
 /// Which build of the filter the Envoys load, and where they find it.
@@ -38,6 +39,8 @@ pub struct Metrics {
     pub writes_unchanged: AtomicU64,
     pub writes_refused: AtomicU64,
     pub unauthorized: AtomicU64,
+    pub tls_reloads: AtomicU64,
+    pub tls_reloads_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -68,7 +71,10 @@ pub struct Server {
     /// Serialises writes of the state file, so two operators cannot both edit version N.
     write_lock: tokio::sync::Mutex<()>,
     fleet: Mutex<Fleet>,
+    refused: Mutex<RefusedPeers>,
     next_stream: AtomicU64,
+    /// mTLS on the gRPC port, when configured.
+    pub tls: Option<Arc<TlsState>>,
 }
 
 impl Server {
@@ -79,6 +85,7 @@ impl Server {
         known: Vec<KnownEnvoy>,
         fleet_settings: FleetSettings,
         token: Option<String>,
+        tls: Option<Arc<TlsState>>,
     ) -> Self {
         let (desired, _) = watch::channel(Arc::new(desired));
         Self {
@@ -90,7 +97,9 @@ impl Server {
             desired,
             write_lock: tokio::sync::Mutex::new(()),
             fleet: Mutex::new(Fleet::restore(known, now_unix())),
+            refused: Mutex::new(RefusedPeers::default()),
             next_stream: AtomicU64::new(1),
+            tls,
         }
     }
 
@@ -203,8 +212,55 @@ impl Server {
         id
     }
 
-    pub fn identify(&self, stream: u64, node_id: &str, cluster: &str) {
-        self.fleet().identify(stream, node_id, cluster, now_unix());
+    pub fn identify(&self, stream: u64, node_id: &str, cluster: &str, certificate: Option<&str>) {
+        self.fleet()
+            .identify(stream, node_id, cluster, certificate, now_unix());
+    }
+
+    /// A peer refused on the xDS port: counted, shown in the fleet view, and logged (once a minute for one
+    /// that keeps retrying).
+    pub fn refuse(
+        &self,
+        peer: Option<SocketAddr>,
+        reason: Refused,
+        message: String,
+        node_id: Option<&str>,
+    ) {
+        let ip = peer.map(|p| p.ip().to_string()).unwrap_or_default();
+        let log = {
+            let mut refused = self
+                .refused
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            refused.record(
+                ip,
+                reason.label(),
+                message.clone(),
+                node_id.map(str::to_string),
+                now_unix(),
+            )
+        };
+        if log {
+            let from = peer.map(|p| p.to_string()).unwrap_or_default();
+            eprintln!(
+                "canaryctl: xDS: refused {from} ({}): {message}",
+                reason.label()
+            );
+        }
+    }
+
+    pub fn refused_peers(&self) -> Vec<RefusedPeer> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .list()
+    }
+
+    pub fn refused_total(&self, reason: Refused) -> u64 {
+        self.refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .total(reason.label())
     }
 
     pub fn sent(&self, stream: u64, version: u64) {

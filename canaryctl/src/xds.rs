@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::server::{Artifact, FilterSettings, Server};
 use crate::state::Desired;
+use crate::tls::{Peer, Refused};
 
 pub const TYPED_EXTENSION_CONFIG: &str =
     "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
@@ -99,13 +100,16 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr();
+        let peer = request.extensions().get::<Peer>().cloned().unwrap_or(Peer {
+            addr: request.remote_addr(),
+            identity: None,
+        });
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let server = self.server.clone();
         tokio::spawn(async move {
-            let stream = server.connect(peer);
-            serve_stream(&server, stream, inbound, tx).await;
+            let stream = server.connect(peer.addr);
+            serve_stream(&server, stream, &peer, inbound, tx).await;
             server.disconnect(stream);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -123,12 +127,46 @@ impl AggregatedDiscoveryService for Ads {
     }
 }
 
+/// With mTLS, whether this request may go on: the stream's node (named in its first request) must be one
+/// its certificate allows. A refused stream is ended with PERMISSION_DENIED before anything is sent.
+fn authorise(
+    server: &Server,
+    peer: &Peer,
+    request: &DiscoveryRequest,
+    identified: bool,
+) -> Result<(), Status> {
+    let Some(identity) = &peer.identity else {
+        return Ok(());
+    };
+    let refused = match &request.node {
+        Some(node) => match identity.permits(&node.id, &node.cluster) {
+            Ok(()) => return Ok(()),
+            Err(mismatch) => (
+                Refused::IdentityMismatch,
+                mismatch.to_string(),
+                Some(node.id.as_str()),
+            ),
+        },
+        None if identified => return Ok(()),
+        None => (
+            Refused::NoNode,
+            "its first request names no node (Envoy: node.id and node.cluster)".to_string(),
+            None,
+        ),
+    };
+    let (reason, message, node_id) = refused;
+    server.refuse(peer.addr, reason, message.clone(), node_id);
+    Err(Status::permission_denied(message))
+}
+
 async fn serve_stream(
     server: &Server,
     stream: u64,
+    peer: &Peer,
     mut inbound: Streaming<DiscoveryRequest>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) {
+    let mut identified = false;
     let mut desired = server.subscribe();
     let mut nonces = 0u64;
     // The nonce and version of our last response, until the Envoy answers it.
@@ -138,8 +176,17 @@ async fn serve_stream(
         let push = tokio::select! {
             message = inbound.message() => {
                 let Ok(Some(request)) = message else { return };
+                if let Err(status) = authorise(server, peer, &request, identified) {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
                 if let Some(node) = &request.node {
-                    server.identify(stream, &node.id, &node.cluster);
+                    let certificate = peer
+                        .identity
+                        .as_ref()
+                        .and_then(|identity| identity.granting_uri(&node.id, &node.cluster));
+                    server.identify(stream, &node.id, &node.cluster, certificate);
+                    identified = true;
                 }
                 if request.type_url != TYPED_EXTENSION_CONFIG {
                     continue;

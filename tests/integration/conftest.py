@@ -74,10 +74,10 @@ def start_envoy(upstreams, processes, artifact):
     envoy-native.yaml for the native module)."""
 
     def start(bootstrap=None, plugin_config=None, expect_ready=True, workers=2, upstream_ports=None,
-              xds_port=18000, node_id=None, before_start=None, native=NATIVE):
+              xds_port=18000, node_id=None, before_start=None, native=NATIVE, **kwargs):
         ports = upstream_ports or {v: u.port for v, u in upstreams.items()}
         envoy = Envoy(bootstrap or ARTIFACT_BOOTSTRAPS[artifact], ports, plugin_config, workers=workers,
-                      xds_port=xds_port, node_id=node_id, native=native, artifact=artifact)
+                      xds_port=xds_port, node_id=node_id, native=native, artifact=artifact, **kwargs)
         processes.append(envoy)
         if before_start:
             before_start(envoy)
@@ -110,10 +110,11 @@ def demo_apps(processes):
 def canaryctl(processes):
     """canaryctl(init_config, token=None, wasm_path=WASM, native_module=None) -> a started `canaryctl serve`."""
 
-    def start(init_config=None, token=None, wasm_path=WASM, workdir=None, native_module=None, extra_args=None):
+    def start(init_config=None, token=None, wasm_path=WASM, workdir=None, native_module=None, extra_args=None,
+              tls=None):
         server = lab.Canaryctl(workdir or tempfile.mkdtemp(prefix="canaryctl-test-"), wasm_path=wasm_path,
                                init_config=init_config, token=token, native_module=native_module,
-                               extra_args=extra_args)
+                               extra_args=extra_args, tls=tls)
         processes.append(server)
         return server.start()
 

@@ -81,7 +81,7 @@ class Envoy(lab.EnvoyProcess):
 
     def __init__(self, bootstrap: str, upstream_ports: dict[str, int], plugin_config: str | None = None,
                  workers: int = 2, xds_port: int = 18000, node_id: str | None = None, native: str = NATIVE,
-                 artifact: str = "wasm"):
+                 artifact: str = "wasm", tls: dict | None = None, cluster: str = "edge", edit=None):
         workdir = tempfile.mkdtemp(prefix="canary-router-test-")
         hold = lab.PortHold()  # the listener's port, held until Envoy listens on it
         self.port = hold.port
@@ -91,8 +91,10 @@ class Envoy(lab.EnvoyProcess):
                                    upstream_ports=upstream_ports, xds_port=xds_port)
         self.native = native if artifact == "native" else None
         text = lab.render_front(bootstrap, where, ecds_dir=self.ecds_dir, plugin_config=plugin_config, native=native,
-                                native_ecds=self.native is not None)
-        extra = ["--service-node", node_id, "--service-cluster", "edge"] if node_id else []
+                                native_ecds=self.native is not None, tls=tls)
+        if edit is not None:
+            text = edit(text)
+        extra = ["--service-node", node_id, "--service-cluster", cluster] if node_id else []
         super().__init__(node_id or "envoy", text, workdir, admin_port=0, workers=workers,
                          extra_args=extra, holds=[hold])
 

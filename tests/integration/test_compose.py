@@ -3,11 +3,13 @@ it is valid Compose, its mounts exist and land where the configs expect them, th
 command (run here with the mounts replicated) renders a config that `envoy --mode validate` accepts, its
 service names and ports agree with the Envoy configs, and its health check works against a real Envoy."""
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 
 import pytest
 import yaml
@@ -115,6 +117,8 @@ def test_the_front_command_renders_a_config_envoy_validates(compose):
     xds_port = control[control.index("--xds") + 1].rsplit(":", 1)[1]
     assert f"address: canaryctl, port_value: {xds_port}" in rendered
     assert "ads: {}" in rendered
+    # Over mTLS: canaryctl listens beyond loopback in its container.
+    assert "envoy.transport_sockets.tls" in rendered and "sni: canaryctl" in rendered
 
 
 def test_the_health_check_passes_on_a_live_envoy_and_fails_without_one(compose, start_envoy):
@@ -145,11 +149,24 @@ def test_the_canaryctl_service_starts_from_its_own_command(compose, tmp_path):
                  for p in service["ports"]}
     assert published == {command[command.index("--admin") + 1].rsplit(":", 1)[1]}
 
-    # Run the same command here: mounts laid out under a root, listen addresses moved to loopback port 0.
-    root = str(tmp_path / "root")
+    proc, lines = start_control_plane(compose, str(tmp_path / "root"))
+    try:
+        assert "started from" in lines and "version 1" in lines, lines
+        assert "xDS requires mTLS (TLS 1.3)" in lines, lines
+        state = str(tmp_path / "root") + command[command.index("--state") + 1]
+        assert os.path.exists(state), "the state lands in the writable mount"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def start_control_plane(compose, root: str) -> tuple[subprocess.Popen, str]:
+    """The canaryctl service's own command, run here: mounts laid out under `root`, listen addresses moved to
+    loopback port 0. Returns the process and its log up to the line saying where it serves."""
+    service = compose["services"]["canaryctl"]
     replicate_mounts(service, root)
     argv = []
-    for arg in command:
+    for arg in service["command"]:
         if arg.startswith("0.0.0.0:"):
             arg = "127.0.0.1:0"
         elif arg.startswith("/"):
@@ -158,11 +175,52 @@ def test_the_canaryctl_service_starts_from_its_own_command(compose, tmp_path):
     env = dict(os.environ, PATH=f"{root}/usr/local/bin:{os.environ['PATH']}",
                CANARYCTL_TOKEN=service["environment"]["CANARYCTL_TOKEN"])
     proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    lines = ""
+    while "serving ADS on" not in lines:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines += line
+    return proc, lines
+
+
+def test_the_compose_envoy_and_canaryctl_connect_over_mtls_with_the_certificates_compose_prep_makes(
+        compose, tmp_path, processes):
+    """Both services' own commands, with the mounts `make compose-prep` fills: the front Envoy's client
+    certificate is accepted by canaryctl, which names it in the fleet view."""
+    control, lines = start_control_plane(compose, str(tmp_path / "control"))
     try:
-        line = proc.stderr.readline() + proc.stderr.readline()
-        assert "started from" in line and "version 1" in line, line
-        state = root + command[command.index("--state") + 1]
-        assert os.path.exists(state), "the state lands in the writable mount"
+        found = re.search(r"serving ADS on 127\.0\.0\.1:(\d+), admin API on http://127\.0\.0\.1:(\d+)", lines)
+        assert found, lines
+        xds_port, admin_port = found.groups()
+        proc, workdir = run_front_command(compose, str(tmp_path / "front"),
+                                          f"--mode validate --base-id {lab.next_base_id()} -l warning")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        with open(tmp_path / "front" / "envoy.yaml") as f:
+            rendered = f.read()
+        hold = lab.PortHold()
+        text = lab.substitute(rendered, {
+            "address: canaryctl, port_value: 18000": f"address: 127.0.0.1, port_value: {xds_port}",
+            "address: 0.0.0.0, port_value: 9901": "address: 127.0.0.1, port_value: 0",
+            "address: 0.0.0.0, port_value: 10000": f"address: 127.0.0.1, port_value: {hold.port}"},
+            "the compose front's rendered config")
+        command = compose["services"]["envoy"]["command"][2]
+        node = re.search(r"--service-node (\S+)", command).group(1)
+        envoy = lab.EnvoyProcess("compose-front", text, workdir, admin_port=0, holds=[hold],
+                                 extra_args=["--service-node", node])
+        processes.append(envoy)
+        envoy.start().wait_ready()
+        token = compose["services"]["canaryctl"]["environment"]["CANARYCTL_TOKEN"]
+
+        def fleet():
+            request = urllib.request.Request(f"http://127.0.0.1:{admin_port}/v1/status",
+                                             headers={"authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=5) as r:
+                status = json.load(r)
+            return [(e["node_id"], e["link"], e["acked_version"], e["certificate"]) for e in status["envoys"]]
+
+        lab.eventually(lambda: fleet() == [(node, "connected", 1, "spiffe://canary-router.local/envoy/canary-router")],
+                       deadline_s=20, what="the compose front connected over mTLS and ACKed")
     finally:
-        proc.kill()
-        proc.wait()
+        control.kill()
+        control.wait()

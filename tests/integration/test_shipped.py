@@ -82,6 +82,19 @@ def test_the_native_ads_bootstrap_differs_from_the_wasm_one_only_in_the_filter_e
     assert "DynamicModuleFilter" in native and "envoy.extensions.filters.http.wasm" not in native
 
 
+def test_the_mtls_ads_bootstrap_differs_from_the_plain_one_only_in_the_canaryctl_transport_socket():
+    plain, tls = read("envoy-ads.yaml"), read("envoy-ads-tls.yaml")
+    body = tls[tls.index("node:\n"):]
+    start = body.index("    # mTLS: this Envoy's certificate")
+    end = body.index("    load_assignment:\n      cluster_name: canaryctl\n")
+    assert plain[plain.index("node:\n"):] == body[:start] + body[end:]
+    socket = body[start:end]
+    # TLS 1.3 both ways, a client certificate, and canaryctl's certificate checked against the fleet CA.
+    for needed in ("tls_minimum_protocol_version: TLSv1_3", "tls_certificates:", "trusted_ca:",
+                   "match_typed_subject_alt_names:", "sni: canaryctl"):
+        assert needed in socket, needed
+
+
 def test_the_two_demo_apps_differ_only_in_version_and_port():
     v1, v2 = read("demo-app-v1.yaml"), read("demo-app-v2.yaml")
     normalised = [text.replace("v1", "vN").replace("v2", "vN").replace("8001", "PORT").replace("8002", "PORT")
