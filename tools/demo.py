@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""canary-router demo: watch a canary grow from 0 to 100 % under live traffic, with zero failed requests.
+"""canary-router demo: watch a canary grow from 0 to 100 % under live traffic, with zero failed requests;
+then the release loop, where canaryctl decides by itself.
 
     make demo                      # the same as: .venv/bin/python tools/demo.py local
 
 `local` starts everything on this machine (no Docker): the two demo app versions (envoy/demo-app-v*.yaml),
 the control plane (`canaryctl serve`) and Envoy with the shipped ADS bootstrap (envoy/envoy-ads.yaml). It
 then simulates a few hundred users, steps the canary percentage with `canaryctl set` (each step waits until
-Envoy has applied it), shows each version's share live, prints a summary, and stops every process it
-started, on Ctrl-C too.
+Envoy has applied it), shows each version's share live, and prints a summary. Then the release loop
+(`canaryctl rollout start`, decided from Envoy's load reports): a buggy v2 (503 on 5 % of its requests) is
+rolled back automatically, with the reason on screen, while users see no error thanks to the fallback; the
+fixed v2 is promoted step by step. It stops every process it started, on Ctrl-C too.
 
 `drive` does the traffic and the ramp against an Envoy that is already running (e.g. `docker compose up`),
 through canaryctl or, without a control plane, by publishing files into a watched ECDS directory:
@@ -96,8 +99,12 @@ class Users:
         conn.close()
 
     def start(self):
+        self.started_at = time.monotonic()
         for t in self.threads:
             t.start()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - getattr(self, "started_at", time.monotonic())
 
     def stop(self):
         self.stop_flag.set()
@@ -246,6 +253,81 @@ def drive(url: str, publish, steps: list[float], hold: float, user_count: int, c
     return summarize(users, time.monotonic() - started)
 
 
+def rollout_line(r: dict) -> str:
+    errors = r["evidence"]["errors"]
+    return (f"{r['phase']:<12} │ {r['step_name']:<16} │ v2 errors {errors['canary_errors']}/{errors['canary_requests']} "
+            f"vs v1 {errors['stable_errors']}/{errors['stable_requests']} │ evidence {errors['e_value']:.3g} "
+            f"(rolls back at {errors['threshold']:.0f})")
+
+
+def release(control: lab.Canaryctl, users: "Users", hold: float, deadline_s: float = 180) -> dict:
+    """`canaryctl rollout start` v2, then its progress live until it is promoted or rolled back."""
+    result = subprocess.run([lab.CANARYCTL, "--server", control.server, "rollout", "start", "web", "--canary", "v2",
+                             "--steps", "5,25,50,100", "--hold", f"{hold:g}s", "--min-canary-requests", "100",
+                             "--stable-cluster", "app-v1", "--canary-cluster", "app-v2", "--timeout", "15"],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"canaryctl rollout start failed: {result.stderr.strip()}")
+    tty = sys.stdout.isatty()
+    started, line, last_step = time.monotonic(), "", ""
+    while time.monotonic() - started < deadline_s:
+        time.sleep(0.2)
+        rollout = {r["rollout"]: r for r in control.api("/v1/rollouts")["rollouts"]}["web"]
+        window = users.window(1.0)
+        line = (f"{rollout_line(rollout)} │ {sum(window.values())} req/s, v2 {window['v2']} │ "
+                f"non-2xx {sum(users.non_2xx.values())}")
+        if tty:
+            print("\r" + line, end="", flush=True)
+        elif rollout["step_name"] != last_step or rollout["phase"] in ("promoted", "rolled_back"):
+            print(line, flush=True)
+        last_step = rollout["step_name"]
+        if rollout["phase"] in ("promoted", "rolled_back", "inconclusive"):
+            if tty:
+                print()
+            return rollout
+    raise RuntimeError(f"the rollout did not finish within {deadline_s:g} s: {line}")
+
+
+def redeploy(apps: dict, version: str, fail_percent: int, run_dir: str) -> None:
+    """Replace an app version's process with another build of it (same port)."""
+    app, port = apps[version]
+    app.stop()
+    hold = lab.PortHold(port=port)  # nothing else takes the port in between
+    build = lab.EnvoyProcess(f"app-{version}", lab.render_app(version, port, fail_percent=fail_percent), run_dir,
+                             workers=1, holds=[hold])
+    apps[version] = (build.start(), port)
+    build.wait_serving(port)
+    build.release_holds()
+
+
+def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list) -> int:
+    print("\nThe release loop: `canaryctl rollout start` moves v2 through 5,25,50,100 % by itself, comparing its")
+    print("error rate with v1's from Envoy's load reports (they count the attempts the fallback hid from users).\n")
+    CanaryctlPublisher(control.server)(0)
+    users = Users(f"http://127.0.0.1:{args.port}", args.users, args.clients)
+    users.start()
+    try:
+        for title, fail_percent, expected in (
+                ("1. A buggy v2 (503 on 5 % of its requests; /healthz stays green):", 5, "rolled_back"),
+                ("2. v2 fixed:", 0, "promoted")):
+            print(title)
+            redeploy(apps, "v2", fail_percent, RUN_DIR)
+            processes.append(apps["v2"][0])
+            outcome = release(control, users, args.release_hold)
+            if outcome["phase"] != expected:
+                raise RuntimeError(f"v2 ended {outcome['phase']}, not {expected}: {outcome.get('reason')}")
+            if expected == "rolled_back":
+                print(f"   rolled back: {outcome['reason']}\n")
+            else:
+                print(f"   promoted: {outcome['reason']}: v2 is stable now")
+    except RuntimeError as err:
+        print(f"\nrelease loop stopped: {err}", file=sys.stderr)
+        users.non_2xx["release loop failed"] += 1
+    finally:
+        users.stop()
+    return summarize(users, users.elapsed())
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -291,8 +373,11 @@ def local(args) -> int:
               f"logs in {RUN_DIR}")
         print(f"{args.users} users on {args.clients} connections; canary steps {args.steps} by `canaryctl set`, "
               f"{args.hold:g} s each\n")
-        return drive(f"http://127.0.0.1:{args.port}", CanaryctlPublisher(control.server), args.steps, args.hold,
+        code = drive(f"http://127.0.0.1:{args.port}", CanaryctlPublisher(control.server), args.steps, args.hold,
                      args.users, args.clients)
+        if code != 0 or args.no_release_loop:
+            return code
+        return release_loop(args, control, apps, processes)
     except KeyboardInterrupt:
         print("\ninterrupted")
         return 130
@@ -321,6 +406,9 @@ def main(argv: list[str]) -> int:
     p_local.add_argument("--v2-port", type=int, default=int(env("DEMO_V2_PORT", "8002")))
     p_local.add_argument("--xds-port", type=int, default=int(env("DEMO_XDS_PORT", "18000")))
     p_local.add_argument("--canaryctl-port", type=int, default=int(env("DEMO_CANARYCTL_PORT", "9902")))
+    p_local.add_argument("--release-hold", type=float, default=3.0,
+                         help="seconds each rollout step holds at least in the release loop (3)")
+    p_local.add_argument("--no-release-loop", action="store_true", help="stop after the ramp")
     p_drive = sub.add_parser("drive", parents=[common], help="traffic and ramp against a running Envoy")
     p_drive.add_argument("--url", default="http://127.0.0.1:10000")
     p_drive.add_argument("--canaryctl", metavar="URL", help="ramp with `canaryctl set` against this admin API")

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """How long from a canaryctl change to every Envoy applying it, for fleets of 1 and 10 Envoys.
 
-    .venv/bin/python tools/xds_latency.py [--fleets 1,10] [--changes 30]
+    .venv/bin/python tools/xds_latency.py [--fleets 1,10] [--changes 30] [--mtls]
 
 Starts `canaryctl serve` and N Envoys on the shipped envoy/envoy-ads.yaml (one worker each), then makes
 `--changes` percentage changes and measures, for each:
 - apply: from the admin API's answer to the write (saved, pushed) until every Envoy has ACKed the version
   (canaryctl's /v1/status polled every 2 ms), i.e. the push and Envoy's apply;
 - cli:   the wall time of `canaryctl set …` itself (process start, write, its own 10 ms polling, exit).
-Prints a Markdown table (median, p90, max) for BENCHMARKS.md.
+With --mtls, canaryctl requires mTLS and the Envoys run envoy/envoy-ads-tls.yaml (certificates made by
+tools/certs.py in the work directory). Prints a Markdown table (median, p90, max) for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import certs  # noqa: E402
 import lab  # noqa: E402
 
 CONFIG = {"rollouts": [{"name": "web", "stable": "v1", "canaries": [{"version": "v2", "percent": 0}],
@@ -42,9 +44,18 @@ def all_applied(control: lab.Canaryctl, version: int, count: int) -> bool:
     return sum(1 for e in envoys if e["link"] == "connected" and (e["acked_version"] or 0) >= version) >= count
 
 
-def measure(fleet: int, changes: int) -> dict[str, list[float]]:
+def measure(fleet: int, changes: int, mtls: bool = False) -> dict[str, list[float]]:
     workdir = tempfile.mkdtemp(prefix=f"xds-latency-{fleet}-")
-    control = lab.Canaryctl(workdir, init_config=json.dumps(CONFIG))
+    server_tls, envoy_tls, bootstrap = None, None, "envoy-ads.yaml"
+    if mtls:
+        pki = os.path.join(workdir, "pki")
+        certs.make_ca(pki)
+        cert, key = certs.issue_server(pki)
+        server_tls = {"cert": cert, "key": key, "client_ca": os.path.join(pki, "ca.pem")}
+        cert, key = certs.issue_envoy(pki, "bench")
+        envoy_tls = {"cert": cert, "key": key, "ca": os.path.join(pki, "ca.pem")}
+        bootstrap = "envoy-ads-tls.yaml"
+    control = lab.Canaryctl(workdir, init_config=json.dumps(CONFIG), tls=server_tls)
     envoys: list[lab.EnvoyProcess] = []
     try:
         control.start()
@@ -52,7 +63,7 @@ def measure(fleet: int, changes: int) -> dict[str, list[float]]:
             where = lab.FrontAddresses(listener_port=lab.free_port(), admin_port=lab.free_port(),
                                        upstream_ports={"v1": lab.free_port(), "v2": lab.free_port()},
                                        xds_port=control.xds_port)
-            envoy = lab.EnvoyProcess(f"envoy-{i}", lab.render_front("envoy-ads.yaml", where), workdir,
+            envoy = lab.EnvoyProcess(f"envoy-{i}", lab.render_front(bootstrap, where, tls=envoy_tls), workdir,
                                      admin_port=where.admin_port, workers=1,
                                      extra_args=["--service-node", f"front-{i}", "--service-cluster", "bench"])
             envoys.append(envoy.start())
@@ -92,11 +103,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fleets", default="1,10", help="fleet sizes (default 1,10)")
     parser.add_argument("--changes", type=int, default=30, help="changes per fleet, half via the API, half the CLI")
+    parser.add_argument("--mtls", action="store_true", help="canaryctl with mTLS, Envoys on envoy-ads-tls.yaml")
     args = parser.parse_args()
     print("| Envoys | measured | changes | median ms | p90 ms | max ms |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
     for fleet in (int(f) for f in args.fleets.split(",")):
-        result = measure(fleet, args.changes)
+        result = measure(fleet, args.changes, args.mtls)
         print(row(fleet, "write answered → all ACKed", result["apply"]), flush=True)
         print(row(fleet, "`canaryctl set` wall time", result["cli"]), flush=True)
     return 0

@@ -11,6 +11,10 @@
 //! POST /v1/promote  {"rollout", "version"?}
 //! POST /v1/rollback {"rollout"}
 //! POST /v1/apply    {"config": {...}, "dry_run"?: bool}
+//! GET  /v1/rollouts                   progressive rollouts: plan, phase, step, evidence, history
+//! POST /v1/rollouts/start  {"rollout", "canary", "steps": ["1", "5", "pause", "100"], "stable_cluster",
+//!                           "canary_cluster", "hold_s"?, "max_step_s"?, "alpha"?, "min_canary_requests"?}
+//! POST /v1/rollouts/{pause,resume,abort,promote}  {"rollout"}
 //! GET  /metrics                       Prometheus text
 
 use std::fmt::Write as _;
@@ -28,6 +32,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::fleet::Link;
+use crate::rollout::{Phase, Plan, Rollout, Step};
+use crate::server::carry_out;
 use crate::server::{Metrics, Server};
 use crate::state::{self, StateError};
 use crate::tls::Refused;
@@ -39,6 +45,12 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/promote", post(promote))
         .route("/v1/rollback", post(rollback))
         .route("/v1/apply", post(apply))
+        .route("/v1/rollouts", get(rollouts))
+        .route("/v1/rollouts/start", post(rollout_start))
+        .route("/v1/rollouts/pause", post(rollout_pause))
+        .route("/v1/rollouts/resume", post(rollout_resume))
+        .route("/v1/rollouts/abort", post(rollout_abort))
+        .route("/v1/rollouts/promote", post(rollout_promote))
         .route_layer(middleware::from_fn_with_state(
             server.clone(),
             require_token,
@@ -389,6 +401,78 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
             &[(String::new(), u64::try_from(tls.serving().1).unwrap_or(0))],
         );
     }
+    let rollouts = server.rollouts();
+    let by_rollout = |value: &dyn Fn(&Rollout) -> u64| -> Vec<(String, u64)> {
+        rollouts
+            .iter()
+            .map(|r| {
+                (
+                    format!("{{rollout=\"{}\"}}", label(&r.plan.rollout)),
+                    value(r),
+                )
+            })
+            .collect()
+    };
+    metric(
+        "canaryctl_rollout_phase",
+        "gauge",
+        "1 for the phase each progressive rollout is in.",
+        &rollouts
+            .iter()
+            .flat_map(|r| {
+                Phase::ALL.iter().map(move |p| {
+                    (
+                        format!(
+                            "{{rollout=\"{}\",canary=\"{}\",phase=\"{}\"}}",
+                            label(&r.plan.rollout),
+                            label(&r.plan.canary),
+                            p.label()
+                        ),
+                        u64::from(r.phase == *p),
+                    )
+                })
+            })
+            .collect::<Vec<_>>(),
+    );
+    metric(
+        "canaryctl_rollout_step",
+        "gauge",
+        "The step each rollout is at (1 = the first).",
+        &by_rollout(&|r| r.step as u64 + 1),
+    );
+    metric(
+        "canaryctl_rollout_requests_total",
+        "counter",
+        "Requests the load reports counted for each rollout, by version role.",
+        &rollouts
+            .iter()
+            .flat_map(|r| {
+                [
+                    ("stable", r.errors.stable_requests),
+                    ("canary", r.errors.canary_requests),
+                ]
+                .map(|(role, n)| {
+                    (
+                        format!("{{rollout=\"{}\",role=\"{role}\"}}", label(&r.plan.rollout)),
+                        n,
+                    )
+                })
+            })
+            .collect::<Vec<_>>(),
+    );
+    metric(
+        "canaryctl_rollout_errors_total",
+        "counter",
+        "Failed requests (5xx, resets, connect failures, timeouts; fallback attempts included), by version role.",
+        &rollouts
+            .iter()
+            .flat_map(|r| {
+                [("stable", r.errors.stable_bad), ("canary", r.errors.canary_bad)].map(|(role, n)| {
+                    (format!("{{rollout=\"{}\",role=\"{role}\"}}", label(&r.plan.rollout)), n)
+                })
+            })
+            .collect::<Vec<_>>(),
+    );
     let mut shares = Vec::new();
     for rollout in &desired.config.rollouts {
         for canary in &rollout.canaries {
@@ -408,7 +492,268 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         "Desired canary share per rollout and version, in 1/100 %.",
         &shares,
     );
+    // Real numbers: written apart from the integer samples above.
+    let gauges: [(&str, &str, RolloutGauge); 2] = [
+        (
+            "canaryctl_rollout_evidence",
+            "The evidence that the canary fails more than stable (the e-value M_t).",
+            |r| r.errors.e_value(),
+        ),
+        (
+            "canaryctl_rollout_evidence_threshold",
+            "The evidence that rolls back (1/alpha).",
+            |r| 1.0 / r.plan.alpha,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for r in &rollouts {
+            let _ = writeln!(
+                out,
+                "{name}{{rollout=\"{}\",metric=\"errors\"}} {}",
+                label(&r.plan.rollout),
+                value(r)
+            );
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// A real-valued gauge of a rollout, for `/metrics`.
+type RolloutGauge = fn(&Rollout) -> f64;
+
+/// A rollout as the API and `canaryctl rollout status` show it.
+pub fn rollout_view(r: &Rollout) -> serde_json::Value {
+    let (canary_rate, stable_rate) = r.errors.rates();
+    json!({
+        "rollout": r.plan.rollout,
+        "canary": r.plan.canary,
+        "stable": r.plan.stable,
+        "phase": r.phase.label(),
+        "step": r.step + 1,
+        "steps": r.plan.steps,
+        "step_name": r.step_name(),
+        "percent": r.percent(),
+        "step_started_unix": r.step_started_unix,
+        "step_canary_requests": r.step_canary_requests,
+        "plan": {
+            "hold_s": r.plan.hold_s,
+            "max_step_s": r.plan.max_step_s,
+            "false_rollback_budget": r.plan.alpha,
+            "min_canary_requests": r.plan.min_canary_requests,
+            "stable_cluster": r.plan.stable_cluster,
+            "canary_cluster": r.plan.canary_cluster,
+        },
+        "evidence": {
+            "errors": {
+                "e_value": r.errors.e_value(),
+                "threshold": 1.0 / r.plan.alpha,
+                "canary_requests": r.errors.canary_requests,
+                "canary_errors": r.errors.canary_bad,
+                "canary_rate": canary_rate,
+                "stable_requests": r.errors.stable_requests,
+                "stable_errors": r.errors.stable_bad,
+                "stable_rate": stable_rate,
+                "ticks": r.errors.ticks,
+            }
+        },
+        "reason": r.reason,
+        "started_unix": r.started_unix,
+        "finished_unix": r.finished_unix,
+        "history": r.history,
+    })
+}
+
+async fn rollouts(State(server): State<Arc<Server>>) -> Response {
+    let views: Vec<_> = server.rollouts().iter().map(rollout_view).collect();
+    Json(json!({ "rollouts": views })).into_response()
+}
+
+fn default_hold() -> u64 {
+    120
+}
+
+fn default_alpha() -> f64 {
+    0.05
+}
+
+fn default_min_canary_requests() -> u64 {
+    200
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRequest {
+    rollout: String,
+    canary: String,
+    steps: Vec<Step>,
+    stable_cluster: String,
+    canary_cluster: String,
+    #[serde(default = "default_hold")]
+    hold_s: u64,
+    /// Default: 30 minutes, or five holds if longer.
+    max_step_s: Option<u64>,
+    #[serde(default = "default_alpha")]
+    alpha: f64,
+    #[serde(default = "default_min_canary_requests")]
+    min_canary_requests: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutRequest {
+    rollout: String,
+}
+
+/// A rollout operation's answer: the write's outcome and the rollout after it.
+async fn rollout_write(
+    server: &Server,
+    name: String,
+    edit: impl FnOnce(
+        &canary_router::config::RawConfig,
+        &mut std::collections::BTreeMap<String, Rollout>,
+    ) -> Result<(canary_router::config::RawConfig, state::Changes), StateError>,
+) -> Response {
+    match server.change(edit).await {
+        Ok(outcome) => {
+            let view = server
+                .rollouts()
+                .iter()
+                .find(|r| r.plan.rollout == name)
+                .map(rollout_view);
+            Json(json!({
+                "version": outcome.version,
+                "changed": outcome.changed,
+                "changes": outcome.changes,
+                "rollout": view,
+            }))
+            .into_response()
+        }
+        Err(StateError::Io(message)) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+    }
+}
+
+async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Response {
+    let req: StartRequest = match parse_body(&body) {
+        Ok(req) => req,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let name = req.rollout.clone();
+    rollout_write(&server, name, move |config, rollouts| {
+        if let Some(running) = rollouts.get(&req.rollout).filter(|r| !r.phase.finished()) {
+            return Err(StateError::Edit(format!(
+                "rollout {}: {} is already {} at {}: pause, abort or promote it first",
+                req.rollout,
+                running.plan.canary,
+                running.phase.label(),
+                running.step_name()
+            )));
+        }
+        let raw = config
+            .rollouts
+            .iter()
+            .find(|r| r.name == req.rollout)
+            .ok_or_else(|| {
+                StateError::Edit(format!(
+                    "rollout: no rollout named {} in the config",
+                    canary_router::text::quote(&req.rollout)
+                ))
+            })?;
+        if !raw.canaries.iter().any(|c| c.version == req.canary) {
+            let known: Vec<&str> = raw.canaries.iter().map(|c| c.version.as_str()).collect();
+            return Err(StateError::Edit(format!(
+                "canary: {} is not a canary of rollout {} (its canaries: {})",
+                canary_router::text::quote(&req.canary),
+                req.rollout,
+                known.join(", ")
+            )));
+        }
+        let plan = Plan {
+            rollout: req.rollout.clone(),
+            canary: req.canary.clone(),
+            stable: raw.stable.clone(),
+            stable_cluster: req.stable_cluster,
+            canary_cluster: req.canary_cluster,
+            steps: req.steps,
+            hold_s: req.hold_s,
+            max_step_s: req.max_step_s.unwrap_or((5 * req.hold_s).max(1800)),
+            alpha: req.alpha,
+            min_canary_requests: req.min_canary_requests,
+        };
+        let (rollout, action) =
+            Rollout::start(plan, state::now_unix()).map_err(StateError::Edit)?;
+        let (next, mut changes) = carry_out(config, &rollout, &action)?;
+        changes.insert(
+            0,
+            format!(
+                "rollout {}: {} started at {}",
+                rollout.plan.rollout,
+                rollout.plan.canary,
+                rollout.step_name()
+            ),
+        );
+        rollouts.insert(req.rollout, rollout);
+        Ok((next, changes))
+    })
+    .await
+}
+
+/// pause, resume, abort, promote: an operation on a rollout that may move the config.
+async fn rollout_operation(
+    server: &Server,
+    body: &Bytes,
+    op: fn(&mut Rollout, u64) -> Result<Option<crate::rollout::Action>, String>,
+) -> Response {
+    let req: RolloutRequest = match parse_body(body) {
+        Ok(req) => req,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let name = req.rollout.clone();
+    rollout_write(server, name, move |config, rollouts| {
+        let rollout = rollouts.get_mut(&req.rollout).ok_or_else(|| {
+            StateError::Edit(format!(
+                "rollout: no progressive rollout of {} (start one with `canaryctl rollout start`)",
+                canary_router::text::quote(&req.rollout)
+            ))
+        })?;
+        let before = rollout.phase;
+        let action = op(rollout, state::now_unix()).map_err(StateError::Edit)?;
+        let (next, mut changes) = match &action {
+            Some(action) => carry_out(config, rollout, action)?,
+            None => (config.clone(), Vec::new()),
+        };
+        if rollout.phase != before || action.is_some() {
+            changes.insert(
+                0,
+                format!(
+                    "rollout {}: {} → {} at {}",
+                    rollout.plan.rollout,
+                    before.label(),
+                    rollout.phase.label(),
+                    rollout.step_name()
+                ),
+            );
+        }
+        Ok((next, changes))
+    })
+    .await
+}
+
+async fn rollout_pause(State(server): State<Arc<Server>>, body: Bytes) -> Response {
+    rollout_operation(&server, &body, Rollout::pause).await
+}
+
+async fn rollout_resume(State(server): State<Arc<Server>>, body: Bytes) -> Response {
+    rollout_operation(&server, &body, Rollout::resume).await
+}
+
+async fn rollout_abort(State(server): State<Arc<Server>>, body: Bytes) -> Response {
+    rollout_operation(&server, &body, |r, now| r.abort(now).map(Some)).await
+}
+
+async fn rollout_promote(State(server): State<Arc<Server>>, body: Bytes) -> Response {
+    rollout_operation(&server, &body, |r, now| r.promote(now).map(Some)).await
 }
 
 #[cfg(test)]

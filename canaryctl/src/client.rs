@@ -579,3 +579,184 @@ mod tests {
         assert!(Client::new("::::", None).is_err());
     }
 }
+
+/// The answer to a rollout operation.
+#[derive(Deserialize)]
+struct RolloutOutcome {
+    version: u64,
+    changed: bool,
+    changes: Vec<String>,
+    rollout: Option<Value>,
+}
+
+/// `rollout start|pause|resume|abort|promote`: what changed, where the rollout is, and (when the config
+/// moved) the wait for the fleet, as for any write.
+pub async fn rollout_write(
+    client: &Client,
+    path: &str,
+    body: Value,
+    wait: &Wait,
+) -> Result<(), CliError> {
+    let outcome: RolloutOutcome = client.post(path, body).await?;
+    for change in &outcome.changes {
+        println!("{change}");
+    }
+    if let Some(rollout) = &outcome.rollout {
+        println!("{}", rollout_headline(rollout));
+    }
+    if outcome.changed {
+        println!("saved as version {}", outcome.version);
+        if wait.enabled {
+            wait_for_fleet(client, outcome.version, wait).await?;
+        }
+    }
+    Ok(())
+}
+
+fn at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(value, |v, key| v.get(key))
+}
+
+fn text<'a>(value: &'a Value, path: &[&str]) -> &'a str {
+    at(value, path).and_then(Value::as_str).unwrap_or("")
+}
+
+fn number(value: &Value, path: &[&str]) -> f64 {
+    at(value, path).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+/// "rollout web: v2 progressing at step 2/5 (5%)".
+fn rollout_headline(r: &Value) -> String {
+    format!(
+        "rollout {}: {} {} at {}",
+        text(r, &["rollout"]),
+        text(r, &["canary"]),
+        text(r, &["phase"]),
+        text(r, &["step_name"])
+    )
+}
+
+fn print_rollout(r: &Value) {
+    println!("{}", rollout_headline(r));
+    let steps: Vec<&str> = r
+        .get("steps")
+        .and_then(Value::as_array)
+        .map(|s| s.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    println!(
+        "  plan: steps {} · hold {} · max {} a step · at least {} canary requests a step · false-rollback budget {}",
+        steps.join(","),
+        humantime::format_duration(Duration::from_secs(number(r, &["plan", "hold_s"]) as u64)),
+        humantime::format_duration(Duration::from_secs(number(r, &["plan", "max_step_s"]) as u64)),
+        number(r, &["plan", "min_canary_requests"]),
+        number(r, &["plan", "false_rollback_budget"]),
+    );
+    let e = |key: &str| number(r, &["evidence", "errors", key]);
+    println!(
+        "  errors: {} {:.2}% ({}/{}) vs {} {:.2}% ({}/{}) · evidence {} (rolls back at {:.0})",
+        text(r, &["canary"]),
+        e("canary_rate") * 100.0,
+        e("canary_errors"),
+        e("canary_requests"),
+        text(r, &["stable"]),
+        e("stable_rate") * 100.0,
+        e("stable_errors"),
+        e("stable_requests"),
+        crate::rollout::evidence_text(e("e_value")),
+        e("threshold"),
+    );
+    println!(
+        "  this step: {} canary requests since {}",
+        number(r, &["step_canary_requests"]),
+        when(number(r, &["step_started_unix"]) as u64)
+    );
+    if let Some(reason) = r.get("reason").and_then(Value::as_str) {
+        println!("  why: {reason}");
+    }
+    if let Some(history) = r.get("history").and_then(Value::as_array) {
+        println!("  history:");
+        for event in history.iter().rev().take(10).rev() {
+            let at = UNIX_EPOCH + Duration::from_secs(number(event, &["at_unix"]) as u64);
+            println!(
+                "    {}  {}",
+                humantime::format_rfc3339_seconds(at),
+                text(event, &["what"])
+            );
+        }
+    }
+}
+
+/// `rollout status [<rollout>] [--json] [--watch]`. With --watch it redraws every 2 s until the rollout ends:
+/// exit 0 when promoted, 1 when rolled back.
+pub async fn rollout_status(
+    client: &Client,
+    name: Option<&str>,
+    as_json: bool,
+    watch: bool,
+) -> Result<(), CliError> {
+    loop {
+        let body: Value = client.get("/v1/rollouts").await?;
+        let all = body
+            .get("rollouts")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let shown: Vec<&Value> = all
+            .iter()
+            .filter(|r| name.is_none_or_eq(text(r, &["rollout"])))
+            .collect();
+        if let Some(name) = name {
+            if shown.is_empty() {
+                return Err(CliError::refused(format!(
+                    "no progressive rollout of {} (start one with `canaryctl rollout start`)",
+                    canary_router::text::quote(name)
+                )));
+            }
+        }
+        if as_json {
+            let list: Vec<&Value> = shown.clone();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&list).unwrap_or_default()
+            );
+        } else if shown.is_empty() {
+            println!("no progressive rollout");
+        } else {
+            for (i, r) in shown.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print_rollout(r);
+            }
+        }
+        if !watch {
+            return Ok(());
+        }
+        let phases: Vec<&str> = shown.iter().map(|r| text(r, &["phase"])).collect();
+        if !phases.is_empty()
+            && phases
+                .iter()
+                .all(|p| *p == "promoted" || *p == "rolled_back")
+        {
+            if phases.contains(&"rolled_back") {
+                return Err(CliError::refused("rolled back"));
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        println!();
+    }
+}
+
+trait NoneOrEq {
+    fn is_none_or_eq(&self, other: &str) -> bool;
+}
+
+impl NoneOrEq for Option<&str> {
+    fn is_none_or_eq(&self, other: &str) -> bool {
+        match self {
+            None => true,
+            Some(name) => *name == other,
+        }
+    }
+}

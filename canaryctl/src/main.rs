@@ -4,9 +4,12 @@
 //! state file); every other command is a client of its admin API.
 
 mod admin;
+mod analysis;
 mod client;
 mod fleet;
 mod identity;
+mod lrs;
+mod rollout;
 mod server;
 mod state;
 mod tls;
@@ -20,6 +23,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_server::LoadReportingServiceServer;
 use serde_json::json;
 
 use client::{CliError, Client, Wait};
@@ -171,6 +175,12 @@ enum Command {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Progressive rollouts: the canary moves through steps while it fails no more than stable, is promoted
+    /// after the last, and is rolled back the moment the evidence says it fails more.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Replace the whole plugin configuration (validated; the diff is shown first).
     Apply {
         #[arg(short = 'f', long = "file", value_name = "FILE")]
@@ -178,6 +188,75 @@ enum Command {
         /// Show the diff only.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Start: canaryctl rollout start web --canary v2 --steps 1,5,25,50,100 --hold 2m --stable-cluster app-v1
+    /// --canary-cluster app-v2
+    Start {
+        rollout: String,
+        /// The canary version (a canary of the rollout in the config).
+        #[arg(long)]
+        canary: String,
+        /// Percentages in order, with `pause` for a manual gate: 1,5,pause,50,100. The last one passing
+        /// promotes the canary.
+        #[arg(long, value_delimiter = ',', required = true)]
+        steps: Vec<String>,
+        /// How long each step holds at least.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// How long a step may wait for enough canary requests before the rollout is inconclusive (default:
+        /// 30m, or five holds if longer).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_step_time: Option<Duration>,
+        /// The chance of rolling back a canary that is no worse than stable, at most.
+        #[arg(long, default_value = "0.05")]
+        false_rollback_budget: f64,
+        /// Canary requests a step needs to pass.
+        #[arg(long, default_value = "200")]
+        min_canary_requests: u64,
+        /// Envoy's cluster of the stable version (as in its load reports).
+        #[arg(long)]
+        stable_cluster: String,
+        /// Envoy's cluster of the canary version (its hosts, not the fallback's aggregate cluster).
+        #[arg(long)]
+        canary_cluster: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Where rollouts are: phase, step, evidence, history. --watch exits 0 when promoted, 1 when rolled back.
+    Status {
+        rollout: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Hold at the current step (the analysis keeps running and still rolls back).
+    Pause {
+        rollout: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Go on: past a manual gate, or from a pause; an inconclusive step waits another max step time.
+    Resume {
+        rollout: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Roll back now.
+    Abort {
+        rollout: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Finish now: the canary becomes stable.
+    Promote {
+        rollout: String,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -314,6 +393,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             dry_run,
             wait,
         } => client::apply(&client()?, file, *dry_run, &wait.wait()).await,
+        Command::Rollout { command } => rollout(command, &client()?).await,
     }
 }
 
@@ -376,9 +456,10 @@ fn starting_state(settings: &ServeSettings) -> Result<Saved, CliError> {
             config: read_config(path)?,
         },
         fleet: Vec::new(),
+        rollouts: Vec::new(),
     };
     state_file
-        .save(&saved.desired, &saved.fleet)
+        .save(&saved.desired, &saved.fleet, &saved.rollouts)
         .map_err(|err| fail(err.to_string()))?;
     eprintln!("canaryctl: state {state_path} started from {path}: version 1");
     Ok(saved)
@@ -415,8 +496,7 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
     let server = Arc::new(Server::new(
         settings.filter,
         StateFile::new(&settings.state),
-        saved.desired,
-        saved.fleet,
+        saved,
         settings.fleet,
         token,
         tls.clone(),
@@ -441,6 +521,7 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
     eprintln!("canaryctl: serving ADS on {xds_addr}, admin API on http://{admin_addr}");
     tokio::spawn(server.clone().keep_fleet());
     tokio::spawn(reload_tls(server.clone()));
+    tokio::spawn(server.clone().run_rollouts());
     let (incoming, connections) = tokio::sync::mpsc::channel(16);
     tokio::spawn(tls::accept(xds_listener, tls, server.clone(), incoming));
 
@@ -468,9 +549,11 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
         },
     );
     let ads = AggregatedDiscoveryServiceServer::new(xds::Ads::new(server.clone()));
+    let lrs = LoadReportingServiceServer::new(lrs::Lrs::new(server.clone()));
     let xds = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(ads)
+        .add_service(lrs)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(connections),
             async move {
@@ -530,4 +613,50 @@ async fn reload_tls(server: Arc<Server>) {
             }
         }
     }
+}
+
+async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliError> {
+    let operation = |path: &str, rollout: &str, wait: &WaitArgs| {
+        (path.to_string(), json!({ "rollout": rollout }), wait.wait())
+    };
+    let (path, body, wait) = match command {
+        RolloutCommand::Status {
+            rollout,
+            json,
+            watch,
+        } => return client::rollout_status(client, rollout.as_deref(), *json, *watch).await,
+        RolloutCommand::Start {
+            rollout,
+            canary,
+            steps,
+            hold,
+            max_step_time,
+            false_rollback_budget,
+            min_canary_requests,
+            stable_cluster,
+            canary_cluster,
+            wait,
+        } => (
+            "/v1/rollouts/start".to_string(),
+            json!({
+                "rollout": rollout,
+                "canary": canary,
+                "steps": steps,
+                "hold_s": hold.as_secs(),
+                "max_step_s": max_step_time.map(|d| d.as_secs()),
+                "alpha": false_rollback_budget,
+                "min_canary_requests": min_canary_requests,
+                "stable_cluster": stable_cluster,
+                "canary_cluster": canary_cluster,
+            }),
+            wait.wait(),
+        ),
+        RolloutCommand::Pause { rollout, wait } => operation("/v1/rollouts/pause", rollout, wait),
+        RolloutCommand::Resume { rollout, wait } => operation("/v1/rollouts/resume", rollout, wait),
+        RolloutCommand::Abort { rollout, wait } => operation("/v1/rollouts/abort", rollout, wait),
+        RolloutCommand::Promote { rollout, wait } => {
+            operation("/v1/rollouts/promote", rollout, wait)
+        }
+    };
+    client::rollout_write(client, &path, body, &wait).await
 }

@@ -1,6 +1,7 @@
 //! What `canaryctl serve` holds: the desired state (durable, broadcast to every xDS stream), the fleet of
 //! Envoys it has seen with what each applied or refused (durable too), and counters for `/metrics`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -9,8 +10,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, KnownEnvoy, RefusedPeer, RefusedPeers};
-use crate::state::{now_unix, Changes, Desired, StateError, StateFile};
+use crate::analysis::Tick;
+use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, RefusedPeer, RefusedPeers};
+use crate::rollout::{Action, Rollout};
+use crate::state::{now_unix, Changes, Desired, Saved, StateError, StateFile};
 use crate::tls::{Refused, TlsState};
 use canary_router::config::RawConfig;
 
@@ -40,6 +43,7 @@ pub struct Metrics {
     pub writes_refused: AtomicU64,
     pub unauthorized: AtomicU64,
     pub tls_reloads: AtomicU64,
+    pub load_reports: AtomicU64,
     pub tls_reloads_refused: AtomicU64,
 }
 
@@ -72,6 +76,10 @@ pub struct Server {
     write_lock: tokio::sync::Mutex<()>,
     fleet: Mutex<Fleet>,
     refused: Mutex<RefusedPeers>,
+    /// Progressive rollouts by rollout name (the latest of each, finished ones kept for `rollout status`).
+    rollouts: Mutex<BTreeMap<String, Rollout>>,
+    /// Requests and errors per upstream cluster from the Envoys' load reports, since the last analysis tick.
+    load: Mutex<BTreeMap<String, Load>>,
     next_stream: AtomicU64,
     /// mTLS on the gRPC port, when configured.
     pub tls: Option<Arc<TlsState>>,
@@ -81,12 +89,16 @@ impl Server {
     pub fn new(
         filter: FilterSettings,
         state_file: StateFile,
-        desired: Desired,
-        known: Vec<KnownEnvoy>,
+        saved: Saved,
         fleet_settings: FleetSettings,
         token: Option<String>,
         tls: Option<Arc<TlsState>>,
     ) -> Self {
+        let Saved {
+            desired,
+            fleet: known,
+            rollouts,
+        } = saved;
         let (desired, _) = watch::channel(Arc::new(desired));
         Self {
             filter,
@@ -98,6 +110,13 @@ impl Server {
             write_lock: tokio::sync::Mutex::new(()),
             fleet: Mutex::new(Fleet::restore(known, now_unix())),
             refused: Mutex::new(RefusedPeers::default()),
+            rollouts: Mutex::new(
+                rollouts
+                    .into_iter()
+                    .map(|r| (r.plan.rollout.clone(), r))
+                    .collect(),
+            ),
+            load: Mutex::new(BTreeMap::new()),
             next_stream: AtomicU64::new(1),
             tls,
         }
@@ -127,16 +146,31 @@ impl Server {
         &self,
         edit: impl FnOnce(&RawConfig) -> Result<(RawConfig, Changes), StateError>,
     ) -> Result<WriteOutcome, StateError> {
+        self.change(|config, _| edit(config)).await
+    }
+
+    /// Apply an edit to the desired config and the rollouts together: one save holds both, so a restart
+    /// never finds a rollout at one step and the config at another.
+    pub async fn change(
+        &self,
+        edit: impl FnOnce(
+            &RawConfig,
+            &mut BTreeMap<String, Rollout>,
+        ) -> Result<(RawConfig, Changes), StateError>,
+    ) -> Result<WriteOutcome, StateError> {
         let _guard = self.write_lock.lock().await;
         let current = self.desired();
-        let (config, changes) = match edit(&current.config) {
+        let mut rollouts = lock(&self.rollouts).clone();
+        let (config, changes) = match edit(&current.config, &mut rollouts) {
             Ok(result) => result,
             Err(err) => {
                 Metrics::bump(&self.metrics.writes_refused);
                 return Err(err);
             }
         };
-        if config == current.config {
+        let config_changed = config != current.config;
+        let rollouts_changed = rollouts != *lock(&self.rollouts);
+        if !config_changed && !rollouts_changed {
             Metrics::bump(&self.metrics.writes_unchanged);
             return Ok(WriteOutcome {
                 version: current.version,
@@ -144,21 +178,88 @@ impl Server {
                 changes: Vec::new(),
             });
         }
-        let next = Desired {
-            version: current.version + 1,
-            updated_at_unix: now_unix(),
-            config,
+        let next = if config_changed {
+            Desired {
+                version: current.version + 1,
+                updated_at_unix: now_unix(),
+                config,
+            }
+        } else {
+            (*current).clone()
         };
         let known = self.fleet().known(now_unix());
-        self.state_file.save(&next, &known)?;
+        let saved_rollouts: Vec<Rollout> = rollouts.values().cloned().collect();
+        self.state_file.save(&next, &known, &saved_rollouts)?;
+        *lock(&self.rollouts) = rollouts;
         let version = next.version;
-        self.desired.send_replace(Arc::new(next));
-        Metrics::bump(&self.metrics.writes_applied);
+        if config_changed {
+            self.desired.send_replace(Arc::new(next));
+            Metrics::bump(&self.metrics.writes_applied);
+        }
         Ok(WriteOutcome {
             version,
-            changed: true,
+            changed: config_changed,
             changes,
         })
+    }
+
+    pub fn rollouts(&self) -> Vec<Rollout> {
+        lock(&self.rollouts).values().cloned().collect()
+    }
+
+    /// Adds one Envoy's load report for a cluster (completed requests, of which errors).
+    pub fn report_load(&self, cluster: &str, requests: u64, errors: u64) {
+        let mut load = lock(&self.load);
+        let entry = load.entry(cluster.to_string()).or_default();
+        entry.requests += requests;
+        entry.errors += errors;
+    }
+
+    /// Runs the rollouts: every second, the load reported since the previous tick goes to each active
+    /// rollout, and what it decides (a step, a promotion, a rollback) is written like an operator's change.
+    pub async fn run_rollouts(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let load = std::mem::take(&mut *lock(&self.load));
+            let active: Vec<String> = lock(&self.rollouts)
+                .values()
+                .filter(|r| !r.phase.finished())
+                .map(|r| r.plan.rollout.clone())
+                .collect();
+            for name in active {
+                let now = now_unix();
+                let result = self
+                    .change(|config, rollouts| {
+                        let Some(rollout) = rollouts.get_mut(&name) else {
+                            return Ok((config.clone(), Vec::new()));
+                        };
+                        let action = rollout.tick(tick_of(&load, rollout), now);
+                        match action {
+                            Some(action) => carry_out(config, rollout, &action),
+                            None => Ok((config.clone(), Vec::new())),
+                        }
+                    })
+                    .await;
+                match result {
+                    Ok(outcome) if outcome.changed => {
+                        let rollout = lock(&self.rollouts).get(&name).cloned();
+                        if let Some(r) = rollout {
+                            eprintln!(
+                                "canaryctl: rollout {}: {} (version {}): {}",
+                                r.plan.rollout,
+                                r.phase.label(),
+                                outcome.version,
+                                r.history.last().map(|e| e.what.as_str()).unwrap_or("")
+                            );
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => eprintln!("canaryctl: rollout {name}: {err}"),
+                }
+            }
+        }
     }
 
     /// Keeps the state file's fleet current: saves it when it changed, forgets Envoys gone too long, and
@@ -185,7 +286,8 @@ impl Server {
             if save {
                 let _guard = self.write_lock.lock().await;
                 let known = self.fleet().known(now);
-                if let Err(err) = self.state_file.save(&self.desired(), &known) {
+                let rollouts = self.rollouts();
+                if let Err(err) = self.state_file.save(&self.desired(), &known, &rollouts) {
                     eprintln!("canaryctl: cannot save the fleet: {err}");
                 }
             }
@@ -281,4 +383,60 @@ impl Server {
     pub fn disconnect(&self, stream: u64) {
         self.fleet().close_stream(stream, now_unix());
     }
+}
+
+/// Requests and errors of one upstream cluster, summed over the Envoys' load reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    pub requests: u64,
+    pub errors: u64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere; the data itself is still consistent.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A rollout's analysis tick from the load of its two clusters; None when neither reported anything.
+fn tick_of(load: &BTreeMap<String, Load>, rollout: &Rollout) -> Option<Tick> {
+    let stable = load.get(&rollout.plan.stable_cluster);
+    let canary = load.get(&rollout.plan.canary_cluster);
+    if stable.is_none() && canary.is_none() {
+        return None;
+    }
+    let (stable, canary) = (
+        stable.copied().unwrap_or_default(),
+        canary.copied().unwrap_or_default(),
+    );
+    Some(Tick {
+        stable_requests: stable.requests,
+        canary_requests: canary.requests,
+        stable_bad: stable.errors,
+        canary_bad: canary.errors,
+    })
+}
+
+/// What a rollout decided, as an edit of the desired config (the same edits as `set`, `promote`).
+pub fn carry_out(
+    config: &RawConfig,
+    rollout: &Rollout,
+    action: &Action,
+) -> Result<(RawConfig, Changes), StateError> {
+    let name = &rollout.plan.rollout;
+    let canary = rollout.plan.canary.clone();
+    let (next, mut changes) = match action {
+        Action::SetPercent(p) => {
+            crate::state::set_percents(config, name, &[(canary, p.to_string())])?
+        }
+        Action::Promote => crate::state::promote(config, name, Some(&canary))?,
+        Action::RollBack(_) => {
+            crate::state::set_percents(config, name, &[(canary, "0".to_string())])?
+        }
+    };
+    if let Action::RollBack(why) = action {
+        changes.push(format!("rolled back: {why}"));
+    }
+    Ok((next, changes))
 }

@@ -16,6 +16,7 @@ use canary_router::config::{
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::KnownEnvoy;
+use crate::rollout::Rollout;
 
 /// The configuration being served and its version (`version_info` on the wire; it only grows).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -93,13 +94,14 @@ pub fn config_from_value(value: serde_json::Value) -> Result<RawConfig, StateErr
     Ok(raw)
 }
 
-/// The state file as written: the desired state and the fleet.
+/// The state file as written: the desired state, the fleet, and the progressive rollouts.
 #[derive(Serialize)]
 struct Stored<'a> {
     version: u64,
     updated_at_unix: u64,
     config: &'a RawConfig,
     fleet: &'a [KnownEnvoy],
+    rollouts: &'a [Rollout],
 }
 
 /// The state file as read: the config is checked apart, so that a refused config is reported as that.
@@ -111,6 +113,8 @@ struct Loaded {
     config: serde_json::Value,
     #[serde(default)]
     fleet: Vec<KnownEnvoy>,
+    #[serde(default)]
+    rollouts: Vec<Rollout>,
 }
 
 /// What a state file holds.
@@ -118,6 +122,7 @@ struct Loaded {
 pub struct Saved {
     pub desired: Desired,
     pub fleet: Vec<KnownEnvoy>,
+    pub rollouts: Vec<Rollout>,
 }
 
 /// The durable state file: written whole to a temporary file (mode 0600: it holds the override tokens),
@@ -167,6 +172,7 @@ impl StateFile {
                 config,
             },
             fleet: loaded.fleet,
+            rollouts: loaded.rollouts,
         }))
     }
 
@@ -186,8 +192,9 @@ impl StateFile {
                         config,
                     },
                     fleet: loaded.fleet,
+                    rollouts: loaded.rollouts,
                 };
-                self.save(&saved.desired, &saved.fleet)?;
+                self.save(&saved.desired, &saved.fleet, &saved.rollouts)?;
                 Ok(saved)
             }
             Ok(Some(saved)) => Err(StateError::Edit(format!(
@@ -220,7 +227,12 @@ impl StateFile {
         }
     }
 
-    pub fn save(&self, desired: &Desired, fleet: &[KnownEnvoy]) -> Result<(), StateError> {
+    pub fn save(
+        &self,
+        desired: &Desired,
+        fleet: &[KnownEnvoy],
+        rollouts: &[Rollout],
+    ) -> Result<(), StateError> {
         let io = |err: std::io::Error| StateError::Io(format!("{}: {err}", self.shown()));
         let dir = match self.path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
@@ -237,6 +249,7 @@ impl StateFile {
             updated_at_unix: desired.updated_at_unix,
             config: &desired.config,
             fleet,
+            rollouts,
         };
         let body = serde_json::to_vec_pretty(&stored)
             .map_err(|err| StateError::Io(format!("cannot encode the state: {err}")))?;
@@ -743,12 +756,13 @@ mod tests {
             updated_at_unix: 1,
             config: config(TWO),
         };
-        file.save(&desired, &[known("front-1")]).unwrap();
+        file.save(&desired, &[known("front-1")], &[]).unwrap();
         assert_eq!(
             file.load().unwrap(),
             Some(Saved {
                 desired: desired.clone(),
-                fleet: vec![known("front-1")]
+                fleet: vec![known("front-1")],
+                rollouts: vec![],
             })
         );
         #[cfg(unix)]

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    async_data_source, data_source, AsyncDataSource, DataSource, TypedExtensionConfig,
+    async_data_source, data_source, AsyncDataSource, DataSource, Node, TypedExtensionConfig,
 };
 use envoy_types::pb::envoy::extensions::dynamic_modules::v3::DynamicModuleConfig;
 use envoy_types::pb::envoy::extensions::filters::http::dynamic_modules::v3::DynamicModuleFilter;
@@ -129,16 +129,16 @@ impl AggregatedDiscoveryService for Ads {
 
 /// With mTLS, whether this request may go on: the stream's node (named in its first request) must be one
 /// its certificate allows. A refused stream is ended with PERMISSION_DENIED before anything is sent.
-fn authorise(
+pub fn authorise(
     server: &Server,
     peer: &Peer,
-    request: &DiscoveryRequest,
+    node: Option<&Node>,
     identified: bool,
 ) -> Result<(), Status> {
     let Some(identity) = &peer.identity else {
         return Ok(());
     };
-    let refused = match &request.node {
+    let refused = match node {
         Some(node) => match identity.permits(&node.id, &node.cluster) {
             Ok(()) => return Ok(()),
             Err(mismatch) => (
@@ -176,7 +176,7 @@ async fn serve_stream(
         let push = tokio::select! {
             message = inbound.message() => {
                 let Ok(Some(request)) = message else { return };
-                if let Err(status) = authorise(server, peer, &request, identified) {
+                if let Err(status) = authorise(server, peer, request.node.as_ref(), identified) {
                     let _ = tx.send(Err(status)).await;
                     return;
                 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import socket
 import sys
 import tempfile
@@ -30,12 +31,19 @@ from lab import ENVOY_BIN, ENVOY_DIR, NATIVE, WASM, expected_version, fnv1a64, i
 # --------------------------------------------------------------------------------------------------
 
 class Upstream:
-    """An app version: answers 200 with {"served_by": version, "headers": {name: [values]}}."""
+    """An app version: answers 200 with {"served_by": version, "headers": {name: [values]}}. With `fail_rate`,
+    that share of requests (not /healthz, which keeps the health check green) gets a 503. `app_requests` counts
+    the requests that are not health checks."""
 
     def __init__(self, version: str):
         self.version = version
         self.requests = 0
+        self.app_requests = 0
+        self.fail_rate = 0.0
+        self.failed = 0
         upstream = self
+        failures = random.Random(version)
+        counting = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -46,6 +54,16 @@ class Upstream:
                 if length:
                     self.rfile.read(length)
                 upstream.requests += 1
+                if self.path != "/healthz":
+                    with counting:
+                        upstream.app_requests += 1
+                        fail = upstream.fail_rate and failures.random() < upstream.fail_rate
+                        upstream.failed += 1 if fail else 0
+                    if fail:
+                        self.send_response(503)
+                        self.send_header("content-length", "0")
+                        self.end_headers()
+                        return
                 headers: dict[str, list[str]] = {}
                 for name, value in self.headers.items():
                     headers.setdefault(name.lower(), []).append(value)

@@ -1,0 +1,353 @@
+//! The rollout analysis: is the canary's rate of bad events (errors, or requests slower than a bound) higher
+//! than stable's, compared over the same moments, with a test that stays valid however often it looks.
+//!
+//! Plain arithmetic, no tokio or Envoy types: the rollout controller feeds it ticks and reads verdicts.
+//!
+//! **The test.** Each tick i brings, since the previous one, n_S,i and n_C,i requests and e_S,i and e_C,i bad
+//! events of stable and of the canary. With the canary's observed share of requests π_i = n_C,i / (n_S,i +
+//! n_C,i), and the canary's rate r times stable's, a bad event comes from the canary with probability
+//! θ_i(r) = π_i·r / (1 − π_i + π_i·r). Given the events of a tick, the canary's count is binomial, so the
+//! likelihood ratio of "r" against "the same rate" is
+//! L_i(r) = (θ_i(r)/π_i)^e_C,i · ((1 − θ_i(r))/(1 − π_i))^e_S,i.
+//! The evidence is the mixture M_t = Σ_k w_k · Π_{i≤t} L_i(r_k) over r_k ∈ {1.25, 1.5, 2, 3, 5, 10}, w_k = 1/6.
+//! When the canary is no worse than stable, M_t is a non-negative supermartingale with M_0 = 1, so by Ville's
+//! inequality the chance that it ever reaches 1/α is at most α, at any number of looks: rolling back when
+//! M_t ≥ 1/α keeps false rollbacks within α. Conditioning on each tick's events makes weight steps,
+//! sticky-hash imbalance and load swings cancel out: only the split of bad events between the two matters.
+
+use serde::{Deserialize, Serialize};
+
+/// The rate ratios the mixture bets on, with equal weights.
+pub const RATIOS: [f64; 6] = [1.25, 1.5, 2.0, 3.0, 5.0, 10.0];
+
+/// What one analysis tick saw since the previous one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tick {
+    pub stable_requests: u64,
+    pub canary_requests: u64,
+    pub stable_bad: u64,
+    pub canary_bad: u64,
+}
+
+/// The evidence that the canary is worse than stable on one metric, over the ticks seen so far. Saved in the
+/// state file, so a restarted canaryctl goes on from where it was.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evidence {
+    /// ln Π L_i(r_k), per ratio of [`RATIOS`].
+    log_likelihood: [f64; RATIOS.len()],
+    pub ticks: u64,
+    pub stable_requests: u64,
+    pub canary_requests: u64,
+    pub stable_bad: u64,
+    pub canary_bad: u64,
+}
+
+impl Default for Evidence {
+    fn default() -> Self {
+        Self {
+            log_likelihood: [0.0; RATIOS.len()],
+            ticks: 0,
+            stable_requests: 0,
+            canary_requests: 0,
+            stable_bad: 0,
+            canary_bad: 0,
+        }
+    }
+}
+
+impl Evidence {
+    /// Adds a tick. A tick where either version served no request says nothing about their comparison
+    /// (π is 0 or 1): its counts are kept, the evidence is not moved.
+    pub fn observe(&mut self, tick: Tick) {
+        self.ticks += 1;
+        self.stable_requests += tick.stable_requests;
+        self.canary_requests += tick.canary_requests;
+        self.stable_bad += tick.stable_bad;
+        self.canary_bad += tick.canary_bad;
+        if tick.stable_requests == 0 || tick.canary_requests == 0 {
+            return;
+        }
+        let pi = tick.canary_requests as f64 / (tick.stable_requests + tick.canary_requests) as f64;
+        let (e_c, e_s) = (tick.canary_bad as f64, tick.stable_bad as f64);
+        for (log_l, r) in self.log_likelihood.iter_mut().zip(RATIOS) {
+            let theta = pi * r / (1.0 - pi + pi * r);
+            *log_l += e_c * (theta / pi).ln() + e_s * ((1.0 - theta) / (1.0 - pi)).ln();
+        }
+    }
+
+    /// ln M_t, computed without overflow (log-sum-exp).
+    pub fn log_e_value(&self) -> f64 {
+        let max = self
+            .log_likelihood
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = self.log_likelihood.iter().map(|l| (l - max).exp()).sum();
+        max + (sum / RATIOS.len() as f64).ln()
+    }
+
+    /// M_t: how many times more likely the data are if the canary is worse than if it is not.
+    pub fn e_value(&self) -> f64 {
+        self.log_e_value().exp()
+    }
+
+    /// True when the evidence reached 1/α: roll back, with a false-rollback chance of at most α.
+    pub fn rejects(&self, alpha: f64) -> bool {
+        self.log_e_value() >= (1.0 / alpha).ln()
+    }
+
+    /// The canary's and stable's bad-event rates so far (0 without requests).
+    pub fn rates(&self) -> (f64, f64) {
+        let rate = |bad: u64, requests: u64| {
+            if requests == 0 {
+                0.0
+            } else {
+                bad as f64 / requests as f64
+            }
+        };
+        (
+            rate(self.canary_bad, self.canary_requests),
+            rate(self.stable_bad, self.stable_requests),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_issue_test_vectors() {
+        // π = 0.05 on every tick, one canary error per tick and none on stable.
+        let tick = Tick {
+            stable_requests: 950,
+            canary_requests: 50,
+            stable_bad: 0,
+            canary_bad: 1,
+        };
+        let mut evidence = Evidence::default();
+        for expected in [3.066, 13.276, 72.094] {
+            evidence.observe(tick);
+            assert!(
+                (evidence.e_value() - expected).abs() < 0.0005,
+                "{} after {} ticks, expected {expected}",
+                evidence.e_value(),
+                evidence.ticks
+            );
+        }
+        // With α = 0.05 (threshold 20), the third error rolls back, not the second.
+        let mut evidence = Evidence::default();
+        evidence.observe(tick);
+        evidence.observe(tick);
+        assert!(!evidence.rejects(0.05));
+        evidence.observe(tick);
+        assert!(evidence.rejects(0.05));
+    }
+
+    #[test]
+    fn ticks_without_both_versions_or_without_events_move_nothing() {
+        let mut evidence = Evidence::default();
+        for tick in [
+            Tick {
+                stable_requests: 0,
+                canary_requests: 10,
+                stable_bad: 0,
+                canary_bad: 5,
+            },
+            Tick {
+                stable_requests: 10,
+                canary_requests: 0,
+                stable_bad: 3,
+                canary_bad: 0,
+            },
+            Tick {
+                stable_requests: 900,
+                canary_requests: 100,
+                stable_bad: 0,
+                canary_bad: 0,
+            },
+        ] {
+            evidence.observe(tick);
+        }
+        assert_eq!(evidence.e_value(), 1.0);
+        assert_eq!(
+            (evidence.ticks, evidence.canary_bad, evidence.stable_bad),
+            (3, 5, 3)
+        );
+    }
+
+    #[test]
+    fn errors_where_the_traffic_is_are_no_evidence() {
+        // The canary gets its share of the errors, tick after tick: the evidence shrinks, never rolls back.
+        let mut evidence = Evidence::default();
+        for _ in 0..200 {
+            evidence.observe(Tick {
+                stable_requests: 900,
+                canary_requests: 100,
+                stable_bad: 9,
+                canary_bad: 1,
+            });
+        }
+        assert!(evidence.e_value() < 1.0, "{}", evidence.e_value());
+        assert!(!evidence.rejects(0.05));
+    }
+
+    /// splitmix64: a seeded, reproducible source for the simulations.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn uniform(&mut self) -> f64 {
+            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        }
+
+        /// A Poisson draw (Knuth's method; the rates here are small).
+        fn poisson(&mut self, mean: f64) -> u64 {
+            let limit = (-mean).exp();
+            let (mut k, mut p) = (0u64, 1.0);
+            loop {
+                p *= self.uniform();
+                if p <= limit {
+                    return k;
+                }
+                k += 1;
+            }
+        }
+    }
+
+    /// One simulated rollout: `ticks` ticks of `requests` requests, `share` of them to the canary, stable
+    /// failing at `rate` and the canary at `ratio` × `rate`; returns the tick that rolled back, if one did.
+    fn rollout(
+        rng: &mut Rng,
+        ticks: u64,
+        requests: f64,
+        share: f64,
+        rate: f64,
+        ratio: f64,
+        alpha: f64,
+    ) -> Option<u64> {
+        let mut evidence = Evidence::default();
+        for t in 1..=ticks {
+            let canary_requests = rng.poisson(requests * share);
+            let stable_requests = rng.poisson(requests * (1.0 - share));
+            let tick = Tick {
+                stable_requests,
+                canary_requests,
+                stable_bad: rng.poisson(stable_requests as f64 * rate),
+                canary_bad: rng.poisson(canary_requests as f64 * rate * ratio),
+            };
+            evidence.observe(tick);
+            if evidence.rejects(alpha) {
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_canary_no_worse_than_stable_is_rolled_back_at_most_alpha_of_the_time() {
+        // A/A: 2000 rollouts of 200 looks each (one a tick), 5 % canary, 1 % errors on both.
+        let (alpha, runs) = (0.05, 2000);
+        let mut rng = Rng(11);
+        let false_rollbacks = (0..runs)
+            .filter(|_| rollout(&mut rng, 200, 400.0, 0.05, 0.01, 1.0, alpha).is_some())
+            .count();
+        let rate = false_rollbacks as f64 / runs as f64;
+        assert!(rate <= alpha, "false rollbacks {rate} > α {alpha}");
+        // A canary better than stable is rolled back even less.
+        let better = (0..runs)
+            .filter(|_| rollout(&mut rng, 200, 400.0, 0.05, 0.01, 0.7, alpha).is_some())
+            .count();
+        assert!(better <= false_rollbacks, "{better} > {false_rollbacks}");
+    }
+
+    #[test]
+    fn worse_canaries_are_rolled_back_sooner_the_worse_they_are() {
+        // 5 % canary at 400 requests a tick, stable failing 1 %: a canary failing 2×, 3×, 10× as often.
+        let alpha = 0.05;
+        let mut rng = Rng(7);
+        let median_ticks = |rng: &mut Rng, ratio: f64| {
+            let mut ticks: Vec<u64> = (0..300)
+                .map(|_| rollout(rng, 2000, 400.0, 0.05, 0.01, ratio, alpha).unwrap_or(u64::MAX))
+                .collect();
+            ticks.sort_unstable();
+            ticks[ticks.len() / 2]
+        };
+        let (two, three, ten) = (
+            median_ticks(&mut rng, 2.0),
+            median_ticks(&mut rng, 3.0),
+            median_ticks(&mut rng, 10.0),
+        );
+        assert!(ten < three && three < two, "{ten} {three} {two}");
+        // At 20 canary requests a tick, a 10× canary (2 errors a tick against 0.2 expected) is caught in a few
+        // ticks; every 3× canary within 2000 ticks.
+        assert!(ten <= 5, "10×: {ten} ticks");
+        assert!(two < u64::MAX, "2× never caught");
+    }
+
+    #[test]
+    fn a_few_sticky_users_sending_most_requests_do_not_inflate_false_rollbacks() {
+        // A/A where 10 heavy users send half the traffic; each lands on the canary or not by their hash, so
+        // the canary's share swings from tick to tick (and a heavy user's requests come in bursts). The test
+        // conditions on each tick's share, so the false-rollback rate stays within α.
+        let (alpha, runs) = (0.05, 1000);
+        let mut rng = Rng(23);
+        let mut false_rollbacks = 0;
+        for _ in 0..runs {
+            // Which heavy users the sticky hash puts on the canary (5 % each), fixed for the rollout.
+            let heavy_on_canary: Vec<bool> = (0..10).map(|_| rng.uniform() < 0.05).collect();
+            let mut evidence = Evidence::default();
+            for _ in 0..200 {
+                let mut tick = Tick::default();
+                for &on_canary in &heavy_on_canary {
+                    let burst = 40.0 * rng.uniform();
+                    let requests = rng.poisson(burst);
+                    let bad = rng.poisson(requests as f64 * 0.01);
+                    if on_canary {
+                        tick.canary_requests += requests;
+                        tick.canary_bad += bad;
+                    } else {
+                        tick.stable_requests += requests;
+                        tick.stable_bad += bad;
+                    }
+                }
+                let light_canary = rng.poisson(200.0 * 0.05);
+                let light_stable = rng.poisson(200.0 * 0.95);
+                tick.canary_requests += light_canary;
+                tick.stable_requests += light_stable;
+                tick.canary_bad += rng.poisson(light_canary as f64 * 0.01);
+                tick.stable_bad += rng.poisson(light_stable as f64 * 0.01);
+                evidence.observe(tick);
+                if evidence.rejects(alpha) {
+                    false_rollbacks += 1;
+                    break;
+                }
+            }
+        }
+        let rate = false_rollbacks as f64 / runs as f64;
+        assert!(rate <= alpha, "false rollbacks {rate} > α {alpha}");
+    }
+
+    #[test]
+    fn evidence_survives_a_save_and_restore() {
+        let mut evidence = Evidence::default();
+        evidence.observe(Tick {
+            stable_requests: 950,
+            canary_requests: 50,
+            stable_bad: 0,
+            canary_bad: 1,
+        });
+        let text = serde_json::to_string(&evidence).unwrap();
+        let back: Evidence = serde_json::from_str(&text).unwrap();
+        assert!((back.e_value() - evidence.e_value()).abs() < 1e-12);
+        assert_eq!(back.canary_bad, 1);
+    }
+}

@@ -1,0 +1,675 @@
+//! Progressive rollouts: a plan of steps, and the rules that move a canary through them by evidence. Plain
+//! data and rules, no tokio or gRPC types: the controller feeds ticks and operator commands in, and carries
+//! the actions out (set a percentage, promote, roll back) through the same write path as the CLI.
+//!
+//! - Each step holds its percentage for `hold`. It passes when the hold is over, no rollback fired, and the
+//!   canary served at least `min_canary_requests` requests during the step (so the step was tested).
+//! - The analysis runs on every tick in every phase until the rollout ends: a paused or inconclusive rollout
+//!   is still rolled back when the evidence says so.
+//! - A step whose `max_step_time` runs out without enough canary requests is `inconclusive`: it holds there,
+//!   paused, and says so; `resume` waits another `max_step_time`.
+//! - A `pause` step is a manual gate: the rollout holds at the previous percentage until `resume`.
+//! - The last step passing promotes the canary (it becomes stable at 100 %).
+//! - Load reports that may hold traffic from before the start (the first [`WARM_UP_S`] seconds) are not
+//!   counted: they could charge a previous build's errors to this one.
+
+use std::fmt;
+use std::str::FromStr;
+
+use canary_router::percent::Percent;
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::{Evidence, Tick};
+
+/// One step of a plan: a percentage for the canary, or a manual gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Step {
+    Percent(Percent),
+    Pause,
+}
+
+impl FromStr for Step {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("pause") {
+            return Ok(Step::Pause);
+        }
+        match Percent::from_text(text) {
+            Some(p) if p.basis_points() > 0 => Ok(Step::Percent(p)),
+            _ => Err(format!(
+                "{}: a step is a percentage in (0, 100] with at most two decimals, or \"pause\"",
+                canary_router::text::quote(text)
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for Step {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<Step> for String {
+    fn from(step: Step) -> String {
+        step.to_string()
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Percent(p) => write!(f, "{p}"),
+            Step::Pause => f.write_str("pause"),
+        }
+    }
+}
+
+/// What an operator asked for with `rollout start`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub rollout: String,
+    pub canary: String,
+    /// Stable when the rollout started.
+    pub stable: String,
+    /// Envoy's upstream clusters of each version, as named in the load reports.
+    pub stable_cluster: String,
+    pub canary_cluster: String,
+    pub steps: Vec<Step>,
+    pub hold_s: u64,
+    pub max_step_s: u64,
+    /// The false-rollback budget α: a canary no worse than stable is rolled back with chance at most α.
+    pub alpha: f64,
+    pub min_canary_requests: u64,
+}
+
+impl Plan {
+    /// Checks what the config cannot: the steps, the times and the budget. One line naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        let mut last = 0u32;
+        for (i, step) in self.steps.iter().enumerate() {
+            if let Step::Percent(p) = step {
+                if p.basis_points() <= last {
+                    return Err(format!(
+                        "steps: {} after {}: percentages must go up",
+                        p,
+                        canary_router::percent::decimal(last)
+                    ));
+                }
+                last = p.basis_points();
+            } else if i == 0 {
+                return Err("steps: the first step must be a percentage".to_string());
+            } else if self.steps.get(i - 1) == Some(&Step::Pause) {
+                return Err("steps: two pauses in a row".to_string());
+            }
+        }
+        if last == 0 {
+            return Err("steps: give at least one percentage".to_string());
+        }
+        if self.hold_s == 0 {
+            return Err("hold: must be at least 1s".to_string());
+        }
+        if self.max_step_s < self.hold_s {
+            return Err(format!(
+                "max-step-time: {}s is shorter than the hold ({}s)",
+                self.max_step_s, self.hold_s
+            ));
+        }
+        if !(self.alpha > 0.0 && self.alpha < 1.0) {
+            return Err(format!(
+                "false-rollback-budget: {} must be between 0 and 1 (e.g. 0.05)",
+                self.alpha
+            ));
+        }
+        if self.stable_cluster == self.canary_cluster {
+            return Err(format!(
+                "canary-cluster: {} is also the stable cluster",
+                canary_router::text::quote(&self.canary_cluster)
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Progressing,
+    Paused,
+    /// A step's time ran out without enough canary traffic to judge it: held there, paused.
+    Inconclusive,
+    Promoted,
+    RolledBack,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Progressing,
+        Phase::Paused,
+        Phase::Inconclusive,
+        Phase::Promoted,
+        Phase::RolledBack,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Progressing => "progressing",
+            Phase::Paused => "paused",
+            Phase::Inconclusive => "inconclusive",
+            Phase::Promoted => "promoted",
+            Phase::RolledBack => "rolled_back",
+        }
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(self, Phase::Promoted | Phase::RolledBack)
+    }
+}
+
+/// What the controller must do to the desired config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    SetPercent(Percent),
+    Promote,
+    /// The canary to 0 %, and why (one line).
+    RollBack(String),
+}
+
+/// The evidence as a person reads it: 72.1, or 3.4e12 when it is far past any threshold.
+pub fn evidence_text(value: f64) -> String {
+    if value < 1e5 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.1e}")
+    }
+}
+
+/// One line of a rollout's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub at_unix: u64,
+    pub what: String,
+}
+
+/// A rollout in progress (or finished): its plan, where it is, and its evidence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    pub plan: Plan,
+    pub phase: Phase,
+    /// Index into the plan's steps.
+    pub step: usize,
+    pub step_started_unix: u64,
+    pub step_canary_requests: u64,
+    /// Errors (5xx, resets, connect failures, timeouts: Envoy's per-host rq_error), over the whole rollout.
+    pub errors: Evidence,
+    pub started_unix: u64,
+    /// Ticks before this time are not counted (see [`WARM_UP_S`]).
+    pub counted_from_unix: u64,
+    pub finished_unix: Option<u64>,
+    /// Why it is paused, inconclusive, rolled back or promoted.
+    pub reason: Option<String>,
+    pub history: Vec<Event>,
+}
+
+/// The history keeps this many lines (the oldest go first).
+const HISTORY: usize = 50;
+
+/// Seconds after the start whose reports are not counted: an Envoy reports every second, so a report that
+/// arrives in them may cover traffic from before the rollout.
+pub const WARM_UP_S: u64 = 2;
+
+impl Rollout {
+    /// A new rollout at its first step; the action sets that step's percentage.
+    pub fn start(plan: Plan, now: u64) -> Result<(Self, Action), String> {
+        plan.check()?;
+        let Some(Step::Percent(first)) = plan.steps.first().copied() else {
+            return Err("steps: the first step must be a percentage".to_string());
+        };
+        let mut rollout = Self {
+            plan,
+            phase: Phase::Progressing,
+            step: 0,
+            step_started_unix: now,
+            step_canary_requests: 0,
+            errors: Evidence::default(),
+            started_unix: now,
+            counted_from_unix: now + WARM_UP_S,
+            finished_unix: None,
+            reason: None,
+            history: Vec::new(),
+        };
+        rollout.record(now, format!("started at {}", rollout.step_name()));
+        Ok((rollout, Action::SetPercent(first)))
+    }
+
+    fn record(&mut self, now: u64, what: String) {
+        if self.history.len() >= HISTORY {
+            self.history.remove(0);
+        }
+        self.history.push(Event { at_unix: now, what });
+    }
+
+    /// The canary's percentage at the current step (a gate holds the previous one).
+    pub fn percent(&self) -> Percent {
+        self.plan
+            .steps
+            .iter()
+            .take(self.step + 1)
+            .rev()
+            .find_map(|s| match s {
+                Step::Percent(p) => Some(*p),
+                Step::Pause => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// "step 2/5 (5%)".
+    pub fn step_name(&self) -> String {
+        let name = match self.plan.steps.get(self.step) {
+            Some(Step::Pause) => "pause".to_string(),
+            _ => format!("{}%", self.percent()),
+        };
+        format!("step {}/{} ({name})", self.step + 1, self.plan.steps.len())
+    }
+
+    /// One analysis tick (the load reports since the previous one, none when nothing arrived) at `now`.
+    pub fn tick(&mut self, tick: Option<Tick>, now: u64) -> Option<Action> {
+        if self.phase.finished() {
+            return None;
+        }
+        if let Some(tick) = tick.filter(|_| now >= self.counted_from_unix) {
+            self.errors.observe(tick);
+            self.step_canary_requests += tick.canary_requests;
+            if self.errors.rejects(self.plan.alpha) {
+                let why = self.rollback_reason();
+                return Some(self.finish_rolled_back(now, why));
+            }
+        }
+        if self.phase != Phase::Progressing {
+            return None;
+        }
+        match self.plan.steps.get(self.step) {
+            Some(Step::Pause) => {
+                self.phase = Phase::Paused;
+                self.reason = Some(format!(
+                    "{}: a manual gate; `canaryctl rollout resume {}` goes on",
+                    self.step_name(),
+                    self.plan.rollout
+                ));
+                self.record(now, format!("paused at the gate of {}", self.step_name()));
+                None
+            }
+            Some(Step::Percent(_)) => {
+                let elapsed = now.saturating_sub(self.step_started_unix);
+                if elapsed >= self.plan.hold_s
+                    && self.step_canary_requests >= self.plan.min_canary_requests
+                {
+                    self.record(
+                        now,
+                        format!(
+                            "{} passed: {} canary requests in {}s, evidence {:.2}",
+                            self.step_name(),
+                            self.step_canary_requests,
+                            elapsed,
+                            self.errors.e_value()
+                        ),
+                    );
+                    return Some(self.next_step(now));
+                }
+                if elapsed >= self.plan.max_step_s {
+                    self.phase = Phase::Inconclusive;
+                    let why = format!(
+                        "{}: {} canary requests in {}s, needs {} to judge: held here; `rollout resume` waits longer, `rollout promote` or `rollout abort` decides",
+                        self.step_name(),
+                        self.step_canary_requests,
+                        elapsed,
+                        self.plan.min_canary_requests
+                    );
+                    self.record(now, format!("inconclusive: {why}"));
+                    self.reason = Some(why);
+                }
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Moves past the current step: the next percentage, a gate, or the promotion after the last.
+    fn next_step(&mut self, now: u64) -> Action {
+        self.step += 1;
+        self.step_started_unix = now;
+        self.step_canary_requests = 0;
+        match self.plan.steps.get(self.step).copied() {
+            None => {
+                self.step = self.plan.steps.len() - 1;
+                self.finish_promoted(now, "every step passed".to_string())
+            }
+            Some(Step::Pause) => {
+                self.phase = Phase::Paused;
+                self.reason = Some(format!(
+                    "{}: a manual gate; `canaryctl rollout resume {}` goes on",
+                    self.step_name(),
+                    self.plan.rollout
+                ));
+                self.record(now, format!("paused at the gate of {}", self.step_name()));
+                Action::SetPercent(self.percent())
+            }
+            Some(Step::Percent(p)) => {
+                self.record(now, format!("{} begins", self.step_name()));
+                Action::SetPercent(p)
+            }
+        }
+    }
+
+    fn finish_promoted(&mut self, now: u64, why: String) -> Action {
+        self.phase = Phase::Promoted;
+        self.finished_unix = Some(now);
+        self.record(now, format!("promoted: {why}"));
+        self.reason = Some(why);
+        Action::Promote
+    }
+
+    fn finish_rolled_back(&mut self, now: u64, why: String) -> Action {
+        self.phase = Phase::RolledBack;
+        self.finished_unix = Some(now);
+        self.record(now, format!("rolled back: {why}"));
+        self.reason = Some(why.clone());
+        Action::RollBack(why)
+    }
+
+    /// The line a person reads at 05:00: the metric, canary vs stable, the evidence and its threshold.
+    pub fn rollback_reason(&self) -> String {
+        let e = &self.errors;
+        let (canary, stable) = e.rates();
+        format!(
+            "errors {:.2}% on {} vs {:.2}% on {} ({}/{} vs {}/{} requests), evidence {} ≥ {:.0} (1/α, α = {}) at {}",
+            canary * 100.0,
+            self.plan.canary,
+            stable * 100.0,
+            self.plan.stable,
+            e.canary_bad,
+            e.canary_requests,
+            e.stable_bad,
+            e.stable_requests,
+            evidence_text(e.e_value()),
+            1.0 / self.plan.alpha,
+            self.plan.alpha,
+            self.step_name()
+        )
+    }
+
+    /// `rollout pause`: hold at the current step (the analysis keeps running).
+    pub fn pause(&mut self, now: u64) -> Result<Option<Action>, String> {
+        match self.phase {
+            Phase::Progressing => {
+                self.phase = Phase::Paused;
+                self.reason = Some(format!("{}: paused by an operator", self.step_name()));
+                self.record(
+                    now,
+                    format!("paused by an operator at {}", self.step_name()),
+                );
+                Ok(None)
+            }
+            Phase::Paused | Phase::Inconclusive => Ok(None),
+            finished => Err(format!(
+                "rollout {} is {}: nothing to pause",
+                self.plan.rollout,
+                finished.label()
+            )),
+        }
+    }
+
+    /// `rollout resume`: past a gate, or on from a pause; an inconclusive step waits another max time.
+    pub fn resume(&mut self, now: u64) -> Result<Option<Action>, String> {
+        match self.phase {
+            Phase::Paused | Phase::Inconclusive => {
+                self.phase = Phase::Progressing;
+                self.reason = None;
+                self.record(now, format!("resumed at {}", self.step_name()));
+                if self.plan.steps.get(self.step) == Some(&Step::Pause) {
+                    return Ok(Some(self.next_step(now)));
+                }
+                // The step's clock starts again; the requests it saw still count.
+                self.step_started_unix = now;
+                Ok(None)
+            }
+            Phase::Progressing => Ok(None),
+            finished => Err(format!(
+                "rollout {} is {}: start a new one",
+                self.plan.rollout,
+                finished.label()
+            )),
+        }
+    }
+
+    /// `rollout promote`: finish now, the canary becomes stable.
+    pub fn promote(&mut self, now: u64) -> Result<Action, String> {
+        if self.phase.finished() {
+            return Err(format!(
+                "rollout {} is {}",
+                self.plan.rollout,
+                self.phase.label()
+            ));
+        }
+        Ok(self.finish_promoted(
+            now,
+            format!("promoted by an operator at {}", self.step_name()),
+        ))
+    }
+
+    /// `rollout abort`: roll back now.
+    pub fn abort(&mut self, now: u64) -> Result<Action, String> {
+        if self.phase.finished() {
+            return Err(format!(
+                "rollout {} is {}",
+                self.plan.rollout,
+                self.phase.label()
+            ));
+        }
+        Ok(self.finish_rolled_back(
+            now,
+            format!("aborted by an operator at {}", self.step_name()),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(steps: &str) -> Plan {
+        Plan {
+            rollout: "web".into(),
+            canary: "v2".into(),
+            stable: "v1".into(),
+            stable_cluster: "app-v1".into(),
+            canary_cluster: "app-v2".into(),
+            steps: steps.split(',').map(|s| s.parse().unwrap()).collect(),
+            hold_s: 10,
+            max_step_s: 60,
+            alpha: 0.05,
+            min_canary_requests: 100,
+        }
+    }
+
+    fn pct(text: &str) -> Percent {
+        Percent::from_text(text).unwrap()
+    }
+
+    fn tick(stable: u64, canary: u64, stable_bad: u64, canary_bad: u64) -> Option<Tick> {
+        Some(Tick {
+            stable_requests: stable,
+            canary_requests: canary,
+            stable_bad,
+            canary_bad,
+        })
+    }
+
+    #[test]
+    fn steps_parse_and_plans_are_checked_with_the_field_named() {
+        assert_eq!("12.5".parse::<Step>(), Ok(Step::Percent(pct("12.5"))));
+        assert_eq!("PAUSE".parse::<Step>(), Ok(Step::Pause));
+        for bad in ["0", "101", "12.345", "x", ""] {
+            assert!(bad.parse::<Step>().is_err(), "{bad}");
+        }
+        assert!(plan("1,5,25,50,100").check().is_ok());
+        assert!(plan("1,5,pause,50,100").check().is_ok());
+        assert!(plan("5,1")
+            .check()
+            .unwrap_err()
+            .starts_with("steps: 1 after 5"));
+        assert!(plan("pause,5").check().unwrap_err().starts_with("steps:"));
+        assert!(plan("5,pause,pause,10")
+            .check()
+            .unwrap_err()
+            .contains("two pauses"));
+        let mut p = plan("5,100");
+        p.alpha = 0.0;
+        assert!(p.check().unwrap_err().starts_with("false-rollback-budget:"));
+        let mut p = plan("5,100");
+        p.max_step_s = 5;
+        assert!(p.check().unwrap_err().starts_with("max-step-time:"));
+        let step: Step = serde_json::from_str("\"pause\"").unwrap();
+        assert_eq!(serde_json::to_string(&step).unwrap(), "\"pause\"");
+    }
+
+    #[test]
+    fn a_healthy_canary_goes_through_every_step_after_its_hold_and_is_promoted() {
+        let (mut r, first) = Rollout::start(plan("1,5,100"), 0).unwrap();
+        assert_eq!(first, Action::SetPercent(pct("1")));
+        // Enough requests but the hold is not over: stay.
+        assert_eq!(r.tick(tick(9900, 100, 10, 0), 5), None);
+        assert_eq!(
+            r.tick(tick(9900, 100, 10, 1), 10),
+            Some(Action::SetPercent(pct("5")))
+        );
+        assert_eq!(r.step, 1);
+        assert_eq!(
+            r.tick(tick(9500, 500, 10, 1), 20),
+            Some(Action::SetPercent(pct("100")))
+        );
+        // The last step holds too; passing it promotes.
+        assert_eq!(r.tick(tick(0, 50, 0, 0), 25), None);
+        assert_eq!(r.tick(tick(0, 50, 0, 0), 30), Some(Action::Promote));
+        assert_eq!(r.phase, Phase::Promoted);
+        assert_eq!(
+            r.tick(tick(0, 10000, 0, 10000), 30),
+            None,
+            "finished stays finished"
+        );
+    }
+
+    #[test]
+    fn a_failing_canary_is_rolled_back_in_any_phase_with_a_readable_reason() {
+        let (mut r, _) = Rollout::start(plan("5,100"), 0).unwrap();
+        r.pause(1).unwrap();
+        assert_eq!(r.tick(tick(950, 50, 0, 1), 2), None);
+        assert_eq!(r.tick(tick(950, 50, 0, 1), 3), None);
+        let Some(Action::RollBack(why)) = r.tick(tick(950, 50, 0, 1), 4) else {
+            panic!("not rolled back: {r:?}");
+        };
+        assert_eq!(r.phase, Phase::RolledBack);
+        assert_eq!(
+            why,
+            "errors 2.00% on v2 vs 0.00% on v1 (3/150 vs 0/2850 requests), evidence 72.1 ≥ 20 (1/α, α = 0.05) at step 1/2 (5%)"
+        );
+    }
+
+    #[test]
+    fn low_traffic_ends_inconclusive_never_promoted_nor_rolled_back_without_evidence() {
+        let (mut r, _) = Rollout::start(plan("5,100"), 0).unwrap();
+        for t in 1..=60 {
+            assert_eq!(r.tick(tick(19, 1, 0, 0), t), None);
+        }
+        // The first tick fell in the warm-up.
+        assert_eq!(r.phase, Phase::Inconclusive);
+        assert!(r
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("59 canary requests in 60s, needs 100"));
+        // Held there: more quiet ticks change nothing.
+        assert_eq!(r.tick(tick(19, 1, 0, 0), 200), None);
+        assert_eq!(r.phase, Phase::Inconclusive);
+        // Resume waits another max time; the requests already seen still count.
+        assert_eq!(r.resume(201).unwrap(), None);
+        assert_eq!(
+            r.tick(tick(760, 40, 0, 0), 211),
+            Some(Action::SetPercent(pct("100")))
+        );
+    }
+
+    #[test]
+    fn reports_in_the_warm_up_may_hold_an_older_build_and_are_not_counted() {
+        let (mut r, _) = Rollout::start(plan("5,100"), 100).unwrap();
+        // A previous build's failures, reported in the first second: no evidence, no rollback.
+        for t in [100, 101] {
+            assert_eq!(r.tick(tick(950, 50, 0, 10), t), None);
+        }
+        assert_eq!((r.errors.ticks, r.step_canary_requests), (0, 0));
+        assert_eq!(r.phase, Phase::Progressing);
+        r.tick(tick(950, 50, 0, 0), 102);
+        assert_eq!((r.errors.ticks, r.step_canary_requests), (1, 50));
+    }
+
+    #[test]
+    fn a_gate_holds_until_resumed_and_a_paused_rollout_stays_paused() {
+        let (mut r, _) = Rollout::start(plan("1,pause,50,100"), 0).unwrap();
+        assert_eq!(
+            r.tick(tick(9900, 100, 0, 0), 10),
+            Some(Action::SetPercent(pct("1")))
+        );
+        assert_eq!(r.phase, Phase::Paused);
+        assert_eq!(r.percent(), pct("1"));
+        for t in 11..500 {
+            assert_eq!(r.tick(tick(9900, 100, 0, 0), t), None);
+        }
+        assert_eq!(r.phase, Phase::Paused);
+        assert_eq!(r.resume(500).unwrap(), Some(Action::SetPercent(pct("50"))));
+        r.pause(501).unwrap();
+        for t in 502..600 {
+            assert_eq!(r.tick(tick(5000, 5000, 0, 0), t), None);
+        }
+        assert_eq!((r.phase, r.percent()), (Phase::Paused, pct("50")));
+        assert_eq!(r.resume(600).unwrap(), None);
+        assert_eq!(
+            r.tick(tick(5000, 5000, 0, 0), 610),
+            Some(Action::SetPercent(pct("100")))
+        );
+    }
+
+    #[test]
+    fn operators_can_finish_or_abort_but_not_restart_a_finished_rollout() {
+        let (mut r, _) = Rollout::start(plan("5,100"), 0).unwrap();
+        assert_eq!(r.promote(1).unwrap(), Action::Promote);
+        assert!(r.abort(2).is_err() && r.resume(2).is_err() && r.pause(2).is_err());
+        let (mut r, _) = Rollout::start(plan("5,100"), 0).unwrap();
+        assert_eq!(
+            r.abort(1).unwrap(),
+            Action::RollBack("aborted by an operator at step 1/2 (5%)".into())
+        );
+        assert_eq!(r.phase, Phase::RolledBack);
+    }
+
+    #[test]
+    fn a_rollout_survives_a_save_and_restore() {
+        let (mut r, _) = Rollout::start(plan("1,5,pause,100"), 0).unwrap();
+        r.tick(tick(950, 50, 0, 1), 3);
+        let text = serde_json::to_string(&r).unwrap();
+        let back: Rollout = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.plan, r.plan);
+        assert_eq!(
+            (back.phase, back.step, back.step_canary_requests),
+            (r.phase, r.step, 50)
+        );
+        assert!((back.errors.e_value() - r.errors.e_value()).abs() < 1e-12);
+    }
+}
