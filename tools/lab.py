@@ -210,14 +210,15 @@ def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_d
 SHIPPED_APP_ABORT = "              abort:\n                header_abort: {}\n                percentage: { numerator: 100 }\n"
 
 
-def render_app(version: str, port: int, address: str = "127.0.0.1", fail_percent: int = 0) -> str:
+def render_app(version: str, port: int, address: str = "127.0.0.1", fail_percent: float = 0) -> str:
     """A shipped demo app on `port`. `fail_percent`: a buggy build, answering 503 to that share of requests
     (never to /healthz, so health checks stay green and only a comparison of error rates can tell)."""
     name = f"demo-app-{version}.yaml"
     replacements = {SHIPPED_APP_LISTENER[version]: f"address: {address}, port_value: {port}"}
     if fail_percent:
-        replacements[SHIPPED_APP_ABORT] = ("              abort:\n                http_status: 503\n"
-                                           f"                percentage: {{ numerator: {fail_percent} }}\n")
+        replacements[SHIPPED_APP_ABORT] = (
+            "              abort:\n                http_status: 503\n"
+            f"                percentage: {{ numerator: {round(fail_percent * 100)}, denominator: TEN_THOUSAND }}\n")
     return substitute(read_shipped(name), replacements, name)
 
 

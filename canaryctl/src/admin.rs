@@ -17,6 +17,7 @@
 //! POST /v1/rollouts/{pause,resume,abort,promote}  {"rollout"}
 //! GET  /metrics                       Prometheus text
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -133,11 +134,28 @@ fn xds_security(server: &Server) -> serde_json::Value {
     }
 }
 
-/// An edit of the desired config, given the parsed request.
+/// An edit of the desired config (and of the progressive rollouts it touches), given the parsed request.
 type Edit<B> = fn(
     B,
     &canary_router::config::RawConfig,
+    &mut BTreeMap<String, Rollout>,
 ) -> Result<(canary_router::config::RawConfig, state::Changes), StateError>;
+
+/// The progressive rollout moving this rollout, if one is (paused and inconclusive ones included).
+fn active<'a>(rollouts: &'a mut BTreeMap<String, Rollout>, name: &str) -> Option<&'a mut Rollout> {
+    rollouts.get_mut(name).filter(|r| !r.phase.finished())
+}
+
+/// A manual change of a rollout that a progressive rollout is moving would fight it: refused.
+fn refuse_under_rollout(rollout: &Rollout, what: &str) -> StateError {
+    StateError::Edit(format!(
+        "rollout {name}: a progressive rollout of {} is {} at {}; `{what}` would fight it: `canaryctl rollout pause|abort|promote {name}` first",
+        rollout.plan.canary,
+        rollout.phase.label(),
+        rollout.step_name(),
+        name = rollout.plan.rollout,
+    ))
+}
 
 /// The common path of every write: parse the body, run the edit, answer.
 async fn write<B: DeserializeOwned>(server: &Server, body: &Bytes, edit: Edit<B>) -> Response {
@@ -151,7 +169,10 @@ async fn write<B: DeserializeOwned>(server: &Server, body: &Bytes, edit: Edit<B>
 }
 
 async fn write_parsed<B>(server: &Server, request: B, edit: Edit<B>) -> Response {
-    match server.write(|config| edit(request, config)).await {
+    match server
+        .change(|config, rollouts| edit(request, config, rollouts))
+        .await
+    {
         Ok(outcome) => Json(outcome).into_response(),
         Err(StateError::Io(message)) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
         Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
@@ -178,7 +199,10 @@ struct SetRequest {
 }
 
 async fn set(State(server): State<Arc<Server>>, body: Bytes) -> Response {
-    write(&server, &body, |req: SetRequest, config| {
+    write(&server, &body, |req: SetRequest, config, rollouts| {
+        if let Some(running) = active(rollouts, &req.rollout) {
+            return Err(refuse_under_rollout(running, "canaryctl set"));
+        }
         let mut percents = Vec::new();
         for (version, value) in req.percents {
             let serde_json::Value::Number(number) = value else {
@@ -202,7 +226,22 @@ struct PromoteRequest {
 }
 
 async fn promote(State(server): State<Arc<Server>>, body: Bytes) -> Response {
-    write(&server, &body, |req: PromoteRequest, config| {
+    write(&server, &body, |req: PromoteRequest, config, rollouts| {
+        // Promoting the canary of a progressive rollout finishes it; promoting another version would fight it.
+        if let Some(running) = active(rollouts, &req.rollout) {
+            if req
+                .version
+                .as_deref()
+                .is_some_and(|v| v != running.plan.canary)
+            {
+                return Err(refuse_under_rollout(running, "canaryctl promote"));
+            }
+            let canary = running.plan.canary.clone();
+            running
+                .promote(state::now_unix())
+                .map_err(StateError::Edit)?;
+            return state::promote(config, &req.rollout, Some(&canary));
+        }
         state::promote(config, &req.rollout, req.version.as_deref())
     })
     .await
@@ -215,7 +254,11 @@ struct RollbackRequest {
 }
 
 async fn rollback(State(server): State<Arc<Server>>, body: Bytes) -> Response {
-    write(&server, &body, |req: RollbackRequest, config| {
+    write(&server, &body, |req: RollbackRequest, config, rollouts| {
+        // A manual rollback always works, and ends a progressive rollout of that rollout as rolled back.
+        if let Some(running) = active(rollouts, &req.rollout) {
+            running.abort(state::now_unix()).map_err(StateError::Edit)?;
+        }
         state::rollback(config, &req.rollout)
     })
     .await
@@ -249,8 +292,17 @@ async fn apply(State(server): State<Arc<Server>>, body: Bytes) -> Response {
             Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
         };
     }
-    write_parsed(&server, request, |req: ApplyRequest, config| {
-        state::apply(config, state::config_from_value(req.config)?)
+    write_parsed(&server, request, |req: ApplyRequest, config, rollouts| {
+        let new = state::config_from_value(req.config)?;
+        let entry = |c: &canary_router::config::RawConfig, name: &str| {
+            c.rollouts.iter().find(|r| r.name == name).cloned()
+        };
+        for running in rollouts.values().filter(|r| !r.phase.finished()) {
+            if entry(config, &running.plan.rollout) != entry(&new, &running.plan.rollout) {
+                return Err(refuse_under_rollout(running, "canaryctl apply"));
+            }
+        }
+        state::apply(config, new)
     })
     .await
 }

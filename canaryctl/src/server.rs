@@ -140,17 +140,9 @@ impl Server {
         }
     }
 
-    /// Apply an edit to the desired config: validated by the edit, saved durably, then pushed to every
-    /// subscribed Envoy. Nothing is saved or pushed when the edit is refused or changes nothing.
-    pub async fn write(
-        &self,
-        edit: impl FnOnce(&RawConfig) -> Result<(RawConfig, Changes), StateError>,
-    ) -> Result<WriteOutcome, StateError> {
-        self.change(|config, _| edit(config)).await
-    }
-
-    /// Apply an edit to the desired config and the rollouts together: one save holds both, so a restart
-    /// never finds a rollout at one step and the config at another.
+    /// Apply an edit to the desired config and the rollouts together: validated by the edit, saved durably
+    /// in one write (so a restart never finds a rollout at one step and the config at another), then pushed to
+    /// every subscribed Envoy. Nothing is saved or pushed when the edit is refused or changes nothing.
     pub async fn change(
         &self,
         edit: impl FnOnce(

@@ -163,3 +163,25 @@ def test_a_bad_plan_is_refused_with_the_field_named_and_changes_nothing(canaryct
     assert result.stderr.count("\n") == 1, result.stderr
     assert server.api("/v1/rollouts")["rollouts"] == []
     assert server.status()["desired"]["version"] == 1
+
+
+def test_manual_commands_cannot_fight_a_rollout_and_a_manual_rollback_always_works(start_envoy, canaryctl):
+    server = canaryctl(config())
+    fleet(start_envoy, server, 1)
+    start(server, "--steps", "10,50,100", "--hold", "1h")
+    refused = server.run("set", "web", "v2=50")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "a progressive rollout of v2 is progressing at step 1/3 (10%)" in refused.stderr, refused.stderr
+    assert "`canaryctl rollout pause|abort|promote web` first" in refused.stderr
+    assert server.run("promote", "web", "v1").returncode == 1
+    assert canary_percent(server) == ("10", "v1")
+
+    # The operator's rollback at 05:00 wins, and ends the rollout.
+    rolled = server.run("rollback", "web")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    done = rollout(server)
+    assert done["phase"] == "rolled_back" and done["reason"].startswith("aborted by an operator"), done
+    assert canary_percent(server) == ("0", "v1")
+    time.sleep(2)  # the controller must not raise it again
+    assert canary_percent(server) == ("0", "v1")
+    assert server.run("set", "web", "v2=5").returncode == 0, "a finished rollout no longer holds the rollout"

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""What the load reports a progressive rollout decides on cost Envoy, counted by callgrind.
+
+    .venv/bin/python tools/count_report_cost.py [--requests 3000] [--idle 10]
+
+Runs the shipped envoy/envoy-ads.yaml (one worker, routes forwarding to two nginx upstreams, the filter config
+from `canaryctl serve`) under `valgrind --tool=callgrind`, twice: as shipped (load reports to canaryctl every
+second) and with its `cluster_manager.load_stats_config` removed. For each: instructions per request over
+--requests requests (the bench's users and headers, after a warm-up), then instructions per second with no
+traffic over --idle seconds (the reports themselves: an Envoy under callgrind still reports every second).
+Prints a Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+import count_instructions  # noqa: E402
+import lab  # noqa: E402
+
+LOAD_STATS = """cluster_manager:
+  load_stats_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services:
+    - envoy_grpc: { cluster_name: canaryctl }
+"""
+
+
+def dump(pid: int, out: str) -> int:
+    """Dump callgrind's counts (which resets them) and return the instructions of the dump."""
+    before = set(glob.glob(f"{out}.{pid}*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for path in set(glob.glob(f"{out}.{pid}*")) - before:
+            with open(path) as f:
+                text = f.read()
+            if "summary:" in text:
+                return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("summary:"))
+        time.sleep(0.2)
+    raise RuntimeError("no callgrind dump within 60 s")
+
+
+def measure(name: str, text: str, workdir: str, control: lab.Canaryctl, port: int, hold: lab.PortHold,
+            requests: int, idle: float, binary: str) -> tuple[float, float, float]:
+    out = os.path.join(workdir, f"callgrind.{name}")
+    callgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p"]
+    envoy = lab.EnvoyProcess(name, text, workdir, admin_port=0, workers=1, holds=[hold], wrapper=callgrind,
+                             envoy_bin=binary, extra_args=["--service-node", name, "--service-cluster", "bench"])
+    envoy.start()
+    try:
+        envoy.wait_ready(deadline_s=180)
+        control.wait_envoys(1, deadline_s=120)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for i in range(300):
+            count_instructions.send(conn, i % count_instructions.USERS + 1)
+        pid = envoy.process.pid
+        subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
+        started = time.monotonic()
+        for i in range(requests):
+            count_instructions.send(conn, i % count_instructions.USERS + 1)
+        rate = requests / (time.monotonic() - started)
+        per_request = dump(pid, out) / requests
+        conn.close()
+        time.sleep(idle)
+        per_second = dump(pid, out) / idle
+        return per_request, per_second, rate
+    finally:
+        envoy.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--idle", type=float, default=10.0)
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="canary-router-report-cost-")
+    holds = {"v1": lab.PortHold(), "v2": lab.PortHold()}
+    upstreams = {v: hold.port for v, hold in holds.items()}
+    nginx = bench.start_nginx(workdir, upstreams)
+    time.sleep(0.5)
+    for hold in holds.values():
+        hold.release()
+    config = json.loads(lab.shipped_plugin_config())
+    control = lab.Canaryctl(workdir, init_config=json.dumps(config))
+    binary = count_instructions.envoy_binary()
+    results = {}
+    try:
+        control.start()
+        for name, with_reports in (("with-reports", True), ("without-reports", False)):
+            hold = lab.PortHold()
+            where = lab.FrontAddresses(listener_port=hold.port, admin_port=0, upstream_ports=upstreams,
+                                       xds_port=control.xds_port)
+            text = lab.render_front("envoy-ads.yaml", where)
+            if not with_reports:
+                text = lab.substitute(text, {LOAD_STATS: ""}, "envoy-ads.yaml")
+            results[name] = measure(name, text, workdir, control, hold.port, hold, args.requests, args.idle, binary)
+            print(f"{name}: {results[name][0] / 1000:.1f}k instructions per request at {results[name][2]:.0f} "
+                  f"requests/s, {results[name][1] / 1e6:.2f}M per idle second", file=sys.stderr, flush=True)
+    finally:
+        control.stop()
+        nginx.stop()
+    (with_r, with_idle, rate), (without_r, without_idle, _) = results["with-reports"], results["without-reports"]
+    print(f"\nLoad reports: envoy/envoy-ads.yaml under callgrind, one worker, {args.requests} requests at about "
+          f"{rate:.0f} requests/s (callgrind's pace), then {args.idle:g} s idle.\n")
+    print("| Envoy | instructions per request | instructions per idle second |")
+    print("| --- | ---: | ---: |")
+    print(f"| as shipped, reporting load every second | {with_r / 1000:.1f}k | {with_idle / 1e6:.3f}M |")
+    print(f"| load_stats_config removed | {without_r / 1000:.1f}k | {without_idle / 1e6:.3f}M |")
+    print(f"| difference | {(with_r - without_r) / 1000:+.1f}k | {(with_idle - without_idle) / 1e6:+.3f}M |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
