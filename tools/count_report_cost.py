@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""What the load reports a progressive rollout decides on cost Envoy, counted by callgrind.
+"""What the reports a progressive rollout decides on cost Envoy, counted by callgrind.
 
     .venv/bin/python tools/count_report_cost.py [--requests 3000] [--idle 10]
 
 Runs the shipped envoy/envoy-ads.yaml (one worker, routes forwarding to two nginx upstreams, the filter config
-from `canaryctl serve`) under `valgrind --tool=callgrind`, twice: as shipped (load reports to canaryctl every
-second) and with its `cluster_manager.load_stats_config` removed. For each: instructions per request over
+from `canaryctl serve`) under `valgrind --tool=callgrind`, three times: as shipped (load reports and the stats
+stream to canaryctl, each every second), with the stats stream removed (`stats_sinks`, `stats_flush_interval`),
+and with both removed (also `cluster_manager.load_stats_config`). For each: instructions per request over
 --requests requests (the bench's users and headers, after a warm-up), then instructions per second with no
 traffic over --idle seconds (the reports themselves: an Envoy under callgrind still reports every second).
 Prints a Markdown table for BENCHMARKS.md.
@@ -35,6 +36,14 @@ LOAD_STATS = """cluster_manager:
     grpc_services:
     - envoy_grpc: { cluster_name: canaryctl }
 """
+# The stats stream, as envoy-ads.yaml has it (from its comment to the end of the sink).
+STATS_STREAM_START = "# Stats to canaryctl at every flush"
+STATS_STREAM_END = "    histogram_emit_mode: HISTOGRAM\n"
+
+
+def without_stats_stream(text: str) -> str:
+    start, end = text.index(STATS_STREAM_START), text.index(STATS_STREAM_END) + len(STATS_STREAM_END)
+    return text[:start] + text[end:]
 
 
 def dump(pid: int, out: str) -> int:
@@ -98,12 +107,15 @@ def main() -> int:
     results = {}
     try:
         control.start()
-        for name, with_reports in (("with-reports", True), ("without-reports", False)):
+        for name, stats_stream, load_reports in (("shipped", True, True), ("load-reports-only", False, True),
+                                                 ("neither", False, False)):
             hold = lab.PortHold()
             where = lab.FrontAddresses(listener_port=hold.port, admin_port=0, upstream_ports=upstreams,
                                        xds_port=control.xds_port)
             text = lab.render_front("envoy-ads.yaml", where)
-            if not with_reports:
+            if not stats_stream:
+                text = without_stats_stream(text)
+            if not load_reports:
                 text = lab.substitute(text, {LOAD_STATS: ""}, "envoy-ads.yaml")
             results[name] = measure(name, text, workdir, control, hold.port, hold, args.requests, args.idle, binary)
             print(f"{name}: {results[name][0] / 1000:.1f}k instructions per request at {results[name][2]:.0f} "
@@ -111,14 +123,16 @@ def main() -> int:
     finally:
         control.stop()
         nginx.stop()
-    (with_r, with_idle, rate), (without_r, without_idle, _) = results["with-reports"], results["without-reports"]
-    print(f"\nLoad reports: envoy/envoy-ads.yaml under callgrind, one worker, {args.requests} requests at about "
+    rate = results["shipped"][2]
+    print(f"\nReports: envoy/envoy-ads.yaml under callgrind, one worker, {args.requests} requests at about "
           f"{rate:.0f} requests/s (callgrind's pace), then {args.idle:g} s idle.\n")
     print("| Envoy | instructions per request | instructions per idle second |")
     print("| --- | ---: | ---: |")
-    print(f"| as shipped, reporting load every second | {with_r / 1000:.1f}k | {with_idle / 1e6:.3f}M |")
-    print(f"| load_stats_config removed | {without_r / 1000:.1f}k | {without_idle / 1e6:.3f}M |")
-    print(f"| difference | {(with_r - without_r) / 1000:+.1f}k | {(with_idle - without_idle) / 1e6:+.3f}M |")
+    labels = {"shipped": "as shipped: load reports and the stats stream, every second",
+              "load-reports-only": "load reports only (stats stream removed)",
+              "neither": "neither (load_stats_config removed too)"}
+    for name, (per_request, per_second, _) in results.items():
+        print(f"| {labels[name]} | {per_request / 1000:.1f}k | {per_second / 1e6:.3f}M |")
     return 0
 
 

@@ -255,8 +255,10 @@ def drive(url: str, publish, steps: list[float], hold: float, user_count: int, c
 
 def rollout_line(r: dict) -> str:
     errors = r["evidence"]["errors"]
+    # The strongest evidence of the four tests (errors, and latency beyond stable's p50, p90, p99).
+    evidence = max([errors["e_value"]] + [c["e_value"] for c in r["latency"]["checks"]])
     return (f"{r['phase']:<12} │ {r['step_name']:<16} │ v2 errors {errors['canary_errors']}/{errors['canary_requests']} "
-            f"vs v1 {errors['stable_errors']}/{errors['stable_requests']} │ evidence {errors['e_value']:.3g} "
+            f"vs v1 {errors['stable_errors']}/{errors['stable_requests']} │ evidence {evidence:.3g} "
             f"(rolls back at {errors['threshold']:.0f})")
 
 
@@ -264,7 +266,8 @@ def release(control: lab.Canaryctl, users: "Users", hold: float, deadline_s: flo
     """`canaryctl rollout start` v2, then its progress live until it is promoted or rolled back."""
     result = subprocess.run([lab.CANARYCTL, "--server", control.server, "rollout", "start", "web", "--canary", "v2",
                              "--steps", "5,25,50,100", "--hold", f"{hold:g}s", "--min-canary-requests", "100",
-                             "--stable-cluster", "app-v1", "--canary-cluster", "app-v2", "--timeout", "15"],
+                             "--stable-cluster", "app-v1", "--canary-cluster", "app-v2", "--canary-route-cluster", "app-v2-or-v1",
+                             "--timeout", "15"],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"canaryctl rollout start failed: {result.stderr.strip()}")
@@ -302,7 +305,7 @@ def redeploy(apps: dict, version: str, fail_percent: int, run_dir: str) -> None:
 
 def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list) -> int:
     print("\nThe release loop: `canaryctl rollout start` moves v2 through 5,25,50,100 % by itself, comparing its")
-    print("error rate with v1's from Envoy's load reports (they count the attempts the fallback hid from users).\n")
+    print("errors and latency with v1's from Envoy's reports (they count the attempts the fallback hid from users).\n")
     CanaryctlPublisher(control.server)(0)
     users = Users(f"http://127.0.0.1:{args.port}", args.users, args.clients)
     users.start()

@@ -80,7 +80,8 @@ def main() -> int:
                     result = subprocess.run(
                         [lab.CANARYCTL, "--server", control.server, "rollout", "start", "web", "--canary", "v2",
                          "--steps", "5,25,50,100", "--hold", "30s", "--stable-cluster", "app-v1",
-                         "--canary-cluster", "app-v2", "--no-wait"], capture_output=True, text=True)
+                         "--canary-cluster", "app-v2", "--canary-route-cluster", "app-v2-or-v1", "--no-wait"],
+                        capture_output=True, text=True)
                     if result.returncode != 0:
                         raise RuntimeError(result.stdout + result.stderr)
                     started = time.monotonic()

@@ -428,6 +428,18 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         &[(String::new(), Metrics::get(&m.unauthorized))],
     );
     metric(
+        "canaryctl_load_reports_total",
+        "counter",
+        "Load reports (LRS) received from the Envoys.",
+        &[(String::new(), Metrics::get(&m.load_reports))],
+    );
+    metric(
+        "canaryctl_stats_flushes_total",
+        "counter",
+        "Stats flushes (MetricsService) received from the Envoys.",
+        &[(String::new(), Metrics::get(&m.stats_flushes))],
+    );
+    metric(
         "canaryctl_xds_refused_total",
         "counter",
         "Connections and streams refused on the xDS port, by reason (TLS handshake or node identity).",
@@ -554,7 +566,7 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         (
             "canaryctl_rollout_evidence_threshold",
             "The evidence that rolls back (1/alpha).",
-            |r| 1.0 / r.plan.alpha,
+            |r| 1.0 / r.plan.test_alpha(),
         ),
     ];
     for (name, help, value) in gauges {
@@ -599,7 +611,7 @@ pub fn rollout_view(r: &Rollout) -> serde_json::Value {
         "evidence": {
             "errors": {
                 "e_value": r.errors.e_value(),
-                "threshold": 1.0 / r.plan.alpha,
+                "threshold": 1.0 / r.plan.test_alpha(),
                 "canary_requests": r.errors.canary_requests,
                 "canary_errors": r.errors.canary_bad,
                 "canary_rate": canary_rate,
@@ -609,8 +621,30 @@ pub fn rollout_view(r: &Rollout) -> serde_json::Value {
                 "ticks": r.errors.ticks,
             }
         },
+        "latency": {
+            "compared": r.plan.latency,
+            "tolerance": r.plan.latency_tolerance,
+            "canary_cluster": r.plan.canary_latency_cluster(),
+            "baseline_requests": r.latency_baseline.count,
+            "checks": r.latency.iter().map(|c| {
+                let (canary_rate, stable_rate) = c.evidence.rates();
+                json!({
+                    "slower_than_us": c.bound_us,
+                    "slower_than": crate::rollout::duration_text(c.bound_us),
+                    "e_value": c.evidence.e_value(),
+                    "threshold": 1.0 / r.plan.test_alpha(),
+                    "canary_requests": c.evidence.canary_requests,
+                    "canary_slow": c.evidence.canary_bad,
+                    "canary_rate": canary_rate,
+                    "stable_requests": c.evidence.stable_requests,
+                    "stable_slow": c.evidence.stable_bad,
+                    "stable_rate": stable_rate,
+                })
+            }).collect::<Vec<_>>(),
+        },
         "reason": r.reason,
         "started_unix": r.started_unix,
+        "counted_from_unix": r.counted_from_unix,
         "finished_unix": r.finished_unix,
         "history": r.history,
     })
@@ -649,6 +683,10 @@ struct StartRequest {
     alpha: f64,
     #[serde(default = "default_min_canary_requests")]
     min_canary_requests: u64,
+    /// The cluster the canary's route names (its latency is charged there).
+    canary_route_cluster: Option<String>,
+    #[serde(default = "crate::rollout::default_latency_tolerance")]
+    latency_tolerance: f64,
 }
 
 #[derive(Deserialize)]
@@ -692,6 +730,8 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let name = req.rollout.clone();
+    let baseline = server.recent_latency(&req.stable_cluster);
+    let streams_stats = server.streams_stats();
     rollout_write(&server, name, move |config, rollouts| {
         if let Some(running) = rollouts.get(&req.rollout).filter(|r| !r.phase.finished()) {
             return Err(StateError::Edit(format!(
@@ -732,9 +772,14 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
             max_step_s: req.max_step_s.unwrap_or((5 * req.hold_s).max(1800)),
             alpha: req.alpha,
             min_canary_requests: req.min_canary_requests,
+            canary_route_cluster: req.canary_route_cluster,
+            // Latency is compared when the Envoys stream their stats.
+            latency: streams_stats,
+            latency_tolerance: req.latency_tolerance,
         };
         let (rollout, action) =
-            Rollout::start(plan, state::now_unix()).map_err(StateError::Edit)?;
+            Rollout::start(plan, state::now_unix(), baseline.unwrap_or_default())
+                .map_err(StateError::Edit)?;
         let (next, mut changes) = carry_out(config, &rollout, &action)?;
         changes.insert(
             0,

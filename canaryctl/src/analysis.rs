@@ -36,6 +36,9 @@ pub struct Tick {
 pub struct Evidence {
     /// ln Π L_i(r_k), per ratio of [`RATIOS`].
     log_likelihood: [f64; RATIOS.len()],
+    /// The ratio tolerated (r0): the test is of "rate ratio ≤ r0" against r0·r_k. 1 for errors.
+    #[serde(default = "no_tolerance")]
+    tolerance: f64,
     pub ticks: u64,
     pub stable_requests: u64,
     pub canary_requests: u64,
@@ -43,10 +46,15 @@ pub struct Evidence {
     pub canary_bad: u64,
 }
 
+fn no_tolerance() -> f64 {
+    1.0
+}
+
 impl Default for Evidence {
     fn default() -> Self {
         Self {
             log_likelihood: [0.0; RATIOS.len()],
+            tolerance: 1.0,
             ticks: 0,
             stable_requests: 0,
             canary_requests: 0,
@@ -57,6 +65,15 @@ impl Default for Evidence {
 }
 
 impl Evidence {
+    /// Evidence that the canary's rate is more than `tolerance` times stable's (≥ 1). Under "at most that",
+    /// the likelihood ratio against the boundary is still a supermartingale, so Ville's bound holds.
+    pub fn with_tolerance(tolerance: f64) -> Self {
+        Self {
+            tolerance: tolerance.max(1.0),
+            ..Self::default()
+        }
+    }
+
     /// Adds a tick. A tick where either version served no request says nothing about their comparison
     /// (π is 0 or 1): its counts are kept, the evidence is not moved.
     pub fn observe(&mut self, tick: Tick) {
@@ -70,9 +87,12 @@ impl Evidence {
         }
         let pi = tick.canary_requests as f64 / (tick.stable_requests + tick.canary_requests) as f64;
         let (e_c, e_s) = (tick.canary_bad as f64, tick.stable_bad as f64);
+        let theta = |r: f64| pi * r / (1.0 - pi + pi * r);
+        let null = theta(self.tolerance);
         for (log_l, r) in self.log_likelihood.iter_mut().zip(RATIOS) {
-            let theta = pi * r / (1.0 - pi + pi * r);
-            *log_l += e_c * (theta / pi).ln() + e_s * ((1.0 - theta) / (1.0 - pi)).ln();
+            let alternative = theta(self.tolerance * r);
+            *log_l +=
+                e_c * (alternative / null).ln() + e_s * ((1.0 - alternative) / (1.0 - null)).ln();
         }
     }
 
@@ -110,6 +130,62 @@ impl Evidence {
             rate(self.canary_bad, self.canary_requests),
             rate(self.stable_bad, self.stable_requests),
         )
+    }
+}
+
+/// A latency histogram in Envoy's buckets: how many requests, and how many took at most each upper bound
+/// (cumulative, as Prometheus and Envoy write them). Bounds are in microseconds, so they order exactly.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Histogram {
+    pub count: u64,
+    /// Upper bound (µs) → requests at most that slow.
+    pub at_most: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Histogram {
+    /// Adds another histogram's counts (another Envoy, another report).
+    pub fn add(&mut self, other: &Histogram) {
+        self.count += other.count;
+        for (bound, n) in &other.at_most {
+            *self.at_most.entry(*bound).or_default() += n;
+        }
+    }
+
+    /// `self − earlier`, for cumulative snapshots of one Envoy; a snapshot smaller than the earlier one means
+    /// Envoy restarted, and then all of it is new.
+    pub fn since(&self, earlier: &Histogram) -> Histogram {
+        if self.count < earlier.count {
+            return self.clone();
+        }
+        Histogram {
+            count: self.count - earlier.count,
+            at_most: self
+                .at_most
+                .iter()
+                .map(|(b, n)| {
+                    (
+                        *b,
+                        n.saturating_sub(earlier.at_most.get(b).copied().unwrap_or(0)),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Requests slower than `bound` (µs); the bound must be one of the buckets.
+    pub fn slower_than(&self, bound: u64) -> u64 {
+        self.count
+            .saturating_sub(self.at_most.get(&bound).copied().unwrap_or(self.count))
+    }
+
+    /// The smallest bucket bound that at least `q` of the requests stay within (None without data).
+    pub fn quantile_bound(&self, q: f64) -> Option<u64> {
+        let need = (q * self.count as f64).ceil() as u64;
+        self.at_most
+            .iter()
+            .find(|(_, n)| **n >= need && self.count > 0)
+            .map(|(b, _)| *b)
     }
 }
 
@@ -349,5 +425,76 @@ mod tests {
         let back: Evidence = serde_json::from_str(&text).unwrap();
         assert!((back.e_value() - evidence.e_value()).abs() < 1e-12);
         assert_eq!(back.canary_bad, 1);
+    }
+
+    #[test]
+    fn histograms_subtract_snapshots_survive_a_restart_and_count_the_slow_ones() {
+        let h = |count: u64, at_most: &[(u64, u64)]| Histogram {
+            count,
+            at_most: at_most.iter().copied().collect(),
+        };
+        let earlier = h(100, &[(1000, 60), (5000, 90), (10000, 100)]);
+        let now = h(150, &[(1000, 80), (5000, 130), (10000, 150)]);
+        let delta = now.since(&earlier);
+        assert_eq!(delta, h(50, &[(1000, 20), (5000, 40), (10000, 50)]));
+        assert_eq!(delta.slower_than(1000), 30);
+        assert_eq!(delta.slower_than(5000), 10);
+        assert_eq!(
+            h(10, &[(1000, 10)]).since(&earlier),
+            h(10, &[(1000, 10)]),
+            "a restart"
+        );
+        assert_eq!(delta.quantile_bound(0.5), Some(5000));
+        assert_eq!(delta.quantile_bound(0.4), Some(1000));
+        assert_eq!(delta.quantile_bound(1.0), Some(10000));
+        assert_eq!(Histogram::default().quantile_bound(0.5), None);
+        let mut sum = delta.clone();
+        sum.add(&delta);
+        assert_eq!(sum.count, 100);
+        assert_eq!(sum.slower_than(1000), 60);
+    }
+
+    #[test]
+    fn with_a_tolerance_only_a_canary_beyond_it_is_rolled_back_and_false_alarms_stay_within_alpha()
+    {
+        // Latency checks tolerate 1.5×: a canary exactly at 1.5× (the boundary) or at 1.2× is rolled back at
+        // most α of the time; at 4× it is caught.
+        let alpha = 0.05;
+        let mut rng = Rng(31);
+        let runs = |rng: &mut Rng, ratio: f64| {
+            (0..1000)
+                .filter(|_| {
+                    let mut evidence = Evidence::with_tolerance(1.5);
+                    (0..200).any(|_| {
+                        let canary_requests = rng.poisson(400.0 * 0.1);
+                        let stable_requests = rng.poisson(400.0 * 0.9);
+                        evidence.observe(Tick {
+                            stable_requests,
+                            canary_requests,
+                            stable_bad: rng.poisson(stable_requests as f64 * 0.02),
+                            canary_bad: rng.poisson(canary_requests as f64 * 0.02 * ratio),
+                        });
+                        evidence.rejects(alpha)
+                    })
+                })
+                .count() as f64
+                / 1000.0
+        };
+        let at_boundary = runs(&mut rng, 1.5);
+        assert!(at_boundary <= alpha, "at the tolerance: {at_boundary}");
+        assert!(runs(&mut rng, 1.2) <= at_boundary + 0.01);
+        assert!(runs(&mut rng, 4.0) > 0.95, "a 4× canary must be caught");
+        // Without a tolerance, the vectors stand (checked above); with one, the same data is weaker.
+        let mut strict = Evidence::default();
+        let mut tolerant = Evidence::with_tolerance(1.5);
+        let tick = Tick {
+            stable_requests: 950,
+            canary_requests: 50,
+            stable_bad: 0,
+            canary_bad: 1,
+        };
+        strict.observe(tick);
+        tolerant.observe(tick);
+        assert!(tolerant.e_value() < strict.e_value());
     }
 }

@@ -665,6 +665,39 @@ fn print_rollout(r: &Value) {
         crate::rollout::evidence_text(e("e_value")),
         e("threshold"),
     );
+    let compared = at(r, &["latency", "compared"])
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let checks = at(r, &["latency", "checks"])
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if !compared {
+        println!("  latency: not compared (the Envoys streamed no stats when the rollout started)");
+    } else if checks.is_empty() {
+        println!(
+            "  latency: learning stable's distribution ({} of {} requests)",
+            number(r, &["latency", "baseline_requests"]),
+            crate::rollout::LATENCY_BASELINE
+        );
+    }
+    for check in &checks {
+        let c = |key: &str| number(check, &[key]);
+        println!(
+            "  latency, slower than {}: {} {:.1}% ({}/{}) vs {} {:.1}% ({}/{}) · evidence {} (rolls back at {:.0})",
+            text(check, &["slower_than"]),
+            text(r, &["canary"]),
+            c("canary_rate") * 100.0,
+            c("canary_slow"),
+            c("canary_requests"),
+            text(r, &["stable"]),
+            c("stable_rate") * 100.0,
+            c("stable_slow"),
+            c("stable_requests"),
+            crate::rollout::evidence_text(c("e_value")),
+            c("threshold"),
+        );
+    }
     println!(
         "  this step: {} canary requests since {}",
         number(r, &["step_canary_requests"]),

@@ -9,6 +9,7 @@ mod client;
 mod fleet;
 mod identity;
 mod lrs;
+mod metrics_sink;
 mod rollout;
 mod server;
 mod state;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_server::LoadReportingServiceServer;
+use envoy_types::pb::envoy::service::metrics::v3::metrics_service_server::MetricsServiceServer;
 use serde_json::json;
 
 use client::{CliError, Client, Wait};
@@ -225,6 +227,13 @@ enum RolloutCommand {
         /// Envoy's cluster of the canary version (its hosts, not the fallback's aggregate cluster).
         #[arg(long)]
         canary_cluster: String,
+        /// The cluster the canary's route names, where Envoy charges its latency: the aggregate it falls
+        /// back through (app-v2-or-v1 in the shipped configs). Default: --canary-cluster.
+        #[arg(long)]
+        canary_route_cluster: Option<String>,
+        /// Latency rolls back only a canary with more than this many times stable's share of slow requests.
+        #[arg(long, default_value = "1.5")]
+        latency_tolerance: f64,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -550,10 +559,14 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
     );
     let ads = AggregatedDiscoveryServiceServer::new(xds::Ads::new(server.clone()));
     let lrs = LoadReportingServiceServer::new(lrs::Lrs::new(server.clone()));
+    // Envoy's stats flush can be large (every stat): allow up to 16 MiB a message.
+    let sink = MetricsServiceServer::new(metrics_sink::Sink::new(server.clone()))
+        .max_decoding_message_size(16 << 20);
     let xds = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(ads)
         .add_service(lrs)
+        .add_service(sink)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(connections),
             async move {
@@ -635,6 +648,8 @@ async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliErr
             min_canary_requests,
             stable_cluster,
             canary_cluster,
+            canary_route_cluster,
+            latency_tolerance,
             wait,
         } => (
             "/v1/rollouts/start".to_string(),
@@ -648,6 +663,8 @@ async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliErr
                 "min_canary_requests": min_canary_requests,
                 "stable_cluster": stable_cluster,
                 "canary_cluster": canary_cluster,
+                "canary_route_cluster": canary_route_cluster,
+                "latency_tolerance": latency_tolerance,
             }),
             wait.wait(),
         ),

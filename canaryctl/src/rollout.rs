@@ -11,7 +11,8 @@
 //! - A `pause` step is a manual gate: the rollout holds at the previous percentage until `resume`.
 //! - The last step passing promotes the canary (it becomes stable at 100 %).
 //! - Load reports that may hold traffic from before the start (the first [`WARM_UP_S`] seconds) are not
-//!   counted: they could charge a previous build's errors to this one.
+//!   counted: they could charge a previous build's errors to this one. Latency is not judged in the first
+//!   [`WARM_UP_S`] seconds of each step either: the canary's share just moved and Envoy opens connections.
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,7 +20,7 @@ use std::str::FromStr;
 use canary_router::percent::Percent;
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::{Evidence, Tick};
+use crate::analysis::{Evidence, Histogram, Tick};
 
 /// One step of a plan: a percentage for the canary, or a manual gate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,9 +88,47 @@ pub struct Plan {
     /// The false-rollback budget α: a canary no worse than stable is rolled back with chance at most α.
     pub alpha: f64,
     pub min_canary_requests: u64,
+    /// The cluster the canary's route names, where Envoy charges its latency (the aggregate it falls back
+    /// through); the canary's own cluster when unset.
+    #[serde(default)]
+    pub canary_route_cluster: Option<String>,
+    /// Latency is compared too: the Envoys were streaming their stats when the rollout started.
+    #[serde(default)]
+    pub latency: bool,
+    /// How many times stable's share of slow requests the canary may have before latency rolls it back.
+    #[serde(default = "default_latency_tolerance")]
+    pub latency_tolerance: f64,
 }
 
+pub fn default_latency_tolerance() -> f64 {
+    1.5
+}
+
+/// Stable's latency quantiles whose bucket bounds the latency checks use: "slower than b" for each.
+pub const LATENCY_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+/// Stable requests needed to choose the latency bounds.
+pub const LATENCY_BASELINE: u64 = 500;
+/// Bounds below this (µs) are raised to it: under a millisecond, a fresh connection's setup, not the
+/// version, decides which requests are "slow".
+pub const LATENCY_FLOOR_US: u64 = 1000;
+
 impl Plan {
+    /// The α of each test: the budget split evenly over the error test and the latency checks.
+    pub fn test_alpha(&self) -> f64 {
+        if self.latency {
+            self.alpha / (1 + LATENCY_QUANTILES.len()) as f64
+        } else {
+            self.alpha
+        }
+    }
+
+    /// Where the canary's latency is read.
+    pub fn canary_latency_cluster(&self) -> &str {
+        self.canary_route_cluster
+            .as_deref()
+            .unwrap_or(&self.canary_cluster)
+    }
+
     /// Checks what the config cannot: the steps, the times and the budget. One line naming the field.
     pub fn check(&self) -> Result<(), String> {
         let mut last = 0u32;
@@ -119,6 +158,12 @@ impl Plan {
             return Err(format!(
                 "max-step-time: {}s is shorter than the hold ({}s)",
                 self.max_step_s, self.hold_s
+            ));
+        }
+        if !(self.latency_tolerance >= 1.0 && self.latency_tolerance.is_finite()) {
+            return Err(format!(
+                "latency-tolerance: {} must be at least 1 (1.5: the canary may have 1.5× stable's share of slow requests)",
+                self.latency_tolerance
             ));
         }
         if !(self.alpha > 0.0 && self.alpha < 1.0) {
@@ -190,6 +235,23 @@ pub fn evidence_text(value: f64) -> String {
     }
 }
 
+/// One latency check: requests slower than `bound_us`, canary against stable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyCheck {
+    pub bound_us: u64,
+    pub evidence: Evidence,
+}
+
+/// "5 ms", "250 µs", "1.5 s".
+pub fn duration_text(us: u64) -> String {
+    match us {
+        0..=999 => format!("{us} µs"),
+        1000..=999_999 => format!("{} ms", us as f64 / 1000.0),
+        _ => format!("{} s", us as f64 / 1e6),
+    }
+}
+
 /// One line of a rollout's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -217,6 +279,12 @@ pub struct Rollout {
     /// Why it is paused, inconclusive, rolled back or promoted.
     pub reason: Option<String>,
     pub history: Vec<Event>,
+    /// The latency checks, once their bounds are chosen from stable's distribution.
+    #[serde(default)]
+    pub latency: Vec<LatencyCheck>,
+    /// Stable's latency until the bounds are chosen (from before the start, then from the rollout).
+    #[serde(default)]
+    pub latency_baseline: Histogram,
 }
 
 /// The history keeps this many lines (the oldest go first).
@@ -227,8 +295,9 @@ const HISTORY: usize = 50;
 pub const WARM_UP_S: u64 = 2;
 
 impl Rollout {
-    /// A new rollout at its first step; the action sets that step's percentage.
-    pub fn start(plan: Plan, now: u64) -> Result<(Self, Action), String> {
+    /// A new rollout at its first step; the action sets that step's percentage. `baseline`: stable's latency
+    /// before the start (the bounds are chosen from it when it holds enough requests).
+    pub fn start(plan: Plan, now: u64, baseline: Histogram) -> Result<(Self, Action), String> {
         plan.check()?;
         let Some(Step::Percent(first)) = plan.steps.first().copied() else {
             return Err("steps: the first step must be a percentage".to_string());
@@ -245,8 +314,13 @@ impl Rollout {
             finished_unix: None,
             reason: None,
             history: Vec::new(),
+            latency: Vec::new(),
+            latency_baseline: Histogram::default(),
         };
         rollout.record(now, format!("started at {}", rollout.step_name()));
+        if rollout.plan.latency {
+            rollout.learn_latency_bounds(&baseline, now);
+        }
         Ok((rollout, Action::SetPercent(first)))
     }
 
@@ -288,7 +362,7 @@ impl Rollout {
         if let Some(tick) = tick.filter(|_| now >= self.counted_from_unix) {
             self.errors.observe(tick);
             self.step_canary_requests += tick.canary_requests;
-            if self.errors.rejects(self.plan.alpha) {
+            if self.errors.rejects(self.plan.test_alpha()) {
                 let why = self.rollback_reason();
                 return Some(self.finish_rolled_back(now, why));
             }
@@ -385,12 +459,119 @@ impl Rollout {
         Action::RollBack(why)
     }
 
+    /// Stable's latency goes into the baseline until it holds enough requests; then the bounds are chosen.
+    fn learn_latency_bounds(&mut self, stable: &Histogram, now: u64) {
+        self.latency_baseline.add(stable);
+        if self.latency_baseline.count < LATENCY_BASELINE {
+            return;
+        }
+        let floor = self
+            .latency_baseline
+            .at_most
+            .keys()
+            .copied()
+            .find(|b| *b >= LATENCY_FLOOR_US);
+        let mut bounds: Vec<u64> = LATENCY_QUANTILES
+            .iter()
+            .filter_map(|q| self.latency_baseline.quantile_bound(*q))
+            .map(|b| floor.map_or(b, |f| b.max(f)))
+            .collect();
+        bounds.dedup();
+        self.latency = bounds
+            .iter()
+            .map(|b| LatencyCheck {
+                bound_us: *b,
+                evidence: Evidence::with_tolerance(self.plan.latency_tolerance),
+            })
+            .collect();
+        let names: Vec<String> = bounds.iter().map(|b| duration_text(*b)).collect();
+        self.record(
+            now,
+            format!(
+                "latency checks: slower than {} (stable's p50, p90, p99 over {} requests, as Envoy's buckets)",
+                names.join(", "),
+                self.latency_baseline.count
+            ),
+        );
+    }
+
+    /// Latency since the previous report: stable's (its route's cluster) and the canary's (its route's
+    /// cluster). Rolls back when a check's evidence reaches its threshold.
+    pub fn observe_latency(
+        &mut self,
+        stable: &Histogram,
+        canary: &Histogram,
+        now: u64,
+    ) -> Option<Action> {
+        // Not in a step's first seconds: the canary's share just moved, and Envoy is opening connections.
+        let warming = now < self.counted_from_unix || now < self.step_started_unix + WARM_UP_S;
+        if self.phase.finished() || !self.plan.latency || warming {
+            return None;
+        }
+        if self.latency.is_empty() {
+            self.learn_latency_bounds(stable, now);
+            return None;
+        }
+        for check in &mut self.latency {
+            check.evidence.observe(Tick {
+                stable_requests: stable.count,
+                canary_requests: canary.count,
+                stable_bad: stable.slower_than(check.bound_us),
+                canary_bad: canary.slower_than(check.bound_us),
+            });
+        }
+        let alpha = self.plan.test_alpha();
+        let worst = self
+            .latency
+            .iter()
+            .filter(|c| c.evidence.rejects(alpha))
+            .max_by(|a, b| {
+                a.evidence
+                    .log_e_value()
+                    .total_cmp(&b.evidence.log_e_value())
+            })?;
+        let e = &worst.evidence;
+        let (canary_rate, stable_rate) = e.rates();
+        let why = format!(
+            "latency: {:.1}% of {} requests slower than {} vs {:.1}% of {} ({}/{} vs {}/{}), more than {}× stable's: evidence {} ≥ {:.0} ({}) at {}",
+            canary_rate * 100.0,
+            self.plan.canary,
+            duration_text(worst.bound_us),
+            stable_rate * 100.0,
+            self.plan.stable,
+            e.canary_bad,
+            e.canary_requests,
+            e.stable_bad,
+            e.stable_requests,
+            self.plan.latency_tolerance,
+            evidence_text(e.e_value()),
+            1.0 / alpha,
+            self.alpha_text(),
+            self.step_name()
+        );
+        Some(self.finish_rolled_back(now, why))
+    }
+
+    /// "1/α, α = 0.05", or with latency "1/α, α = 0.0125: 0.05 over 4 tests".
+    fn alpha_text(&self) -> String {
+        if self.plan.latency {
+            format!(
+                "1/α, α = {}: {} over {} tests",
+                self.plan.test_alpha(),
+                self.plan.alpha,
+                1 + LATENCY_QUANTILES.len()
+            )
+        } else {
+            format!("1/α, α = {}", self.plan.alpha)
+        }
+    }
+
     /// The line a person reads at 05:00: the metric, canary vs stable, the evidence and its threshold.
     pub fn rollback_reason(&self) -> String {
         let e = &self.errors;
         let (canary, stable) = e.rates();
         format!(
-            "errors {:.2}% on {} vs {:.2}% on {} ({}/{} vs {}/{} requests), evidence {} ≥ {:.0} (1/α, α = {}) at {}",
+            "errors {:.2}% on {} vs {:.2}% on {} ({}/{} vs {}/{} requests), evidence {} ≥ {:.0} ({}) at {}",
             canary * 100.0,
             self.plan.canary,
             stable * 100.0,
@@ -400,8 +581,8 @@ impl Rollout {
             e.stable_bad,
             e.stable_requests,
             evidence_text(e.e_value()),
-            1.0 / self.plan.alpha,
-            self.plan.alpha,
+            1.0 / self.plan.test_alpha(),
+            self.alpha_text(),
             self.step_name()
         )
     }
@@ -497,6 +678,15 @@ mod tests {
             max_step_s: 60,
             alpha: 0.05,
             min_canary_requests: 100,
+            canary_route_cluster: None,
+            latency: false,
+            latency_tolerance: 1.5,
+        }
+    }
+
+    impl Rollout {
+        fn start_plain(plan: Plan, now: u64) -> Result<(Self, Action), String> {
+            Rollout::start(plan, now, Histogram::default())
         }
     }
 
@@ -543,7 +733,7 @@ mod tests {
 
     #[test]
     fn a_healthy_canary_goes_through_every_step_after_its_hold_and_is_promoted() {
-        let (mut r, first) = Rollout::start(plan("1,5,100"), 0).unwrap();
+        let (mut r, first) = Rollout::start_plain(plan("1,5,100"), 0).unwrap();
         assert_eq!(first, Action::SetPercent(pct("1")));
         // Enough requests but the hold is not over: stay.
         assert_eq!(r.tick(tick(9900, 100, 10, 0), 5), None);
@@ -569,7 +759,7 @@ mod tests {
 
     #[test]
     fn a_failing_canary_is_rolled_back_in_any_phase_with_a_readable_reason() {
-        let (mut r, _) = Rollout::start(plan("5,100"), 0).unwrap();
+        let (mut r, _) = Rollout::start_plain(plan("5,100"), 0).unwrap();
         r.pause(1).unwrap();
         assert_eq!(r.tick(tick(950, 50, 0, 1), 2), None);
         assert_eq!(r.tick(tick(950, 50, 0, 1), 3), None);
@@ -585,7 +775,7 @@ mod tests {
 
     #[test]
     fn low_traffic_ends_inconclusive_never_promoted_nor_rolled_back_without_evidence() {
-        let (mut r, _) = Rollout::start(plan("5,100"), 0).unwrap();
+        let (mut r, _) = Rollout::start_plain(plan("5,100"), 0).unwrap();
         for t in 1..=60 {
             assert_eq!(r.tick(tick(19, 1, 0, 0), t), None);
         }
@@ -609,7 +799,7 @@ mod tests {
 
     #[test]
     fn reports_in_the_warm_up_may_hold_an_older_build_and_are_not_counted() {
-        let (mut r, _) = Rollout::start(plan("5,100"), 100).unwrap();
+        let (mut r, _) = Rollout::start_plain(plan("5,100"), 100).unwrap();
         // A previous build's failures, reported in the first second: no evidence, no rollback.
         for t in [100, 101] {
             assert_eq!(r.tick(tick(950, 50, 0, 10), t), None);
@@ -622,7 +812,7 @@ mod tests {
 
     #[test]
     fn a_gate_holds_until_resumed_and_a_paused_rollout_stays_paused() {
-        let (mut r, _) = Rollout::start(plan("1,pause,50,100"), 0).unwrap();
+        let (mut r, _) = Rollout::start_plain(plan("1,pause,50,100"), 0).unwrap();
         assert_eq!(
             r.tick(tick(9900, 100, 0, 0), 10),
             Some(Action::SetPercent(pct("1")))
@@ -648,10 +838,10 @@ mod tests {
 
     #[test]
     fn operators_can_finish_or_abort_but_not_restart_a_finished_rollout() {
-        let (mut r, _) = Rollout::start(plan("5,100"), 0).unwrap();
+        let (mut r, _) = Rollout::start_plain(plan("5,100"), 0).unwrap();
         assert_eq!(r.promote(1).unwrap(), Action::Promote);
         assert!(r.abort(2).is_err() && r.resume(2).is_err() && r.pause(2).is_err());
-        let (mut r, _) = Rollout::start(plan("5,100"), 0).unwrap();
+        let (mut r, _) = Rollout::start_plain(plan("5,100"), 0).unwrap();
         assert_eq!(
             r.abort(1).unwrap(),
             Action::RollBack("aborted by an operator at step 1/2 (5%)".into())
@@ -661,7 +851,7 @@ mod tests {
 
     #[test]
     fn a_rollout_survives_a_save_and_restore() {
-        let (mut r, _) = Rollout::start(plan("1,5,pause,100"), 0).unwrap();
+        let (mut r, _) = Rollout::start_plain(plan("1,5,pause,100"), 0).unwrap();
         r.tick(tick(950, 50, 0, 1), 3);
         let text = serde_json::to_string(&r).unwrap();
         let back: Rollout = serde_json::from_str(&text).unwrap();
@@ -671,5 +861,75 @@ mod tests {
             (r.phase, r.step, 50)
         );
         assert!((back.errors.e_value() - r.errors.e_value()).abs() < 1e-12);
+    }
+
+    fn latency(count: u64, at_most: &[(u64, u64)]) -> Histogram {
+        Histogram {
+            count,
+            at_most: at_most.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn latency_bounds_come_from_stable_and_a_slower_canary_is_rolled_back_within_the_split_budget()
+    {
+        let mut p = plan("20,100");
+        p.latency = true;
+        assert_eq!(p.test_alpha(), 0.0125);
+        // Stable's baseline before the start is too small: the bounds are learned during the rollout.
+        let small = latency(100, &[(1000, 60), (5000, 95), (25000, 100)]);
+        let (mut r, _) = Rollout::start(p, 0, small).unwrap();
+        assert!(r.latency.is_empty());
+        let stable = latency(400, &[(1000, 240), (5000, 380), (25000, 400)]);
+        let fast_canary = latency(100, &[(1000, 60), (5000, 95), (25000, 100)]);
+        assert_eq!(r.observe_latency(&stable, &fast_canary, 5), None);
+        let bounds: Vec<u64> = r.latency.iter().map(|c| c.bound_us).collect();
+        assert_eq!(
+            bounds,
+            vec![1000, 5000, 25000],
+            "p50, p90, p99 of 500 stable requests"
+        );
+        // Sub-millisecond bounds are raised to the first bucket from 1 ms.
+        let mut fast = plan("20,100");
+        fast.latency = true;
+        let quick = latency(1000, &[(500, 995), (1000, 1000), (5000, 1000)]);
+        let (r2, _) = Rollout::start(fast, 0, quick).unwrap();
+        assert_eq!(
+            r2.latency.iter().map(|c| c.bound_us).collect::<Vec<_>>(),
+            vec![1000]
+        );
+        // A canary as fast as stable moves nothing; a slow one is rolled back, naming the bound.
+        for t in 6..20 {
+            assert_eq!(r.observe_latency(&stable, &fast_canary, t), None);
+        }
+        let slow_canary = latency(100, &[(1000, 0), (5000, 10), (25000, 90)]);
+        let mut action = None;
+        for t in 20..30 {
+            action = r.observe_latency(&stable, &slow_canary, t);
+            if action.is_some() {
+                break;
+            }
+        }
+        let Some(Action::RollBack(why)) = action else {
+            panic!("not rolled back: {r:?}");
+        };
+        assert!(why.starts_with("latency: "), "{why}");
+        assert!(
+            why.contains("(1/α, α = 0.0125: 0.05 over 4 tests)"),
+            "{why}"
+        );
+        assert_eq!(r.phase, Phase::RolledBack);
+    }
+
+    #[test]
+    fn without_stats_streams_latency_is_not_compared_and_errors_get_the_whole_budget() {
+        let (mut r, _) = Rollout::start_plain(plan("20,100"), 0).unwrap();
+        assert_eq!(r.plan.test_alpha(), 0.05);
+        let slow = latency(100, &[(1000, 0)]);
+        assert_eq!(
+            r.observe_latency(&latency(100, &[(1000, 100)]), &slow, 5),
+            None
+        );
+        assert!(r.latency.is_empty() && r.latency_baseline.count == 0);
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::analysis::Tick;
+use crate::analysis::{Histogram, Tick};
 use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, RefusedPeer, RefusedPeers};
 use crate::rollout::{Action, Rollout};
 use crate::state::{now_unix, Changes, Desired, Saved, StateError, StateFile};
@@ -44,6 +44,9 @@ pub struct Metrics {
     pub unauthorized: AtomicU64,
     pub tls_reloads: AtomicU64,
     pub load_reports: AtomicU64,
+    pub stats_flushes: AtomicU64,
+    /// When an Envoy last streamed its stats (unix seconds; 0: never).
+    pub last_stats_unix: AtomicU64,
     pub tls_reloads_refused: AtomicU64,
 }
 
@@ -80,6 +83,10 @@ pub struct Server {
     rollouts: Mutex<BTreeMap<String, Rollout>>,
     /// Requests and errors per upstream cluster from the Envoys' load reports, since the last analysis tick.
     load: Mutex<BTreeMap<String, Load>>,
+    /// Latency per cluster from the Envoys' stats streams, since the last analysis tick.
+    latency: Mutex<BTreeMap<String, Histogram>>,
+    /// The latency of the last [`LATENCY_WINDOW_S`] seconds per cluster: a rollout's stable baseline.
+    recent_latency: Mutex<BTreeMap<String, std::collections::VecDeque<(u64, Histogram)>>>,
     next_stream: AtomicU64,
     /// mTLS on the gRPC port, when configured.
     pub tls: Option<Arc<TlsState>>,
@@ -117,6 +124,8 @@ impl Server {
                     .collect(),
             ),
             load: Mutex::new(BTreeMap::new()),
+            latency: Mutex::new(BTreeMap::new()),
+            recent_latency: Mutex::new(BTreeMap::new()),
             next_stream: AtomicU64::new(1),
             tls,
         }
@@ -207,6 +216,48 @@ impl Server {
         entry.errors += errors;
     }
 
+    /// Adds one Envoy's latency since its previous stats flush, for a cluster.
+    pub fn report_latency(&self, cluster: &str, histogram: &Histogram) {
+        if histogram.count == 0 {
+            return;
+        }
+        lock(&self.latency)
+            .entry(cluster.to_string())
+            .or_default()
+            .add(histogram);
+        let now = now_unix();
+        let mut recent = lock(&self.recent_latency);
+        let window = recent.entry(cluster.to_string()).or_default();
+        window.push_back((now, histogram.clone()));
+        while window
+            .front()
+            .is_some_and(|(at, _)| now.saturating_sub(*at) > LATENCY_WINDOW_S)
+        {
+            window.pop_front();
+        }
+    }
+
+    /// True when an Envoy streamed its stats within the last minute: latency can be compared.
+    pub fn streams_stats(&self) -> bool {
+        let last = Metrics::get(&self.metrics.last_stats_unix);
+        last > 0 && now_unix().saturating_sub(last) <= 60
+    }
+
+    /// A cluster's latency over the last [`LATENCY_WINDOW_S`] seconds; None when no Envoy streamed any.
+    pub fn recent_latency(&self, cluster: &str) -> Option<Histogram> {
+        let now = now_unix();
+        let recent = lock(&self.recent_latency);
+        let window = recent.get(cluster)?;
+        let mut sum = Histogram::default();
+        for (_, h) in window
+            .iter()
+            .filter(|(at, _)| now.saturating_sub(*at) <= LATENCY_WINDOW_S)
+        {
+            sum.add(h);
+        }
+        (sum.count > 0).then_some(sum)
+    }
+
     /// Runs the rollouts: every second, the load reported since the previous tick goes to each active
     /// rollout, and what it decides (a step, a promotion, a rollback) is written like an operator's change.
     pub async fn run_rollouts(self: Arc<Self>) {
@@ -215,6 +266,7 @@ impl Server {
         loop {
             tick.tick().await;
             let load = std::mem::take(&mut *lock(&self.load));
+            let latency = std::mem::take(&mut *lock(&self.latency));
             let active: Vec<String> = lock(&self.rollouts)
                 .values()
                 .filter(|r| !r.phase.finished())
@@ -227,7 +279,17 @@ impl Server {
                         let Some(rollout) = rollouts.get_mut(&name) else {
                             return Ok((config.clone(), Vec::new()));
                         };
-                        let action = rollout.tick(tick_of(&load, rollout), now);
+                        let stable = latency.get(&rollout.plan.stable_cluster);
+                        let canary = latency.get(rollout.plan.canary_latency_cluster());
+                        let slow = match (stable, canary) {
+                            (None, None) => None,
+                            (stable, canary) => rollout.observe_latency(
+                                stable.unwrap_or(&Histogram::default()),
+                                canary.unwrap_or(&Histogram::default()),
+                                now,
+                            ),
+                        };
+                        let action = slow.or_else(|| rollout.tick(tick_of(&load, rollout), now));
                         match action {
                             Some(action) => carry_out(config, rollout, &action),
                             None => Ok((config.clone(), Vec::new())),
@@ -376,6 +438,9 @@ impl Server {
         self.fleet().close_stream(stream, now_unix());
     }
 }
+
+/// How long stable's latency is remembered for a rollout's baseline.
+pub const LATENCY_WINDOW_S: u64 = 300;
 
 /// Requests and errors of one upstream cluster, summed over the Envoys' load reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -32,14 +33,15 @@ from lab import ENVOY_BIN, ENVOY_DIR, NATIVE, WASM, expected_version, fnv1a64, i
 
 class Upstream:
     """An app version: answers 200 with {"served_by": version, "headers": {name: [values]}}. With `fail_rate`,
-    that share of requests (not /healthz, which keeps the health check green) gets a 503. `app_requests` counts
-    the requests that are not health checks."""
+    that share of requests (not /healthz, which keeps the health check green) gets a 503; with `delay_s`, every
+    answer but /healthz's waits that long. `app_requests` counts the requests that are not health checks."""
 
     def __init__(self, version: str):
         self.version = version
         self.requests = 0
         self.app_requests = 0
         self.fail_rate = 0.0
+        self.delay_s = 0.0
         self.failed = 0
         upstream = self
         failures = random.Random(version)
@@ -59,6 +61,8 @@ class Upstream:
                         upstream.app_requests += 1
                         fail = upstream.fail_rate and failures.random() < upstream.fail_rate
                         upstream.failed += 1 if fail else 0
+                    if upstream.delay_s:
+                        time.sleep(upstream.delay_s)
                     if fail:
                         self.send_response(503)
                         self.send_header("content-length", "0")

@@ -30,8 +30,10 @@ def test_the_local_demo_ramps_to_100_percent_rolls_back_a_buggy_v2_promotes_a_fi
     assert all(int(s[1]) > 100 for s in steps), steps
     assert (steps[0][3], steps[-1][2]) == ("0.0", "0.0"), "0 % serves only v1, 100 % only v2"
     # The release loop: the buggy v2 rolled back by its error rate (users saw none), the fixed one promoted.
-    rolled_back = re.search(r"   rolled back: errors ([\d.]+)% on v2 vs 0\.00% on v1 \((\d+)/\d+ vs 0/\d+ requests\)", out)
-    assert rolled_back and int(rolled_back.group(2)) >= 3, out
+    # Its failures (retried on v1) show as errors of v2's hosts, and as slower requests on v2's route.
+    rolled_back = re.search(r"   rolled back: (errors [\d.]+% on v2 vs [\d.]+% on v1|latency: [\d.]+% of v2 requests slower "
+                            r"than .* vs [\d.]+% of v1) .*evidence \S+ ≥ 80 ", out)
+    assert rolled_back, out
     assert "   promoted: every step passed: v2 is stable now" in out, out
     assert out.count("non-2xx: 0 ") == 2, out
     assert "stopped every process the demo started" in out

@@ -6,6 +6,7 @@ the reports of two Envoys add up to exactly what the apps served."""
 import json
 import signal
 import time
+import urllib.request
 
 import pytest
 
@@ -13,7 +14,7 @@ from harness import Traffic
 from lab import eventually
 
 ADS = "envoy-ads.yaml"
-CLUSTERS = ["--stable-cluster", "app-v1", "--canary-cluster", "app-v2"]
+CLUSTERS = ["--stable-cluster", "app-v1", "--canary-cluster", "app-v2", "--canary-route-cluster", "app-v2-or-v1"]
 
 
 def config() -> str:
@@ -31,9 +32,19 @@ def canary_percent(server, version: str = "v2") -> tuple[str, str]:
     return str({c["version"]: c["percent"] for c in web["canaries"]}.get(version)), web["stable"]
 
 
+def counter(server, name: str) -> int:
+    with urllib.request.urlopen(f"{server.server}/metrics") as r:
+        text = r.read().decode()
+    return int(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
 def fleet(start_envoy, server, count: int = 2):
+    """`count` Envoys on the shipped ADS bootstrap, connected, and streaming load reports and stats (so a
+    rollout started now compares latency too)."""
     envoys = [start_envoy(ADS, xds_port=server.xds_port, node_id=f"front-{i}") for i in range(1, count + 1)]
     server.wait_envoys(count)
+    eventually(lambda: counter(server, "canaryctl_stats_flushes_total") >= count
+               and counter(server, "canaryctl_load_reports_total") >= count, what="reports from every Envoy")
     return envoys
 
 
@@ -64,9 +75,9 @@ def test_a_canary_failing_a_few_percent_behind_the_fallback_is_rolled_back_and_n
     assert upstreams["v2"].failed > 0
     errors = done["evidence"]["errors"]
     assert errors["canary_errors"] >= 3 and errors["stable_errors"] == 0, errors
-    assert errors["e_value"] >= errors["threshold"] == 20
+    assert errors["e_value"] >= errors["threshold"] == 80
     assert done["reason"].startswith("errors ") and "on v2 vs 0.00% on v1" in done["reason"], done["reason"]
-    assert "(1/α, α = 0.05) at step 1/3 (20%)" in done["reason"], done["reason"]
+    assert "(1/α, α = 0.0125: 0.05 over 4 tests) at step 1/3 (20%)" in done["reason"], done["reason"]
     # Within the first step's hold (30 s): it did not wait for the step to end.
     assert took < 30, f"rolled back after {took:.1f}s"
     assert canary_percent(server) == ("0", "v1")
@@ -76,6 +87,32 @@ def test_a_canary_failing_a_few_percent_behind_the_fallback_is_rolled_back_and_n
         shown.stdout
     watch = server.run("rollout", "status", "web", "--watch")
     assert watch.returncode == 1, watch.stdout + watch.stderr
+
+
+def test_a_slower_canary_is_rolled_back_on_latency_against_stable_s_own_distribution(
+        start_envoy, canaryctl, upstreams):
+    upstreams["v2"].delay_s = 0.03  # 30 ms a request; v1 answers in about 1 ms
+    server = canaryctl(config())
+    envoys = fleet(start_envoy, server, 1)
+    with Traffic(envoys[0], clients=4) as traffic:
+        # Envoy streams its stats every second: stable's latency before the start is the baseline.
+        eventually(lambda: upstreams["v1"].app_requests > 1500, deadline_s=30, what="stable's baseline")
+        time.sleep(1.5)  # one more stats flush after those requests
+        start(server, "--steps", "20,50,100", "--hold", "30s")
+        begun = time.monotonic()
+        done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=60,
+                          interval_s=0.2, what="the slow canary rolled back")
+        took = time.monotonic() - begun
+    statuses, served = traffic.snapshot()
+    assert set(statuses) == {200} and served["v2"] > 0, statuses
+    assert done["phase"] == "rolled_back", done
+    assert done["reason"].startswith("latency: ") and "of v2 requests slower than" in done["reason"], done["reason"]
+    assert "(1/α, α = 0.0125: 0.05 over 4 tests)" in done["reason"], done["reason"]
+    checks = done["latency"]["checks"]
+    assert done["latency"]["compared"] and len(checks) >= 1, done["latency"]
+    assert any(c["canary_rate"] > 0.9 and c["stable_rate"] < 0.5 for c in checks), checks
+    assert took < 30, f"rolled back after {took:.1f}s"
+    assert canary_percent(server) == ("0", "v1")
 
 
 def test_a_healthy_canary_is_promoted_through_every_step(start_envoy, canaryctl):
@@ -138,8 +175,11 @@ def test_the_reports_of_two_envoys_add_up_to_what_the_apps_served(start_envoy, c
     server = canaryctl(config())
     envoys = fleet(start_envoy, server)
     start(server, "--steps", "30,100", "--hold", "1h")
+    # Reports in the rollout's warm-up are not counted: send traffic only once it is over.
+    counted_from = rollout(server)["counted_from_unix"]
+    eventually(lambda: time.time() >= counted_from + 1, deadline_s=10, what="the warm-up over")
     with Traffic(envoys[0], clients=2), Traffic(envoys[1], clients=2):
-        eventually(lambda: upstreams["v2"].app_requests > 300, deadline_s=30, what="traffic on both versions")
+        eventually(lambda: upstreams["v2"].app_requests > 600, deadline_s=30, what="traffic on both versions")
     served = {v: u.app_requests for v, u in upstreams.items()}
 
     def counted():
