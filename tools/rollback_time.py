@@ -33,10 +33,10 @@ CONFIG = {"rollouts": [{"name": "web", "stable": "v1", "canaries": [{"version": 
                         "sticky": {"keys": [{"header": "x-user-id"}]}}]}
 
 
-def start_app(version: str, fail_percent: float) -> lab.EnvoyProcess:
+def start_app(version: str, fail_percent: float, workdir: str) -> lab.EnvoyProcess:
     hold = lab.PortHold()
     app = lab.EnvoyProcess(f"app-{version}-{fail_percent:g}", lab.render_app(version, hold.port, fail_percent=fail_percent),
-                           RUN_DIR, workers=1, holds=[hold])
+                           workdir, workers=1, holds=[hold])
     app.port = hold.port
     app.start()
     app.wait_serving(hold.port)
@@ -54,18 +54,20 @@ def main() -> int:
     processes = []
     rows = []
     try:
-        control = lab.Canaryctl(tempfile.mkdtemp(dir=RUN_DIR), init_config=json.dumps(CONFIG))
+        # A fresh directory per run: files of an earlier run (an admin address) must not be read.
+        workdir = tempfile.mkdtemp(dir=RUN_DIR)
+        control = lab.Canaryctl(workdir, init_config=json.dumps(CONFIG))
         processes.append(control.start())
-        stable = start_app("v1", args.stable_fail)
+        stable = start_app("v1", args.stable_fail, workdir)
         processes.append(stable)
         for ratio in (float(r) for r in args.ratios.split(",")):
-            canary = start_app("v2", args.stable_fail * ratio)
+            canary = start_app("v2", args.stable_fail * ratio, workdir)
             processes.append(canary)
             hold = lab.PortHold()
             where = lab.FrontAddresses(listener_port=hold.port, admin_port=0,
                                        upstream_ports={"v1": stable.port, "v2": canary.port},
                                        xds_port=control.xds_port)
-            envoy = lab.EnvoyProcess(f"envoy-{ratio:g}", lab.render_front("envoy-ads.yaml", where), RUN_DIR,
+            envoy = lab.EnvoyProcess(f"envoy-{ratio:g}", lab.render_front("envoy-ads.yaml", where), workdir,
                                      admin_port=0, workers=2, holds=[hold],
                                      extra_args=["--service-node", f"bench-{ratio:g}", "--service-cluster", "bench"])
             processes.append(envoy.start())

@@ -290,9 +290,10 @@ pub struct Rollout {
 /// The history keeps this many lines (the oldest go first).
 const HISTORY: usize = 50;
 
-/// Seconds after the start whose reports are not counted: an Envoy reports every second, so a report that
-/// arrives in them may cover traffic from before the rollout.
-pub const WARM_UP_S: u64 = 2;
+/// Seconds after the start whose reports are not counted: an Envoy reports every second and canaryctl looks
+/// every second (measured: a burst is counted 1.6 s after it ends), so a report that arrives in them may cover
+/// traffic from before the rollout. Times are whole seconds, so the warm-up lasts 2 to 3 s.
+pub const WARM_UP_S: u64 = 3;
 
 impl Rollout {
     /// A new rollout at its first step; the action sets that step's percentage. `baseline`: stable's latency
@@ -761,9 +762,9 @@ mod tests {
     fn a_failing_canary_is_rolled_back_in_any_phase_with_a_readable_reason() {
         let (mut r, _) = Rollout::start_plain(plan("5,100"), 0).unwrap();
         r.pause(1).unwrap();
-        assert_eq!(r.tick(tick(950, 50, 0, 1), 2), None);
         assert_eq!(r.tick(tick(950, 50, 0, 1), 3), None);
-        let Some(Action::RollBack(why)) = r.tick(tick(950, 50, 0, 1), 4) else {
+        assert_eq!(r.tick(tick(950, 50, 0, 1), 4), None);
+        let Some(Action::RollBack(why)) = r.tick(tick(950, 50, 0, 1), 5) else {
             panic!("not rolled back: {r:?}");
         };
         assert_eq!(r.phase, Phase::RolledBack);
@@ -779,20 +780,20 @@ mod tests {
         for t in 1..=60 {
             assert_eq!(r.tick(tick(19, 1, 0, 0), t), None);
         }
-        // The first tick fell in the warm-up.
+        // The first two ticks fell in the warm-up.
         assert_eq!(r.phase, Phase::Inconclusive);
         assert!(r
             .reason
             .as_deref()
             .unwrap()
-            .contains("59 canary requests in 60s, needs 100"));
+            .contains("58 canary requests in 60s, needs 100"));
         // Held there: more quiet ticks change nothing.
         assert_eq!(r.tick(tick(19, 1, 0, 0), 200), None);
         assert_eq!(r.phase, Phase::Inconclusive);
         // Resume waits another max time; the requests already seen still count.
         assert_eq!(r.resume(201).unwrap(), None);
         assert_eq!(
-            r.tick(tick(760, 40, 0, 0), 211),
+            r.tick(tick(760, 41, 0, 0), 211),
             Some(Action::SetPercent(pct("100")))
         );
     }
@@ -800,13 +801,13 @@ mod tests {
     #[test]
     fn reports_in_the_warm_up_may_hold_an_older_build_and_are_not_counted() {
         let (mut r, _) = Rollout::start_plain(plan("5,100"), 100).unwrap();
-        // A previous build's failures, reported in the first second: no evidence, no rollback.
-        for t in [100, 101] {
+        // A previous build's failures, reported in the first seconds: no evidence, no rollback.
+        for t in [100, 101, 102] {
             assert_eq!(r.tick(tick(950, 50, 0, 10), t), None);
         }
         assert_eq!((r.errors.ticks, r.step_canary_requests), (0, 0));
         assert_eq!(r.phase, Phase::Progressing);
-        r.tick(tick(950, 50, 0, 0), 102);
+        r.tick(tick(950, 50, 0, 0), 103);
         assert_eq!((r.errors.ticks, r.step_canary_requests), (1, 50));
     }
 
