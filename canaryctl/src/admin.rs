@@ -556,35 +556,46 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         "Desired canary share per rollout and version, in 1/100 %.",
         &shares,
     );
-    // Real numbers: written apart from the integer samples above.
+    // Real numbers: written apart from the integer samples above. One series per test: the errors, and each
+    // latency bound ("latency_1000us": slower than 1 ms).
+    let tests: Vec<(&Rollout, String, f64)> = rollouts
+        .iter()
+        .flat_map(|r| {
+            std::iter::once((r, "errors".to_string(), r.errors.e_value())).chain(
+                r.latency
+                    .iter()
+                    .map(move |c| (r, format!("latency_{}us", c.bound_us), c.evidence.e_value())),
+            )
+        })
+        .collect();
     let gauges: [(&str, &str, RolloutGauge); 2] = [
         (
             "canaryctl_rollout_evidence",
-            "The evidence that the canary fails more than stable (the e-value M_t).",
-            |r| r.errors.e_value(),
+            "The evidence that the canary is worse than stable, per test (the e-value M_t).",
+            |_, e_value| e_value,
         ),
         (
             "canaryctl_rollout_evidence_threshold",
-            "The evidence that rolls back (1/alpha).",
-            |r| 1.0 / r.plan.test_alpha(),
+            "The evidence that rolls back, per test (1/alpha of the test).",
+            |r, _| 1.0 / r.plan.test_alpha(),
         ),
     ];
     for (name, help, value) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for r in &rollouts {
+        for (r, test, e_value) in &tests {
             let _ = writeln!(
                 out,
-                "{name}{{rollout=\"{}\",metric=\"errors\"}} {}",
+                "{name}{{rollout=\"{}\",metric=\"{test}\"}} {}",
                 label(&r.plan.rollout),
-                value(r)
+                value(r, *e_value)
             );
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-/// A real-valued gauge of a rollout, for `/metrics`.
-type RolloutGauge = fn(&Rollout) -> f64;
+/// A real-valued gauge of one test of a rollout (given the rollout and the test's e-value), for `/metrics`.
+type RolloutGauge = fn(&Rollout, f64) -> f64;
 
 /// A rollout as the API and `canaryctl rollout status` show it.
 pub fn rollout_view(r: &Rollout) -> serde_json::Value {

@@ -111,6 +111,12 @@ def test_a_slower_canary_is_rolled_back_on_latency_against_stable_s_own_distribu
     checks = done["latency"]["checks"]
     assert done["latency"]["compared"] and len(checks) >= 1, done["latency"]
     assert any(c["canary_rate"] > 0.9 and c["stable_rate"] < 0.5 for c in checks), checks
+    with urllib.request.urlopen(f"{server.server}/metrics") as r:
+        text = r.read().decode()
+    for c in checks:
+        assert f'canaryctl_rollout_evidence{{rollout="web",metric="latency_{c["slower_than_us"]}us"}} ' in text, text
+        assert f'canaryctl_rollout_evidence_threshold{{rollout="web",metric="latency_{c["slower_than_us"]}us"}} 80\n' \
+            in text, text
     assert took < 30, f"rolled back after {took:.1f}s"
     assert canary_percent(server) == ("0", "v1")
 
