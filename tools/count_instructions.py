@@ -69,6 +69,23 @@ def send(conn: http.client.HTTPConnection, user: int) -> str:
     return conn.getresponse().read().decode().strip()
 
 
+def dump(pid: int, out: str) -> int:
+    """Have callgrind dump the counts of Envoy `pid` (which resets them) into `out`.<pid>…, wait until the dump
+    is complete, and return its instructions."""
+    before = set(glob.glob(f"{out}.{pid}*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for path in set(glob.glob(f"{out}.{pid}*")) - before:
+            with open(path) as f:
+                text = f.read()
+            head, _, _ = text.partition("summary:")
+            if "summary:" in text and "dump" in head:
+                return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("summary:"))
+        time.sleep(0.2)
+    raise RuntimeError("no callgrind dump within 60 s")
+
+
 def count(name: str, variant: dict, upstreams: dict[str, int] | None, requests: int, warmup: int,
           workdir: str, binary: str) -> float:
     """Instructions per request of one variant in its own Envoy under callgrind."""
@@ -97,19 +114,10 @@ def count(name: str, variant: dict, upstreams: dict[str, int] | None, requests: 
         subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
         for i in range(requests):
             send(conn, i % USERS + 1)
-        before = set(glob.glob(f"{out}.{pid}*"))
-        subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for path in set(glob.glob(f"{out}.{pid}*")) - before:
-                with open(path) as f:
-                    text = f.read()
-                head, _, _ = text.partition("summary:")
-                if "summary:" in text and "dump" in head:
-                    summary = next(int(line.split()[1]) for line in text.splitlines() if line.startswith("summary:"))
-                    return summary / requests
-            time.sleep(0.2)
-        raise RuntimeError(f"{name}: no callgrind dump within 60 s\n{envoy.log()}")
+        try:
+            return dump(pid, out) / requests
+        except RuntimeError as err:
+            raise RuntimeError(f"{name}: {err}\n{envoy.log()}") from None
     finally:
         envoy.stop()
 

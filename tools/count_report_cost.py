@@ -15,7 +15,6 @@ Prints a Markdown table for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import glob
 import http.client
 import json
 import os
@@ -46,21 +45,6 @@ def without_stats_stream(text: str) -> str:
     return text[:start] + text[end:]
 
 
-def dump(pid: int, out: str) -> int:
-    """Dump callgrind's counts (which resets them) and return the instructions of the dump."""
-    before = set(glob.glob(f"{out}.{pid}*"))
-    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for path in set(glob.glob(f"{out}.{pid}*")) - before:
-            with open(path) as f:
-                text = f.read()
-            if "summary:" in text:
-                return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("summary:"))
-        time.sleep(0.2)
-    raise RuntimeError("no callgrind dump within 60 s")
-
-
 def measure(name: str, text: str, workdir: str, control: lab.Canaryctl, port: int, hold: lab.PortHold,
             requests: int, idle: float, binary: str) -> tuple[float, float, float]:
     out = os.path.join(workdir, f"callgrind.{name}")
@@ -80,10 +64,10 @@ def measure(name: str, text: str, workdir: str, control: lab.Canaryctl, port: in
         for i in range(requests):
             count_instructions.send(conn, i % count_instructions.USERS + 1)
         rate = requests / (time.monotonic() - started)
-        per_request = dump(pid, out) / requests
+        per_request = count_instructions.dump(pid, out) / requests
         conn.close()
         time.sleep(idle)
-        per_second = dump(pid, out) / idle
+        per_second = count_instructions.dump(pid, out) / idle
         return per_request, per_second, rate
     finally:
         envoy.stop()

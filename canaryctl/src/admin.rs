@@ -174,8 +174,15 @@ async fn write_parsed<B>(server: &Server, request: B, edit: Edit<B>) -> Response
         .await
     {
         Ok(outcome) => Json(outcome).into_response(),
-        Err(StateError::Io(message)) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
-        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+        Err(err) => refused(err),
+    }
+}
+
+/// A write that did not happen: 500 when the state file could not be written, else 400 (refused).
+fn refused(err: StateError) -> Response {
+    match err {
+        StateError::Io(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+        err => error(StatusCode::BAD_REQUEST, err.to_string()),
     }
 }
 
@@ -730,8 +737,7 @@ async fn rollout_write(
             }))
             .into_response()
         }
-        Err(StateError::Io(message)) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
-        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+        Err(err) => refused(err),
     }
 }
 

@@ -636,6 +636,25 @@ fn rollout_headline(r: &Value) -> String {
     )
 }
 
+/// One test of a rollout, canary against stable: "v2 2.00% (3/150) vs v1 0.00% (0/2850) · evidence 72.1
+/// (rolls back at 20)". `bad` names the test's events in the API ("errors", "slow").
+fn versus(r: &Value, test: &Value, bad: &str, decimals: usize) -> String {
+    let n = |key: &str| number(test, &[key]);
+    format!(
+        "{} {:.decimals$}% ({}/{}) vs {} {:.decimals$}% ({}/{}) · evidence {} (rolls back at {:.0})",
+        text(r, &["canary"]),
+        n("canary_rate") * 100.0,
+        n(&format!("canary_{bad}")),
+        n("canary_requests"),
+        text(r, &["stable"]),
+        n("stable_rate") * 100.0,
+        n(&format!("stable_{bad}")),
+        n("stable_requests"),
+        crate::rollout::evidence_text(n("e_value")),
+        n("threshold"),
+    )
+}
+
 fn print_rollout(r: &Value) {
     println!("{}", rollout_headline(r));
     let steps: Vec<&str> = r
@@ -651,20 +670,8 @@ fn print_rollout(r: &Value) {
         number(r, &["plan", "min_canary_requests"]),
         number(r, &["plan", "false_rollback_budget"]),
     );
-    let e = |key: &str| number(r, &["evidence", "errors", key]);
-    println!(
-        "  errors: {} {:.2}% ({}/{}) vs {} {:.2}% ({}/{}) · evidence {} (rolls back at {:.0})",
-        text(r, &["canary"]),
-        e("canary_rate") * 100.0,
-        e("canary_errors"),
-        e("canary_requests"),
-        text(r, &["stable"]),
-        e("stable_rate") * 100.0,
-        e("stable_errors"),
-        e("stable_requests"),
-        crate::rollout::evidence_text(e("e_value")),
-        e("threshold"),
-    );
+    let errors = at(r, &["evidence", "errors"]).unwrap_or(&Value::Null);
+    println!("  errors: {}", versus(r, errors, "errors", 2));
     let compared = at(r, &["latency", "compared"])
         .and_then(Value::as_bool)
         .unwrap_or(false);
@@ -682,20 +689,10 @@ fn print_rollout(r: &Value) {
         );
     }
     for check in &checks {
-        let c = |key: &str| number(check, &[key]);
         println!(
-            "  latency, slower than {}: {} {:.1}% ({}/{}) vs {} {:.1}% ({}/{}) · evidence {} (rolls back at {:.0})",
+            "  latency, slower than {}: {}",
             text(check, &["slower_than"]),
-            text(r, &["canary"]),
-            c("canary_rate") * 100.0,
-            c("canary_slow"),
-            c("canary_requests"),
-            text(r, &["stable"]),
-            c("stable_rate") * 100.0,
-            c("stable_slow"),
-            c("stable_requests"),
-            crate::rollout::evidence_text(c("e_value")),
-            c("threshold"),
+            versus(r, check, "slow", 1)
         );
     }
     println!(

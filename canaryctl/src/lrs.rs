@@ -40,10 +40,7 @@ impl LoadReportingService for Lrs {
         &self,
         request: Request<Streaming<LoadStatsRequest>>,
     ) -> Result<Response<Self::StreamLoadStatsStream>, Status> {
-        let peer = request.extensions().get::<Peer>().cloned().unwrap_or(Peer {
-            addr: request.remote_addr(),
-            identity: None,
-        });
+        let peer = Peer::of(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(2);
         let server = self.server.clone();

@@ -65,10 +65,7 @@ impl MetricsService for Sink {
         &self,
         request: Request<Streaming<StreamMetricsMessage>>,
     ) -> Result<Response<StreamMetricsResponse>, Status> {
-        let peer = request.extensions().get::<Peer>().cloned().unwrap_or(Peer {
-            addr: request.remote_addr(),
-            identity: None,
-        });
+        let peer = Peer::of(&request);
         let mut inbound = request.into_inner();
         let mut identified = false;
         // This Envoy's last cumulative histogram per cluster.

@@ -351,10 +351,7 @@ impl Server {
     // -- the fleet ---------------------------------------------------------------------------------
 
     fn fleet(&self) -> MutexGuard<'_, Fleet> {
-        // A poisoned lock only means a panic elsewhere; the map itself is still consistent.
-        self.fleet
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.fleet)
     }
 
     pub fn envoys(&self) -> Vec<EnvoyStatus> {
@@ -384,11 +381,7 @@ impl Server {
     ) {
         let ip = peer.map(|p| p.ip().to_string()).unwrap_or_default();
         let log = {
-            let mut refused = self
-                .refused
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            refused.record(
+            lock(&self.refused).record(
                 ip,
                 reason.label(),
                 message.clone(),
@@ -406,17 +399,11 @@ impl Server {
     }
 
     pub fn refused_peers(&self) -> Vec<RefusedPeer> {
-        self.refused
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .list()
+        lock(&self.refused).list()
     }
 
     pub fn refused_total(&self, reason: Refused) -> u64 {
-        self.refused
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .total(reason.label())
+        lock(&self.refused).total(reason.label())
     }
 
     pub fn sent(&self, stream: u64, version: u64) {

@@ -318,6 +318,16 @@ pub struct Peer {
     pub identity: Option<Arc<CertIdentity>>,
 }
 
+impl Peer {
+    /// The peer of a gRPC request (every connection comes through [`accept`], which sets it).
+    pub fn of<T>(request: &tonic::Request<T>) -> Peer {
+        request.extensions().get::<Peer>().cloned().unwrap_or(Peer {
+            addr: request.remote_addr(),
+            identity: None,
+        })
+    }
+}
+
 enum Io {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),

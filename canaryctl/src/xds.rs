@@ -100,10 +100,7 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = request.extensions().get::<Peer>().cloned().unwrap_or(Peer {
-            addr: request.remote_addr(),
-            identity: None,
-        });
+        let peer = Peer::of(&request);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let server = self.server.clone();
