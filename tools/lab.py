@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -511,6 +512,69 @@ class Canaryctl(ManagedProcess):
                 return status
             time.sleep(0.05)
         raise RuntimeError(f"{count} Envoys did not apply the config within {deadline_s}s: {status}\n{self.log()}")
+
+
+PROMETHEUS = os.environ.get("PROMETHEUS_BIN") or "prometheus"
+
+
+class Prometheus(ManagedProcess):
+    """A real Prometheus server (Debian's `prometheus`) scraping Envoys' /stats/prometheus every second, with
+    its data in `workdir`. Its port is chosen free just before it starts (it cannot be told to pick one), and
+    another is tried if that one was taken meanwhile."""
+
+    def __init__(self, workdir: str, targets: list[str], job: str = "envoy", scrape_interval: str = "1s",
+                 port: int = 0):
+        """`port` 0: a free one."""
+        super().__init__("prometheus", os.path.join(workdir, "prometheus.log"))
+        self.workdir = workdir
+        self.port = port
+        self.fixed_port = port != 0
+        self.config_path = os.path.join(workdir, "prometheus.yml")
+        with open(self.config_path, "w") as f:
+            f.write(f"""global:
+  scrape_interval: {scrape_interval}
+  scrape_timeout: {scrape_interval}
+scrape_configs:
+  - job_name: {job}
+    metrics_path: /stats/prometheus
+    static_configs:
+      - targets: [{", ".join(targets)}]
+""")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, deadline_s: float = 30.0) -> "Prometheus":
+        for _ in range(1 if self.fixed_port else 5):
+            if not self.fixed_port:
+                self.port = free_port()
+            self._spawn([PROMETHEUS, f"--config.file={self.config_path}",
+                         f"--storage.tsdb.path={os.path.join(self.workdir, 'data')}",
+                         f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], cwd=self.workdir)
+            deadline = time.monotonic() + deadline_s
+            while time.monotonic() < deadline and self.alive():
+                try:
+                    with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
+                        if r.status == 200:
+                            return self
+                except OSError:
+                    pass
+                time.sleep(0.1)
+            if self.alive():
+                break
+            self.stop()  # the port was taken meanwhile: another one
+        raise RuntimeError(f"prometheus not ready within {deadline_s}s\n{self.log()}")
+
+    def query(self, query: str) -> list[dict]:
+        """An instant query's result (the API's `data.result`)."""
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.load(r)["data"]["result"]
+
+    def scraped(self, count: int) -> bool:
+        """True once `count` targets are up."""
+        return sum(float(s["value"][1]) for s in self.query("up")) >= count
 
 
 def eventually(check, deadline_s: float = 10.0, interval_s: float = 0.02, what: str = "the condition"):

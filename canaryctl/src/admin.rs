@@ -32,8 +32,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::analysis::Histogram;
 use crate::fleet::Link;
-use crate::rollout::{Phase, Plan, Rollout, Step};
+use crate::rollout::{Phase, Plan, Rollout, Source, Step};
 use crate::server::carry_out;
 use crate::server::{Metrics, Server};
 use crate::state::{self, StateError};
@@ -447,6 +448,22 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         &[(String::new(), Metrics::get(&m.stats_flushes))],
     );
     metric(
+        "canaryctl_prometheus_queries_total",
+        "counter",
+        "Queries to the Prometheus source (serve --prometheus-url), by result.",
+        &[
+            (
+                "{result=\"ok\"}".to_string(),
+                Metrics::get(&m.prometheus_queries)
+                    .saturating_sub(Metrics::get(&m.prometheus_failures)),
+            ),
+            (
+                "{result=\"failed\"}".to_string(),
+                Metrics::get(&m.prometheus_failures),
+            ),
+        ],
+    );
+    metric(
         "canaryctl_xds_refused_total",
         "counter",
         "Connections and streams refused on the xDS port, by reason (TLS handshake or node identity).",
@@ -625,6 +642,8 @@ pub fn rollout_view(r: &Rollout) -> serde_json::Value {
             "min_canary_requests": r.plan.min_canary_requests,
             "stable_cluster": r.plan.stable_cluster,
             "canary_cluster": r.plan.canary_cluster,
+            "evidence": r.plan.evidence.label(),
+            "prometheus_selector": r.plan.prometheus_selector,
         },
         "evidence": {
             "errors": {
@@ -705,6 +724,11 @@ struct StartRequest {
     canary_route_cluster: Option<String>,
     #[serde(default = "crate::rollout::default_latency_tolerance")]
     latency_tolerance: f64,
+    /// "envoy" (default) or "prometheus".
+    #[serde(default)]
+    evidence: Source,
+    #[serde(default)]
+    prometheus_selector: String,
 }
 
 #[derive(Deserialize)]
@@ -741,14 +765,91 @@ async fn rollout_write(
     }
 }
 
+/// Before a rollout reads Prometheus: the server answers, has both clusters' series (the selector matches the
+/// fleet) and, when it has their latency, stable's recent distribution. The answer becomes the starting point
+/// of the rollout's counters. Returns the baseline and whether latency is compared.
+async fn prometheus_start(
+    server: &Server,
+    req: &StartRequest,
+) -> Result<(Option<Histogram>, bool), (StatusCode, String)> {
+    let bad = |message: String| (StatusCode::BAD_REQUEST, message);
+    crate::prometheus::check_selector(&req.prometheus_selector).map_err(bad)?;
+    let canary_route = req
+        .canary_route_cluster
+        .as_deref()
+        .unwrap_or(&req.canary_cluster);
+    let clusters = [req.stable_cluster.as_str(), canary_route];
+    let query = crate::prometheus::counters_query(&clusters, &req.prometheus_selector);
+    let samples = match server.prometheus_query(&query).await {
+        Ok(samples) => samples,
+        Err(err) if server.prometheus.is_none() || err.starts_with("Prometheus refused") => {
+            return Err(bad(err))
+        }
+        Err(err) => return Err((StatusCode::BAD_GATEWAY, err)),
+    };
+    let missing = crate::prometheus::missing_clusters(&samples, &clusters);
+    if let Some(cluster) = missing.first() {
+        let field = if *cluster == req.stable_cluster {
+            "stable-cluster"
+        } else if req.canary_route_cluster.is_some() {
+            "canary-route-cluster"
+        } else {
+            "canary-cluster"
+        };
+        return Err(bad(format!(
+            "{field}: Prometheus has no envoy_cluster_upstream_rq_completed{{envoy_cluster_name={}}}{}: does it scrape the Envoys' /stats/prometheus, and does the cluster have that name?",
+            canary_router::text::quote(cluster),
+            if req.prometheus_selector.trim().is_empty() {
+                String::new()
+            } else {
+                format!(" with {}", req.prometheus_selector.trim())
+            }
+        )));
+    }
+    let latency = clusters
+        .iter()
+        .all(|c| crate::prometheus::has_latency(&samples, c));
+    let baseline = if latency {
+        let query = crate::prometheus::baseline_query(
+            &req.stable_cluster,
+            &req.prometheus_selector,
+            crate::server::LATENCY_WINDOW_S,
+        );
+        server
+            .prometheus_query(&query)
+            .await
+            .ok()
+            .map(|samples| crate::prometheus::histogram_of(&samples))
+    } else {
+        None
+    };
+    // A running rollout of that name keeps its counters (the start is refused below).
+    let running = server
+        .rollouts()
+        .iter()
+        .any(|r| r.plan.rollout == req.rollout && !r.phase.finished());
+    if !running {
+        server.prometheus_start(&req.rollout, &samples);
+    }
+    Ok((baseline, latency))
+}
+
 async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Response {
     let req: StartRequest = match parse_body(&body) {
         Ok(req) => req,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let name = req.rollout.clone();
-    let baseline = server.recent_latency(&req.stable_cluster);
-    let streams_stats = server.streams_stats();
+    let (baseline, compare_latency) = match req.evidence {
+        Source::Envoy => (
+            server.recent_latency(&req.stable_cluster),
+            server.streams_stats(),
+        ),
+        Source::Prometheus => match prometheus_start(&server, &req).await {
+            Ok(found) => found,
+            Err((status, message)) => return error(status, message),
+        },
+    };
     rollout_write(&server, name, move |config, rollouts| {
         if let Some(running) = rollouts.get(&req.rollout).filter(|r| !r.phase.finished()) {
             return Err(StateError::Edit(format!(
@@ -790,9 +891,11 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
             alpha: req.alpha,
             min_canary_requests: req.min_canary_requests,
             canary_route_cluster: req.canary_route_cluster,
-            // Latency is compared when the Envoys stream their stats.
-            latency: streams_stats,
+            // Latency is compared when the Envoys stream their stats (or Prometheus has the histograms).
+            latency: compare_latency,
             latency_tolerance: req.latency_tolerance,
+            evidence: req.evidence,
+            prometheus_selector: req.prometheus_selector,
         };
         let (rollout, action) =
             Rollout::start(plan, state::now_unix(), baseline.unwrap_or_default())

@@ -670,6 +670,14 @@ fn print_rollout(r: &Value) {
         number(r, &["plan", "min_canary_requests"]),
         number(r, &["plan", "false_rollback_budget"]),
     );
+    let source = match text(r, &["plan", "evidence"]) {
+        "prometheus" => match text(r, &["plan", "prometheus_selector"]) {
+            "" => "Prometheus (serve --prometheus-url)".to_string(),
+            selector => format!("Prometheus (serve --prometheus-url), series {{{selector}}}"),
+        },
+        _ => "the Envoys' load reports and stats streams".to_string(),
+    };
+    println!("  evidence from: {source}");
     let errors = at(r, &["evidence", "errors"]).unwrap_or(&Value::Null);
     println!("  errors: {}", versus(r, errors, "errors", 2));
     let compared = at(r, &["latency", "compared"])
@@ -680,7 +688,13 @@ fn print_rollout(r: &Value) {
         .cloned()
         .unwrap_or_default();
     if !compared {
-        println!("  latency: not compared (the Envoys streamed no stats when the rollout started)");
+        let why = match text(r, &["plan", "evidence"]) {
+            "prometheus" => {
+                "Prometheus had no upstream_rq_time buckets of both clusters when it started"
+            }
+            _ => "the Envoys streamed no stats when the rollout started",
+        };
+        println!("  latency: not compared ({why})");
     } else if checks.is_empty() {
         println!(
             "  latency: learning stable's distribution ({} of {} requests)",

@@ -10,6 +10,7 @@ mod fleet;
 mod identity;
 mod lrs;
 mod metrics_sink;
+mod prometheus;
 mod rollout;
 mod server;
 mod state;
@@ -149,6 +150,16 @@ enum Command {
         /// reconnected yet) before reporting it disconnected.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         reconnect_grace: Duration,
+        /// A Prometheus server that scrapes the Envoys' /stats/prometheus: rollouts started with
+        /// `--evidence prometheus` read it (http:// or https://).
+        #[arg(long, value_name = "URL")]
+        prometheus_url: Option<String>,
+        /// A file holding a bearer token for --prometheus-url (one line).
+        #[arg(long, value_name = "FILE", requires = "prometheus_url")]
+        prometheus_token_file: Option<PathBuf>,
+        /// CA certificates (PEM) trusted for an https --prometheus-url, besides the system's.
+        #[arg(long, value_name = "PEM", requires = "prometheus_url")]
+        prometheus_ca: Option<PathBuf>,
     },
     /// Desired config and, per Envoy, the version it applied or refused.
     Status {
@@ -196,6 +207,8 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process: the size of `start`'s flags does not matter.
+#[allow(clippy::large_enum_variant)]
 enum RolloutCommand {
     /// Start: canaryctl rollout start web --canary v2 --steps 1,5,25,50,100 --hold 2m --stable-cluster app-v1
     /// --canary-cluster app-v2
@@ -234,6 +247,13 @@ enum RolloutCommand {
         /// Latency rolls back only a canary with more than this many times stable's share of slow requests.
         #[arg(long, default_value = "1.5")]
         latency_tolerance: f64,
+        /// Where the evidence comes from: `envoy` (the Envoys' load reports and stats streams to canaryctl)
+        /// or `prometheus` (the server given to `serve --prometheus-url`).
+        #[arg(long, default_value = "envoy", value_parser = ["envoy", "prometheus"])]
+        evidence: String,
+        /// With --evidence prometheus: label matchers that pick this fleet's series, e.g. job="envoy".
+        #[arg(long, value_name = "MATCHERS", default_value = "")]
+        prometheus_selector: String,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -337,7 +357,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             fleet_window,
             forget_after,
             reconnect_grace,
+            prometheus_url,
+            prometheus_token_file,
+            prometheus_ca,
         } => {
+            let prometheus = match prometheus_url {
+                Some(url) => Some(prometheus_source(
+                    url,
+                    prometheus_token_file.as_deref(),
+                    prometheus_ca.as_deref(),
+                )?),
+                None => None,
+            };
             let artifact = match native_module {
                 Some(path) => Artifact::Native(path.clone()),
                 None => Artifact::Wasm(wasm_path.clone()),
@@ -368,6 +399,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     forget_after: *forget_after,
                     reconnect_grace: *reconnect_grace,
                 },
+                prometheus,
             };
             serve(settings, token).await
         }
@@ -424,6 +456,39 @@ struct ServeSettings {
     recover_config: Option<String>,
     filter: FilterSettings,
     fleet: FleetSettings,
+    prometheus: Option<prometheus::Prometheus>,
+}
+
+/// The Prometheus source from `serve`'s flags: the token and CA files are read once, at start.
+fn prometheus_source(
+    url: &str,
+    token_file: Option<&std::path::Path>,
+    ca: Option<&std::path::Path>,
+) -> Result<prometheus::Prometheus, CliError> {
+    let token = match token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                fail(format!("--prometheus-token-file {}: {err}", path.display()))
+            })?;
+            let token = text.trim_end_matches(['\n', '\r']).to_string();
+            if token.trim().is_empty() || token.chars().any(char::is_control) {
+                return Err(fail(format!(
+                    "--prometheus-token-file {}: empty or has control characters: give one line of text",
+                    path.display()
+                )));
+            }
+            Some(token)
+        }
+        None => None,
+    };
+    let ca = match ca {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|err| fail(format!("--prometheus-ca {}: {err}", path.display())))?,
+        ),
+        None => None,
+    };
+    prometheus::Prometheus::new(url, token, ca.as_deref()).map_err(fail)
 }
 
 fn read_config(path: &str) -> Result<canary_router::config::RawConfig, CliError> {
@@ -502,14 +567,23 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
         ));
     }
     let saved = starting_state(&settings)?;
-    let server = Arc::new(Server::new(
-        settings.filter,
-        StateFile::new(&settings.state),
-        saved,
-        settings.fleet,
-        token,
-        tls.clone(),
-    ));
+    if let Some(prometheus) = &settings.prometheus {
+        eprintln!(
+            "canaryctl: rollouts with --evidence prometheus query {}",
+            prometheus.url()
+        );
+    }
+    let server = Arc::new(
+        Server::new(
+            settings.filter,
+            StateFile::new(&settings.state),
+            saved,
+            settings.fleet,
+            token,
+            tls.clone(),
+        )
+        .with_prometheus(settings.prometheus),
+    );
 
     let admin_listener = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -650,6 +724,8 @@ async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliErr
             canary_cluster,
             canary_route_cluster,
             latency_tolerance,
+            evidence,
+            prometheus_selector,
             wait,
         } => (
             "/v1/rollouts/start".to_string(),
@@ -665,6 +741,8 @@ async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliErr
                 "canary_cluster": canary_cluster,
                 "canary_route_cluster": canary_route_cluster,
                 "latency_tolerance": latency_tolerance,
+                "evidence": evidence,
+                "prometheus_selector": prometheus_selector,
             }),
             wait.wait(),
         ),

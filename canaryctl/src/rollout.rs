@@ -98,6 +98,47 @@ pub struct Plan {
     /// How many times stable's share of slow requests the canary may have before latency rolls it back.
     #[serde(default = "default_latency_tolerance")]
     pub latency_tolerance: f64,
+    /// Where the evidence comes from.
+    #[serde(default)]
+    pub evidence: Source,
+    /// With Prometheus: label matchers that pick this fleet's series (`job="envoy"`); empty: every series.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prometheus_selector: String,
+}
+
+/// Where a rollout's evidence comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The Envoys' own streams to canaryctl: load reports (errors) and stats (latency).
+    #[default]
+    Envoy,
+    /// A Prometheus server scraping the Envoys' /stats/prometheus (`serve --prometheus-url`).
+    Prometheus,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Envoy => "envoy",
+            Source::Prometheus => "prometheus",
+        }
+    }
+}
+
+impl FromStr for Source {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "envoy" => Ok(Source::Envoy),
+            "prometheus" => Ok(Source::Prometheus),
+            _ => Err(format!(
+                "evidence: {}: \"envoy\" (the Envoys stream to canaryctl) or \"prometheus\"",
+                canary_router::text::quote(text)
+            )),
+        }
+    }
 }
 
 pub fn default_latency_tolerance() -> f64 {
@@ -171,6 +212,11 @@ impl Plan {
                 "false-rollback-budget: {} must be between 0 and 1 (e.g. 0.05)",
                 self.alpha
             ));
+        }
+        if self.evidence == Source::Prometheus {
+            crate::prometheus::check_selector(&self.prometheus_selector)?;
+        } else if !self.prometheus_selector.is_empty() {
+            return Err("prometheus-selector: only with evidence from Prometheus".to_string());
         }
         if self.stable_cluster == self.canary_cluster {
             return Err(format!(
@@ -682,6 +728,8 @@ mod tests {
             canary_route_cluster: None,
             latency: false,
             latency_tolerance: 1.5,
+            evidence: Source::Envoy,
+            prometheus_selector: String::new(),
         }
     }
 

@@ -12,7 +12,8 @@ use tokio::sync::watch;
 
 use crate::analysis::{Histogram, Tick};
 use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, RefusedPeer, RefusedPeers};
-use crate::rollout::{Action, Rollout};
+use crate::prometheus::{Counters, Prometheus};
+use crate::rollout::{Action, Rollout, Source};
 use crate::state::{now_unix, Changes, Desired, Saved, StateError, StateFile};
 use crate::tls::{Refused, TlsState};
 use canary_router::config::RawConfig;
@@ -48,6 +49,8 @@ pub struct Metrics {
     /// When an Envoy last streamed its stats (unix seconds; 0: never).
     pub last_stats_unix: AtomicU64,
     pub tls_reloads_refused: AtomicU64,
+    pub prometheus_queries: AtomicU64,
+    pub prometheus_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -90,6 +93,19 @@ pub struct Server {
     next_stream: AtomicU64,
     /// mTLS on the gRPC port, when configured.
     pub tls: Option<Arc<TlsState>>,
+    /// The Prometheus server rollouts may take their evidence from (`serve --prometheus-url`).
+    pub prometheus: Option<Prometheus>,
+    /// Per rollout reading Prometheus: each series' previous value.
+    prometheus_counters: Mutex<BTreeMap<String, Counters>>,
+    /// The last Prometheus failure logged, and when (a failing server is logged once a minute).
+    prometheus_logged: Mutex<(String, u64)>,
+}
+
+/// What a rollout's analysis gets in one tick: errors, and latency of stable and the canary.
+#[derive(Debug, Default)]
+struct Inputs {
+    tick: Option<Tick>,
+    latency: Option<(Histogram, Histogram)>,
 }
 
 impl Server {
@@ -128,6 +144,95 @@ impl Server {
             recent_latency: Mutex::new(BTreeMap::new()),
             next_stream: AtomicU64::new(1),
             tls,
+            prometheus: None,
+            prometheus_counters: Mutex::new(BTreeMap::new()),
+            prometheus_logged: Mutex::new((String::new(), 0)),
+        }
+    }
+
+    /// Lets rollouts take their evidence from this Prometheus server.
+    pub fn with_prometheus(mut self, prometheus: Option<Prometheus>) -> Self {
+        self.prometheus = prometheus;
+        self
+    }
+
+    /// A rollout reading Prometheus starts from these samples (taken when it started).
+    pub fn prometheus_start(&self, rollout: &str, samples: &[crate::prometheus::Sample]) {
+        let mut counters = Counters::default();
+        counters.advance(samples, now_unix());
+        lock(&self.prometheus_counters).insert(rollout.to_string(), counters);
+    }
+
+    /// One Prometheus query, counted for /metrics; a failure is logged (once a minute while it repeats).
+    pub async fn prometheus_query(
+        &self,
+        query: &str,
+    ) -> Result<Vec<crate::prometheus::Sample>, String> {
+        let Some(prometheus) = &self.prometheus else {
+            return Err(
+                "evidence: prometheus needs `canaryctl serve --prometheus-url URL`".to_string(),
+            );
+        };
+        Metrics::bump(&self.metrics.prometheus_queries);
+        let result = prometheus.query(query).await;
+        if let Err(err) = &result {
+            Metrics::bump(&self.metrics.prometheus_failures);
+            let now = now_unix();
+            let mut logged = lock(&self.prometheus_logged);
+            if logged.0 != *err || now.saturating_sub(logged.1) >= 60 {
+                eprintln!("canaryctl: {err}");
+                *logged = (err.clone(), now);
+            }
+        }
+        result
+    }
+
+    /// A rollout's inputs for this tick: from the Envoys' reports, or from Prometheus.
+    async fn inputs(
+        &self,
+        rollout: &Rollout,
+        load: &BTreeMap<String, Load>,
+        latency: &BTreeMap<String, Histogram>,
+    ) -> Inputs {
+        let plan = &rollout.plan;
+        let canary_route = plan.canary_latency_cluster();
+        match plan.evidence {
+            Source::Envoy => {
+                let stable = latency.get(&plan.stable_cluster);
+                let canary = latency.get(canary_route);
+                Inputs {
+                    tick: tick_of(load, rollout),
+                    latency: (stable.is_some() || canary.is_some()).then(|| {
+                        (
+                            stable.cloned().unwrap_or_default(),
+                            canary.cloned().unwrap_or_default(),
+                        )
+                    }),
+                }
+            }
+            Source::Prometheus => {
+                let query = crate::prometheus::counters_query(
+                    &[&plan.stable_cluster, canary_route],
+                    &plan.prometheus_selector,
+                );
+                // No tick without an answer: the counters stay where they were, and the next answer's
+                // differences cover the gap.
+                let Ok(samples) = self.prometheus_query(&query).await else {
+                    return Inputs::default();
+                };
+                let deltas = lock(&self.prometheus_counters)
+                    .entry(plan.rollout.clone())
+                    .or_default()
+                    .advance(&samples, now_unix());
+                let stable = deltas.get(&plan.stable_cluster).map(|d| d.latency.clone());
+                let canary = deltas.get(canary_route).map(|d| d.latency.clone());
+                let moved = |h: &Option<Histogram>| h.as_ref().is_some_and(|h| h.count > 0);
+                Inputs {
+                    tick: crate::prometheus::tick_of(&deltas, &plan.stable_cluster, canary_route),
+                    latency: (moved(&stable) || moved(&canary))
+                        .then(|| (stable.unwrap_or_default(), canary.unwrap_or_default())),
+                }
+            }
         }
     }
 
@@ -267,29 +372,24 @@ impl Server {
             tick.tick().await;
             let load = std::mem::take(&mut *lock(&self.load));
             let latency = std::mem::take(&mut *lock(&self.latency));
-            let active: Vec<String> = lock(&self.rollouts)
+            let active: Vec<Rollout> = lock(&self.rollouts)
                 .values()
                 .filter(|r| !r.phase.finished())
-                .map(|r| r.plan.rollout.clone())
+                .cloned()
                 .collect();
-            for name in active {
+            for current in active {
+                let name = current.plan.rollout.clone();
+                let inputs = self.inputs(&current, &load, &latency).await;
                 let now = now_unix();
                 let result = self
                     .change(|config, rollouts| {
                         let Some(rollout) = rollouts.get_mut(&name) else {
                             return Ok((config.clone(), Vec::new()));
                         };
-                        let stable = latency.get(&rollout.plan.stable_cluster);
-                        let canary = latency.get(rollout.plan.canary_latency_cluster());
-                        let slow = match (stable, canary) {
-                            (None, None) => None,
-                            (stable, canary) => rollout.observe_latency(
-                                stable.unwrap_or(&Histogram::default()),
-                                canary.unwrap_or(&Histogram::default()),
-                                now,
-                            ),
-                        };
-                        let action = slow.or_else(|| rollout.tick(tick_of(&load, rollout), now));
+                        let slow = inputs.latency.as_ref().and_then(|(stable, canary)| {
+                            rollout.observe_latency(stable, canary, now)
+                        });
+                        let action = slow.or_else(|| rollout.tick(inputs.tick, now));
                         match action {
                             Some(action) => carry_out(config, rollout, &action),
                             None => Ok((config.clone(), Vec::new())),

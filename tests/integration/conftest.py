@@ -119,3 +119,20 @@ def canaryctl(processes):
         return server.start()
 
     return start
+
+
+@pytest.fixture
+def prometheus(processes):
+    """prometheus(envoys, job="envoy", port=0) -> a real Prometheus server scraping those Envoys' /stats/prometheus every second
+    (job "envoy"), ready and with every target up."""
+
+    def start(envoys, job="envoy", port=0):
+        server = lab.Prometheus(tempfile.mkdtemp(prefix="prometheus-test-"),
+                                [f"127.0.0.1:{e.admin_port}" for e in envoys], job=job, port=port)
+        processes.append(server)
+        server.start()
+        lab.eventually(lambda: server.scraped(len(envoys)), deadline_s=30, interval_s=0.2,
+                       what="Prometheus scraping every Envoy")
+        return server
+
+    return start
