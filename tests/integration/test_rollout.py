@@ -159,6 +159,9 @@ def test_a_paused_rollout_stays_paused_and_a_killed_canaryctl_resumes_where_it_w
                           interval_s=0.2, what="held at the gate")
         assert gate["step_name"] == "step 2/4 (pause)" and canary_percent(server)[0] == "10"
         assert "rollout resume web" in gate["reason"]
+        # Latency is compared: its bounds, chosen from stable's distribution, are in the state.
+        learned = eventually(lambda: (r := rollout(server))["latency"]["checks"] and r["latency"], deadline_s=30,
+                             interval_s=0.2, what="the latency bounds chosen")
 
         # Killed while paused, restarted from its state file: still paused at the gate, and it stays there.
         server.process.send_signal(signal.SIGKILL)
@@ -168,6 +171,12 @@ def test_a_paused_rollout_stays_paused_and_a_killed_canaryctl_resumes_where_it_w
         time.sleep(5)  # well past the hold: a paused rollout must not move on its own
         held = rollout(server)
         assert (held["phase"], held["step"], canary_percent(server)[0]) == ("paused", 2, "10"), held
+        # The restart kept the latency baseline and bounds, and the evidence went on from where it was.
+        kept = held["latency"]
+        assert kept["baseline_requests"] == learned["baseline_requests"]
+        assert [c["slower_than_us"] for c in kept["checks"]] == [c["slower_than_us"] for c in learned["checks"]]
+        assert all(after["canary_requests"] >= before["canary_requests"] and after["canary_requests"] > 0
+                   for before, after in zip(learned["checks"], kept["checks"])), (learned, kept)
 
         resumed = server.run("rollout", "resume", "web")
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
