@@ -33,6 +33,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::analysis::Histogram;
+use crate::findings::Class;
 use crate::fleet::Link;
 use crate::rollout::{Phase, Plan, Rollout, Source, Step};
 use crate::server::carry_out;
@@ -53,6 +54,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/rollouts/resume", post(rollout_resume))
         .route("/v1/rollouts/abort", post(rollout_abort))
         .route("/v1/rollouts/promote", post(rollout_promote))
+        .route("/v1/logs", post(app_logs))
         .route_layer(middleware::from_fn_with_state(
             server.clone(),
             require_token,
@@ -196,6 +198,116 @@ fn parse_body<B: DeserializeOwned>(body: &Bytes) -> Result<B, String> {
             canary_router::text::MAX_LINE,
         )
     })
+}
+
+/// Application log lines in one POST, at most.
+const MAX_LOG_LINES: usize = 10_000;
+
+/// Levels of lines that are not errors: a shipper that sends every line has those skipped.
+const NOT_ERRORS: [&str; 7] = ["trace", "debug", "info", "notice", "warn", "warning", "ok"];
+
+/// One application log line, as a log shipper posts it. Other fields (time, host, ...) are ignored.
+#[derive(Deserialize)]
+struct AppLine {
+    version: String,
+    message: String,
+    /// Only for this rollout (default: any rollout with that version as stable or canary).
+    #[serde(default)]
+    rollout: Option<String>,
+    #[serde(default)]
+    level: Option<String>,
+}
+
+/// `POST /v1/logs`: an application's error lines, as JSON lines (one object a line) or one JSON array, each
+/// with `version` and `message`. Every line is checked before any is counted: a bad line refuses the post,
+/// naming the line and the field.
+async fn app_logs(State(server): State<Arc<Server>>, body: Bytes) -> Response {
+    let text = match std::str::from_utf8(&body) {
+        Ok(text) => text.trim(),
+        Err(err) => return error(StatusCode::BAD_REQUEST, format!("logs: not UTF-8: {err}")),
+    };
+    let values: Vec<(usize, serde_json::Value)> = if text.starts_with('[') {
+        match serde_json::from_str::<Vec<serde_json::Value>>(text) {
+            Ok(values) => values
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (i + 1, v))
+                .collect(),
+            Err(err) => return error(StatusCode::BAD_REQUEST, format!("logs: {err}")),
+        }
+    } else {
+        let mut values = Vec::new();
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            match serde_json::from_str(line) {
+                Ok(value) => values.push((i + 1, value)),
+                Err(err) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("logs: line {}: {err}", i + 1),
+                    )
+                }
+            }
+        }
+        values
+    };
+    if values.len() > MAX_LOG_LINES {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "logs: {} lines in one post, at most {MAX_LOG_LINES}",
+                values.len()
+            ),
+        );
+    }
+    let mut lines = Vec::with_capacity(values.len());
+    for (number, value) in values {
+        let line: AppLine = match serde_path_to_error::deserialize(value) {
+            Ok(line) => line,
+            Err(err) => {
+                let field = err.path().to_string();
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    canary_router::text::one_line(
+                        &format!("logs: line {number}: {} (at {field})", err.inner()),
+                        canary_router::text::MAX_LINE,
+                    ),
+                );
+            }
+        };
+        if line.version.trim().is_empty() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("logs: line {number}: version: empty"),
+            );
+        }
+        lines.push(line);
+    }
+    let (mut accepted, mut ignored) = (0u64, 0u64);
+    for line in lines {
+        let quiet = line
+            .level
+            .as_deref()
+            .is_some_and(|l| NOT_ERRORS.contains(&l.trim().to_ascii_lowercase().as_str()));
+        if quiet || line.message.trim().is_empty() {
+            ignored += 1;
+            continue;
+        }
+        accepted += 1;
+        Metrics::bump(&server.metrics.app_log_lines);
+        server.report_failure(
+            crate::server::Owner::Version {
+                rollout: line.rollout,
+                version: line.version,
+            },
+            crate::findings::Signature::app(&line.message),
+            crate::findings::example(&line.message),
+        );
+    }
+    Json(json!({ "accepted": accepted, "ignored": ignored })).into_response()
 }
 
 #[derive(Deserialize)]
@@ -448,6 +560,24 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         &[(String::new(), Metrics::get(&m.stats_flushes))],
     );
     metric(
+        "canaryctl_access_log_entries_total",
+        "counter",
+        "Access-log entries (ALS: failed requests and upstream attempts) received from the Envoys.",
+        &[(String::new(), Metrics::get(&m.access_log_entries))],
+    );
+    metric(
+        "canaryctl_app_log_lines_total",
+        "counter",
+        "Application error lines accepted on /v1/logs.",
+        &[(String::new(), Metrics::get(&m.app_log_lines))],
+    );
+    metric(
+        "canaryctl_failures_dropped_total",
+        "counter",
+        "Failures not kept: more distinct signatures than canaryctl keeps between two analysis ticks.",
+        &[(String::new(), Metrics::get(&m.failures_dropped))],
+    );
+    metric(
         "canaryctl_prometheus_queries_total",
         "counter",
         "Queries to the Prometheus source (serve --prometheus-url), by result.",
@@ -580,46 +710,82 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         "Desired canary share per rollout and version, in 1/100 %.",
         &shares,
     );
-    // Real numbers: written apart from the integer samples above. One series per test: the errors, and each
-    // latency bound ("latency_1000us": slower than 1 ms).
-    let tests: Vec<(&Rollout, String, f64)> = rollouts
+    // Real numbers: written apart from the integer samples above. One series per test: the errors, each
+    // latency bound ("latency_1000us": slower than 1 ms), and the findings (the signature with most evidence).
+    let tests: Vec<(&Rollout, String, f64, f64)> = rollouts
         .iter()
         .flat_map(|r| {
-            std::iter::once((r, "errors".to_string(), r.errors.e_value())).chain(
-                r.latency
-                    .iter()
-                    .map(move |c| (r, format!("latency_{}us", c.bound_us), c.evidence.e_value())),
-            )
+            let threshold = 1.0 / r.plan.test_alpha();
+            let findings = (
+                r,
+                "findings".to_string(),
+                r.findings.max_e_value(),
+                1.0 / r.plan.signature_alpha(),
+            );
+            std::iter::once((r, "errors".to_string(), r.errors.e_value(), threshold))
+                .chain(r.latency.iter().map(move |c| {
+                    (
+                        r,
+                        format!("latency_{}us", c.bound_us),
+                        c.evidence.e_value(),
+                        threshold,
+                    )
+                }))
+                .chain(std::iter::once(findings))
         })
         .collect();
-    let gauges: [(&str, &str, RolloutGauge); 2] = [
+    let gauges: [(&str, &str, bool); 2] = [
         (
             "canaryctl_rollout_evidence",
             "The evidence that the canary is worse than stable, per test (the e-value M_t).",
-            |_, e_value| e_value,
+            false,
         ),
         (
             "canaryctl_rollout_evidence_threshold",
-            "The evidence that rolls back, per test (1/alpha of the test).",
-            |r, _| 1.0 / r.plan.test_alpha(),
+            "The evidence that rolls back, per test (1/alpha of the test; of one signature for findings).",
+            true,
         ),
     ];
-    for (name, help, value) in gauges {
+    for (name, help, threshold) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (r, test, e_value) in &tests {
+        for (r, test, e_value, bound) in &tests {
             let _ = writeln!(
                 out,
                 "{name}{{rollout=\"{}\",metric=\"{test}\"}} {}",
                 label(&r.plan.rollout),
-                value(r, *e_value)
+                if threshold { *bound } else { *e_value }
             );
         }
     }
+    let mut classes = Vec::new();
+    for r in &rollouts {
+        let alpha = r.plan.signature_alpha();
+        for class in [Class::New, Class::Worse, Class::Known] {
+            let n = r
+                .findings
+                .signatures
+                .iter()
+                .filter(|f| f.class(alpha) == class)
+                .count();
+            classes.push((
+                format!(
+                    "{{rollout=\"{}\",class=\"{}\"}}",
+                    label(&r.plan.rollout),
+                    class.label()
+                ),
+                n as u64,
+            ));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP canaryctl_rollout_findings Error signatures of a rollout, by class (new, worse, known).\n# TYPE canaryctl_rollout_findings gauge"
+    );
+    for (labels, n) in classes {
+        let _ = writeln!(out, "canaryctl_rollout_findings{labels} {n}");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
-
-/// A real-valued gauge of one test of a rollout (given the rollout and the test's e-value), for `/metrics`.
-type RolloutGauge = fn(&Rollout, f64) -> f64;
 
 /// A rollout as the API and `canaryctl rollout status` show it.
 pub fn rollout_view(r: &Rollout) -> serde_json::Value {
@@ -679,11 +845,48 @@ pub fn rollout_view(r: &Rollout) -> serde_json::Value {
                 })
             }).collect::<Vec<_>>(),
         },
+        "findings": findings_view(r),
         "reason": r.reason,
         "started_unix": r.started_unix,
         "counted_from_unix": r.counted_from_unix,
         "finished_unix": r.finished_unix,
         "history": r.history,
+    })
+}
+
+/// A rollout's error signatures, the most evident first.
+fn findings_view(r: &Rollout) -> serde_json::Value {
+    let alpha = r.plan.signature_alpha();
+    let f = &r.findings;
+    let mut signatures: Vec<_> = f.signatures.iter().collect();
+    signatures.sort_by(|a, b| {
+        b.evidence
+            .log_e_value()
+            .total_cmp(&a.evidence.log_e_value())
+            .then(b.canary.cmp(&a.canary))
+    });
+    json!({
+        "roll_back": r.plan.findings,
+        "threshold": 1.0 / alpha,
+        "canary_requests": f.canary_requests,
+        "stable_requests": f.stable_requests,
+        "untracked": f.untracked,
+        "signatures": signatures.iter().map(|s| {
+            let (canary_rate, stable_rate) = f.rates(s);
+            json!({
+                "origin": s.origin.label(),
+                "signature": s.signature,
+                "class": s.class(alpha).label(),
+                "rolls_back": r.plan.findings && s.rolls_back(alpha),
+                "canary": s.canary,
+                "canary_rate": canary_rate,
+                "stable": s.stable,
+                "stable_rate": stable_rate,
+                "e_value": s.evidence.e_value(),
+                "example": s.example,
+                "first_seen_unix": s.first_seen_unix,
+            })
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -729,6 +932,13 @@ struct StartRequest {
     evidence: Source,
     #[serde(default)]
     prometheus_selector: String,
+    /// A `new` or `worse` error signature rolls back (default: yes).
+    #[serde(default = "yes")]
+    findings: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -896,6 +1106,7 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
             latency_tolerance: req.latency_tolerance,
             evidence: req.evidence,
             prometheus_selector: req.prometheus_selector,
+            findings: req.findings,
         };
         let (rollout, action) =
             Rollout::start(plan, state::now_unix(), baseline.unwrap_or_default())

@@ -709,6 +709,31 @@ fn print_rollout(r: &Value) {
             versus(r, check, "slow", 1)
         );
     }
+    let signatures = at(r, &["findings", "signatures"])
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if !signatures.is_empty() {
+        let count = |class: &str| {
+            signatures
+                .iter()
+                .filter(|s| text(s, &["class"]) == class)
+                .count()
+        };
+        println!(
+            "  findings: {} error signatures ({} new, {} worse, {} known){}: `canaryctl rollout findings {}`",
+            signatures.len(),
+            count("new"),
+            count("worse"),
+            count("known"),
+            if at(r, &["findings", "roll_back"]).and_then(Value::as_bool) == Some(false) {
+                ", not a rollback reason (--no-rollback-on-findings)"
+            } else {
+                ""
+            },
+            text(r, &["rollout"])
+        );
+    }
     println!(
         "  this step: {} canary requests since {}",
         number(r, &["step_canary_requests"]),
@@ -790,6 +815,115 @@ pub async fn rollout_status(
         tokio::time::sleep(Duration::from_secs(2)).await;
         println!();
     }
+}
+
+/// `rollout findings <rollout> [--json]`: the error signatures, most evident first.
+pub async fn rollout_findings(client: &Client, name: &str, as_json: bool) -> Result<(), CliError> {
+    let body: Value = client.get("/v1/rollouts").await?;
+    let rollout = body
+        .get("rollouts")
+        .and_then(Value::as_array)
+        .and_then(|all| all.iter().find(|r| text(r, &["rollout"]) == name))
+        .ok_or_else(|| {
+            CliError::refused(format!(
+                "no progressive rollout of {} (start one with `canaryctl rollout start`)",
+                canary_router::text::quote(name)
+            ))
+        })?;
+    let findings = rollout.get("findings").cloned().unwrap_or(Value::Null);
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&findings).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    println!("{}", rollout_headline(rollout));
+    let (canary, stable) = (text(rollout, &["canary"]), text(rollout, &["stable"]));
+    println!(
+        "  {} requests on {canary}, {} on {stable} · a signature rolls back at evidence {:.0}{}",
+        number(&findings, &["canary_requests"]),
+        number(&findings, &["stable_requests"]),
+        number(&findings, &["threshold"]),
+        if findings.get("roll_back").and_then(Value::as_bool) == Some(false) {
+            " (off: --no-rollback-on-findings)"
+        } else {
+            ""
+        }
+    );
+    let signatures = findings
+        .get("signatures")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if signatures.is_empty() {
+        println!("  no error signature yet");
+        return Ok(());
+    }
+    let canary_head = format!("{canary} (CANARY)");
+    let stable_head = format!("{stable} (STABLE)");
+    let rows: Vec<[String; 5]> = signatures
+        .iter()
+        .map(|s| {
+            let count =
+                |n: &str, r: &str| format!("{} ({:.2}%)", number(s, &[n]), number(s, &[r]) * 100.0);
+            [
+                format!(
+                    "{}{}",
+                    text(s, &["class"]),
+                    if s.get("rolls_back").and_then(Value::as_bool) == Some(true) {
+                        " ⟲"
+                    } else {
+                        ""
+                    }
+                ),
+                count("canary", "canary_rate"),
+                count("stable", "stable_rate"),
+                crate::rollout::evidence_text(number(s, &["e_value"])),
+                format!("{} {}", text(s, &["origin"]), text(s, &["signature"])),
+            ]
+        })
+        .collect();
+    let heads = [
+        "CLASS",
+        canary_head.as_str(),
+        stable_head.as_str(),
+        "EVIDENCE",
+        "SIGNATURE",
+    ];
+    let widths: Vec<usize> = (0..4)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|cell| cell.chars().count())
+                .chain(heads.get(i).map(|h| h.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: [&str; 5]| {
+        let mut out = String::from("  ");
+        for (i, cell) in cells.iter().enumerate() {
+            match widths.get(i) {
+                Some(w) => out.push_str(&format!("{cell:<w$}  ", w = *w)),
+                None => out.push_str(cell),
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(heads);
+    for (row, s) in rows.iter().zip(&signatures) {
+        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+        println!("      e.g. {}", text(s, &["example"]));
+    }
+    if number(&findings, &["untracked"]) > 0.0 {
+        println!(
+            "  and {} failures of further signatures (not tested: at most {} signatures a rollout)",
+            number(&findings, &["untracked"]),
+            crate::findings::MAX_SIGNATURES
+        );
+    }
+    Ok(())
 }
 
 trait NoneOrEq {

@@ -4,8 +4,10 @@
 //! state file); every other command is a client of its admin API.
 
 mod admin;
+mod als;
 mod analysis;
 mod client;
+mod findings;
 mod fleet;
 mod identity;
 mod lrs;
@@ -24,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_server::LoadReportingServiceServer;
 use envoy_types::pb::envoy::service::metrics::v3::metrics_service_server::MetricsServiceServer;
@@ -254,8 +257,19 @@ enum RolloutCommand {
         /// With --evidence prometheus: label matchers that pick this fleet's series, e.g. job="envoy".
         #[arg(long, value_name = "MATCHERS", default_value = "")]
         prometheus_selector: String,
+        /// Collect error signatures but do not roll back on them (default: a `new` or `worse` signature with
+        /// enough evidence rolls back).
+        #[arg(long)]
+        no_rollback_on_findings: bool,
         #[command(flatten)]
         wait: WaitArgs,
+    },
+    /// Error signatures of a rollout, canary against stable: new, worse or known, with counts, rates, evidence
+    /// and an example each.
+    Findings {
+        rollout: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Where rollouts are: phase, step, evidence, history. --watch exits 0 when promoted, 1 when rolled back.
     Status {
@@ -636,11 +650,14 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
     // Envoy's stats flush can be large (every stat): allow up to 16 MiB a message.
     let sink = MetricsServiceServer::new(metrics_sink::Sink::new(server.clone()))
         .max_decoding_message_size(16 << 20);
+    let als = AccessLogServiceServer::new(als::Als::new(server.clone()))
+        .max_decoding_message_size(16 << 20);
     let xds = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(ads)
         .add_service(lrs)
         .add_service(sink)
+        .add_service(als)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(connections),
             async move {
@@ -712,6 +729,9 @@ async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliErr
             json,
             watch,
         } => return client::rollout_status(client, rollout.as_deref(), *json, *watch).await,
+        RolloutCommand::Findings { rollout, json } => {
+            return client::rollout_findings(client, rollout, *json).await
+        }
         RolloutCommand::Start {
             rollout,
             canary,
@@ -726,6 +746,7 @@ async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliErr
             latency_tolerance,
             evidence,
             prometheus_selector,
+            no_rollback_on_findings,
             wait,
         } => (
             "/v1/rollouts/start".to_string(),
@@ -743,6 +764,7 @@ async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliErr
                 "latency_tolerance": latency_tolerance,
                 "evidence": evidence,
                 "prometheus_selector": prometheus_selector,
+                "findings": !no_rollback_on_findings,
             }),
             wait.wait(),
         ),

@@ -20,7 +20,10 @@ use std::str::FromStr;
 use canary_router::percent::Percent;
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
 use crate::analysis::{Evidence, Histogram, Tick};
+use crate::findings::{Events, Findings, Signature, MAX_SIGNATURES};
 
 /// One step of a plan: a percentage for the canary, or a manual gate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +107,10 @@ pub struct Plan {
     /// With Prometheus: label matchers that pick this fleet's series (`job="envoy"`); empty: every series.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub prometheus_selector: String,
+    /// A `new` or `worse` error signature rolls the canary back (findings are collected either way). False in
+    /// state files from before findings existed.
+    #[serde(default)]
+    pub findings: bool,
 }
 
 /// Where a rollout's evidence comes from.
@@ -154,13 +161,25 @@ pub const LATENCY_BASELINE: u64 = 500;
 pub const LATENCY_FLOOR_US: u64 = 1000;
 
 impl Plan {
-    /// The α of each test: the budget split evenly over the error test and the latency checks.
-    pub fn test_alpha(&self) -> f64 {
-        if self.latency {
-            self.alpha / (1 + LATENCY_QUANTILES.len()) as f64
+    /// How many tests share the false-rollback budget: errors, each latency check, the findings.
+    pub fn tests(&self) -> usize {
+        1 + if self.latency {
+            LATENCY_QUANTILES.len()
         } else {
-            self.alpha
-        }
+            0
+        } + usize::from(self.findings)
+    }
+
+    /// The α of each test: the budget split evenly over the tests.
+    pub fn test_alpha(&self) -> f64 {
+        self.alpha / self.tests() as f64
+    }
+
+    /// The α of one error signature: the findings' share of the budget (what it would be, when findings do not
+    /// roll back) split over the signatures.
+    pub fn signature_alpha(&self) -> f64 {
+        let share = self.alpha / (self.tests() + usize::from(!self.findings)) as f64;
+        Findings::signature_alpha(share)
     }
 
     /// Where the canary's latency is read.
@@ -331,6 +350,9 @@ pub struct Rollout {
     /// Stable's latency until the bounds are chosen (from before the start, then from the rollout).
     #[serde(default)]
     pub latency_baseline: Histogram,
+    /// Failures by signature, canary against stable.
+    #[serde(default)]
+    pub findings: Findings,
 }
 
 /// The history keeps this many lines (the oldest go first).
@@ -363,6 +385,7 @@ impl Rollout {
             history: Vec::new(),
             latency: Vec::new(),
             latency_baseline: Histogram::default(),
+            findings: Findings::default(),
         };
         rollout.record(now, format!("started at {}", rollout.step_name()));
         if rollout.plan.latency {
@@ -599,18 +622,58 @@ impl Rollout {
         Some(self.finish_rolled_back(now, why))
     }
 
-    /// "1/α, α = 0.05", or with latency "1/α, α = 0.0125: 0.05 over 4 tests".
+    /// "1/α, α = 0.05", or with more tests "1/α, α = 0.01: 0.05 over 5 tests".
     fn alpha_text(&self) -> String {
-        if self.plan.latency {
+        if self.plan.tests() > 1 {
             format!(
                 "1/α, α = {}: {} over {} tests",
                 self.plan.test_alpha(),
                 self.plan.alpha,
-                1 + LATENCY_QUANTILES.len()
+                self.plan.tests()
             )
         } else {
             format!("1/α, α = {}", self.plan.alpha)
         }
+    }
+
+    /// Failures grouped by signature since the previous tick, with that tick's requests. Rolls back when a
+    /// `new` or `worse` signature's evidence reaches its threshold (if the plan says findings roll back).
+    pub fn observe_findings(
+        &mut self,
+        events: BTreeMap<Signature, Events>,
+        tick: Option<Tick>,
+        now: u64,
+    ) -> Option<Action> {
+        if self.phase.finished() || now < self.counted_from_unix {
+            return None;
+        }
+        self.findings.observe(events, tick, now);
+        if !self.plan.findings {
+            return None;
+        }
+        let alpha = self.plan.test_alpha();
+        let worst = self.findings.rollback_reason(alpha)?;
+        let signature_alpha = Findings::signature_alpha(alpha);
+        let (canary_rate, stable_rate) = self.findings.rates(worst);
+        let why = format!(
+            "finding {} on {}: {} {} vs {} on {} ({:.2}% of {} requests vs {:.2}% of {}), evidence {} ≥ {:.0} ({}, over {} signatures) at {}",
+            worst.class(signature_alpha).label(),
+            self.plan.canary,
+            worst.name(),
+            worst.canary,
+            worst.stable,
+            self.plan.stable,
+            canary_rate * 100.0,
+            self.findings.canary_requests,
+            stable_rate * 100.0,
+            self.findings.stable_requests,
+            evidence_text(worst.evidence.e_value()),
+            1.0 / signature_alpha,
+            self.alpha_text(),
+            MAX_SIGNATURES,
+            self.step_name()
+        );
+        Some(self.finish_rolled_back(now, why))
     }
 
     /// The line a person reads at 05:00: the metric, canary vs stable, the evidence and its threshold.
@@ -712,6 +775,7 @@ impl Rollout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::findings::Origin;
 
     fn plan(steps: &str) -> Plan {
         Plan {
@@ -730,6 +794,7 @@ mod tests {
             latency_tolerance: 1.5,
             evidence: Source::Envoy,
             prometheus_selector: String::new(),
+            findings: false,
         }
     }
 
@@ -980,5 +1045,66 @@ mod tests {
             None
         );
         assert!(r.latency.is_empty() && r.latency_baseline.count == 0);
+    }
+
+    #[test]
+    fn a_new_signature_rolls_back_with_a_line_that_names_it_and_findings_share_the_budget() {
+        let mut p = plan("20,100");
+        p.latency = true;
+        p.findings = true;
+        assert_eq!(p.tests(), 5);
+        assert_eq!(p.test_alpha(), 0.01);
+        assert!((1.0 / p.signature_alpha() - 3200.0).abs() < 1e-6);
+        let (mut r, _) = Rollout::start_plain(p, 0).unwrap();
+        let tick = Some(Tick {
+            stable_requests: 800,
+            canary_requests: 200,
+            stable_bad: 0,
+            canary_bad: 0,
+        });
+        let checkout = Signature::http(Origin::Attempt, "POST", "/checkout/7", 503, "", "");
+        let one = |s: &Signature| {
+            BTreeMap::from([(
+                s.clone(),
+                Events {
+                    stable: 0,
+                    canary: 1,
+                    example: "POST /checkout/7 → 503".into(),
+                },
+            )])
+        };
+        // Before the warm-up ends nothing is counted.
+        assert_eq!(r.observe_findings(one(&checkout), tick, 1), None);
+        assert!(r.findings.signatures.is_empty());
+        let mut action = None;
+        for t in WARM_UP_S..WARM_UP_S + 20 {
+            action = r.observe_findings(one(&checkout), tick, t);
+            if action.is_some() {
+                break;
+            }
+        }
+        let Some(Action::RollBack(why)) = action else {
+            panic!("not rolled back: {r:?}");
+        };
+        assert!(
+            why.starts_with("finding new on v2: attempt POST /checkout/{n} 503 "),
+            "{why}"
+        );
+        assert!(
+            why.contains(
+                "≥ 3200 (1/α, α = 0.01: 0.05 over 5 tests, over 32 signatures) at step 1/2 (20%)"
+            ),
+            "{why}"
+        );
+        // Without rollback on findings, they are collected and shown, and the budget has one test less.
+        let mut quiet = plan("20,100");
+        quiet.findings = false;
+        assert_eq!(quiet.tests(), 1);
+        let (mut r, _) = Rollout::start_plain(quiet, 0).unwrap();
+        for t in WARM_UP_S..WARM_UP_S + 40 {
+            assert_eq!(r.observe_findings(one(&checkout), tick, t), None);
+        }
+        assert_eq!(r.findings.signatures[0].canary, 40);
+        assert!(r.findings.signatures[0].rolls_back(r.plan.signature_alpha()));
     }
 }

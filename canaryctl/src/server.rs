@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::analysis::{Histogram, Tick};
+use crate::findings::{Events, Signature};
 use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, RefusedPeer, RefusedPeers};
 use crate::prometheus::{Counters, Prometheus};
 use crate::rollout::{Action, Rollout, Source};
@@ -51,7 +52,28 @@ pub struct Metrics {
     pub tls_reloads_refused: AtomicU64,
     pub prometheus_queries: AtomicU64,
     pub prometheus_failures: AtomicU64,
+    pub access_log_entries: AtomicU64,
+    pub app_log_lines: AtomicU64,
+    /// Failures not kept because a tick already held [`MAX_FAILURE_KEYS`] distinct signatures.
+    pub failures_dropped: AtomicU64,
 }
+
+/// Whose failure it is: an upstream cluster's (from Envoy's access logs), or a version's (an application's log
+/// line, for one rollout or for any rollout with that version).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Owner {
+    Cluster(String),
+    Version {
+        rollout: Option<String>,
+        version: String,
+    },
+}
+
+/// Distinct (owner, signature) pairs kept between two ticks: hostile or runaway logs cannot grow memory.
+pub const MAX_FAILURE_KEYS: usize = 4096;
+
+/// Failures since the last tick: how many, and the first example.
+type Failures = BTreeMap<(Owner, Signature), Events>;
 
 impl Metrics {
     pub fn bump(counter: &AtomicU64) {
@@ -88,6 +110,8 @@ pub struct Server {
     load: Mutex<BTreeMap<String, Load>>,
     /// Latency per cluster from the Envoys' stats streams, since the last analysis tick.
     latency: Mutex<BTreeMap<String, Histogram>>,
+    /// Failures by owner and signature (access logs, application logs), since the last analysis tick.
+    failures: Mutex<Failures>,
     /// The latency of the last [`LATENCY_WINDOW_S`] seconds per cluster: a rollout's stable baseline.
     recent_latency: Mutex<BTreeMap<String, std::collections::VecDeque<(u64, Histogram)>>>,
     next_stream: AtomicU64,
@@ -141,6 +165,7 @@ impl Server {
             ),
             load: Mutex::new(BTreeMap::new()),
             latency: Mutex::new(BTreeMap::new()),
+            failures: Mutex::new(BTreeMap::new()),
             recent_latency: Mutex::new(BTreeMap::new()),
             next_stream: AtomicU64::new(1),
             tls,
@@ -321,6 +346,22 @@ impl Server {
         entry.errors += errors;
     }
 
+    /// Adds one failure (an access-log entry or an application's log line) for the next tick. The example is
+    /// counted in the canary or stable column by the rollout: here it is kept in `canary`, and sorted later.
+    pub fn report_failure(&self, owner: Owner, signature: Signature, seen: String) {
+        let mut failures = lock(&self.failures);
+        let key = (owner, signature);
+        if !failures.contains_key(&key) && failures.len() >= MAX_FAILURE_KEYS {
+            Metrics::bump(&self.metrics.failures_dropped);
+            return;
+        }
+        let entry = failures.entry(key).or_default();
+        entry.canary = entry.canary.saturating_add(1);
+        if entry.example.is_empty() {
+            entry.example = seen;
+        }
+    }
+
     /// Adds one Envoy's latency since its previous stats flush, for a cluster.
     pub fn report_latency(&self, cluster: &str, histogram: &Histogram) {
         if histogram.count == 0 {
@@ -372,6 +413,7 @@ impl Server {
             tick.tick().await;
             let load = std::mem::take(&mut *lock(&self.load));
             let latency = std::mem::take(&mut *lock(&self.latency));
+            let failures = std::mem::take(&mut *lock(&self.failures));
             let active: Vec<Rollout> = lock(&self.rollouts)
                 .values()
                 .filter(|r| !r.phase.finished())
@@ -389,7 +431,16 @@ impl Server {
                         let slow = inputs.latency.as_ref().and_then(|(stable, canary)| {
                             rollout.observe_latency(stable, canary, now)
                         });
-                        let action = slow.or_else(|| rollout.tick(inputs.tick, now));
+                        let found = || {
+                            rollout.observe_findings(
+                                events_of(&failures, &rollout.plan),
+                                inputs.tick,
+                                now,
+                            )
+                        };
+                        let action = slow
+                            .or_else(found)
+                            .or_else(|| rollout.tick(inputs.tick, now));
                         match action {
                             Some(action) => carry_out(config, rollout, &action),
                             None => Ok((config.clone(), Vec::new())),
@@ -560,6 +611,43 @@ fn tick_of(load: &BTreeMap<String, Load>, rollout: &Rollout) -> Option<Tick> {
         stable_bad: stable.errors,
         canary_bad: canary.errors,
     })
+}
+
+/// A rollout's share of the failures since the last tick: per signature, stable's and the canary's. Envoy's
+/// entries belong to a version by cluster (the canary's route cluster counts as the canary's: its attempts go
+/// to the canary first), applications' lines by version name.
+fn events_of(failures: &Failures, plan: &crate::rollout::Plan) -> BTreeMap<Signature, Events> {
+    let mut events: BTreeMap<Signature, Events> = BTreeMap::new();
+    for ((owner, signature), seen) in failures {
+        let canary = match owner {
+            Owner::Cluster(c) if *c == plan.stable_cluster => false,
+            Owner::Cluster(c)
+                if *c == plan.canary_cluster || Some(c) == plan.canary_route_cluster.as_ref() =>
+            {
+                true
+            }
+            Owner::Version { rollout, version }
+                if rollout.as_ref().map_or(true, |r| *r == plan.rollout) =>
+            {
+                if *version == plan.stable {
+                    false
+                } else if *version == plan.canary {
+                    true
+                } else {
+                    continue;
+                }
+            }
+            _ => continue,
+        };
+        let count = seen.canary;
+        let split = Events {
+            stable: if canary { 0 } else { count },
+            canary: if canary { count } else { 0 },
+            example: seen.example.clone(),
+        };
+        events.entry(signature.clone()).or_default().add(&split);
+    }
+    events
 }
 
 /// What a rollout decided, as an edit of the desired config (the same edits as `set`, `promote`).

@@ -33,14 +33,18 @@ from lab import ENVOY_BIN, ENVOY_DIR, NATIVE, WASM, expected_version, fnv1a64, i
 
 class Upstream:
     """An app version: answers 200 with {"served_by": version, "headers": {name: [values]}}. With `fail_rate`,
-    that share of requests (not /healthz, which keeps the health check green) gets a 503; with `delay_s`, every
-    answer but /healthz's waits that long. `app_requests` counts the requests that are not health checks."""
+    that share of requests (not /healthz, which keeps the health check green) gets a 503; `fail_rules` does the
+    same per request ("POST /checkout": 0.3, or (0.3, 500) for another status, by method and path prefix; the
+    first match wins over `fail_rate`);
+    with `delay_s`, every answer but /healthz's waits that long. `app_requests` counts the requests that are not
+    health checks."""
 
     def __init__(self, version: str):
         self.version = version
         self.requests = 0
         self.app_requests = 0
         self.fail_rate = 0.0
+        self.fail_rules: dict[str, float] = {}
         self.delay_s = 0.0
         self.failed = 0
         upstream = self
@@ -59,12 +63,15 @@ class Upstream:
                 if self.path != "/healthz":
                     with counting:
                         upstream.app_requests += 1
-                        fail = upstream.fail_rate and failures.random() < upstream.fail_rate
+                        rule = next((r for prefix, r in upstream.fail_rules.items()
+                                     if f"{self.command} {self.path}".startswith(prefix)), upstream.fail_rate)
+                        rate, status = rule if isinstance(rule, tuple) else (rule, 503)
+                        fail = rate and failures.random() < rate
                         upstream.failed += 1 if fail else 0
                     if upstream.delay_s:
                         time.sleep(upstream.delay_s)
                     if fail:
-                        self.send_response(503)
+                        self.send_response(status)
                         self.send_header("content-length", "0")
                         self.end_headers()
                         return
@@ -126,13 +133,15 @@ class Envoy(lab.EnvoyProcess):
     def connection(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
 
-    def get(self, path: str = "/", headers: dict | list | None = None, conn=None) -> "Response":
+    def get(self, path: str = "/", headers: dict | list | None = None, conn=None, method: str = "GET") -> "Response":
         own = conn is None
         conn = conn or self.connection()
         try:
-            conn.putrequest("GET", path, skip_host="host" in {k.lower() for k, _ in _pairs(headers)})
+            conn.putrequest(method, path, skip_host="host" in {k.lower() for k, _ in _pairs(headers)})
             for name, value in _pairs(headers):
                 conn.putheader(name, value)
+            if method in ("POST", "PUT"):
+                conn.putheader("content-length", "0")
             conn.endheaders()
             r = conn.getresponse()
             return Response(r.status, r.getheaders(), r.read())
@@ -178,11 +187,15 @@ class Response:
 class Traffic:
     """Concurrent keep-alive clients that record every outcome until stopped."""
 
-    def __init__(self, envoy, clients=6):
+    def __init__(self, envoy, clients=6, requests: list[tuple[str, str]] | None = None):
+        """`requests`: (method, path) pairs each client picks from at random, independently of the user (default:
+        GET /). Cycling through them would tie each user to one request, and so each version to its users' mix."""
         self.envoy = envoy
+        self.requests = requests or [("GET", "/")]
         self.stop_flag = threading.Event()
         self.lock = threading.Lock()
         self.statuses = Counter()
+        self.outcomes = Counter()  # (method, path, status)
         self.served = Counter()
         self.errors: list[str] = []
         self.mismatches: list[str] = []
@@ -190,12 +203,14 @@ class Traffic:
 
     def _run(self, client: int):
         conn = self.envoy.connection()
+        pick = random.Random(client)
         i = 0
         while not self.stop_flag.is_set():
             user = f"c{client}-u{i % 500}"
             i += 1
             try:
-                r = self.envoy.get("/", {"x-user-id": user}, conn=conn)
+                method, path = pick.choice(self.requests)
+                r = self.envoy.get(path, {"x-user-id": user}, conn=conn, method=method)
             except Exception as err:  # a dropped connection is a failure the test must see
                 with self.lock:
                     self.errors.append(f"{user}: {err!r}")
@@ -204,6 +219,7 @@ class Traffic:
                 continue
             with self.lock:
                 self.statuses[r.status] += 1
+                self.outcomes[(method, path, r.status)] += 1
                 if r.status == 200:
                     self.served[r.served_by] += 1
                     # Python upstreams report the route header they got: it must name the version serving.

@@ -32,7 +32,7 @@ def test_the_local_demo_ramps_to_100_percent_rolls_back_a_buggy_v2_promotes_a_fi
     # The release loop: the buggy v2 rolled back by its error rate (users saw none), the fixed one promoted.
     # Its failures (retried on v1) show as errors of v2's hosts, and as slower requests on v2's route.
     rolled_back = re.search(r"   rolled back: (errors [\d.]+% on v2 vs [\d.]+% on v1|latency: [\d.]+% of v2 requests slower "
-                            r"than .* vs [\d.]+% of v1) .*evidence \S+ ≥ 80 ", out)
+                            r"than .* vs [\d.]+% of v1) .*evidence \S+ ≥ 100 ", out)
     assert rolled_back, out
     assert "   promoted: every step passed: v2 is stable now" in out, out
     assert out.count("non-2xx: 0 ") == 2, out

@@ -83,9 +83,9 @@ def test_a_canary_failing_a_few_percent_behind_the_fallback_is_rolled_back_and_n
     assert upstreams["v2"].failed > 0
     errors = done["evidence"]["errors"]
     assert errors["canary_errors"] >= 3 and errors["stable_errors"] == 0, errors
-    assert errors["e_value"] >= errors["threshold"] == 80
+    assert errors["e_value"] >= errors["threshold"] == 100
     assert done["reason"].startswith("errors ") and "on v2 vs 0.00% on v1" in done["reason"], done["reason"]
-    assert "(1/α, α = 0.0125: 0.05 over 4 tests) at step 1/3 (20%)" in done["reason"], done["reason"]
+    assert "(1/α, α = 0.01: 0.05 over 5 tests) at step 1/3 (20%)" in done["reason"], done["reason"]
     # Within the first step's hold (30 s): it did not wait for the step to end.
     assert took < 30, f"rolled back after {took:.1f}s"
     assert canary_percent(server) == ("0", "v1")
@@ -115,7 +115,7 @@ def test_a_slower_canary_is_rolled_back_on_latency_against_stable_s_own_distribu
     assert set(statuses) == {200} and served["v2"] > 0, statuses
     assert done["phase"] == "rolled_back", done
     assert done["reason"].startswith("latency: ") and "of v2 requests slower than" in done["reason"], done["reason"]
-    assert "(1/α, α = 0.0125: 0.05 over 4 tests)" in done["reason"], done["reason"]
+    assert "(1/α, α = 0.01: 0.05 over 5 tests)" in done["reason"], done["reason"]
     checks = done["latency"]["checks"]
     assert done["latency"]["compared"] and len(checks) >= 1, done["latency"]
     assert any(c["canary_rate"] > 0.9 and c["stable_rate"] < 0.5 for c in checks), checks
@@ -123,7 +123,7 @@ def test_a_slower_canary_is_rolled_back_on_latency_against_stable_s_own_distribu
         text = r.read().decode()
     for c in checks:
         assert f'canaryctl_rollout_evidence{{rollout="web",metric="latency_{c["slower_than_us"]}us"}} ' in text, text
-        assert f'canaryctl_rollout_evidence_threshold{{rollout="web",metric="latency_{c["slower_than_us"]}us"}} 80\n' \
+        assert f'canaryctl_rollout_evidence_threshold{{rollout="web",metric="latency_{c["slower_than_us"]}us"}} 100\n' \
             in text, text
     assert took < 30, f"rolled back after {took:.1f}s"
     assert canary_percent(server) == ("0", "v1")
