@@ -227,6 +227,7 @@ def nginx_conf(workdir: str, upstreams: dict[str, int]) -> str:
         listen 127.0.0.1:{port} reuseport;
         keepalive_requests 1000000;
         location / {{ add_header x-served-by {version}; return 200 "{version}\\n"; }}
+        location /fail {{ return 500; }}
     }}''' for version, port in upstreams.items())
     return f'''worker_processes 1;
 daemon off;

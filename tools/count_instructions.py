@@ -62,9 +62,9 @@ def envoy_binary() -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-def send(conn: http.client.HTTPConnection, user: int) -> str:
+def send(conn: http.client.HTTPConnection, user: int, path: str = "/") -> str:
     name = f"user-{user}"
-    conn.request("GET", "/", headers={"Host": "bench.local", "x-user-id": name,
+    conn.request("GET", path, headers={"Host": "bench.local", "x-user-id": name,
                                       "cookie": f"theme=dark; session={name}"})
     return conn.getresponse().read().decode().strip()
 

@@ -4,12 +4,14 @@
     .venv/bin/python tools/count_report_cost.py [--requests 3000] [--idle 10]
 
 Runs the shipped envoy/envoy-ads.yaml (one worker, routes forwarding to two nginx upstreams, the filter config
-from `canaryctl serve`) under `valgrind --tool=callgrind`, three times: as shipped (load reports and the stats
-stream to canaryctl, each every second), with the stats stream removed (`stats_sinks`, `stats_flush_interval`),
-and with both removed (also `cluster_manager.load_stats_config`). For each: instructions per request over
---requests requests (the bench's users and headers, after a warm-up), then instructions per second with no
-traffic over --idle seconds (the reports themselves: an Envoy under callgrind still reports every second).
-Prints a Markdown table for BENCHMARKS.md.
+from `canaryctl serve`) under `valgrind --tool=callgrind`: as shipped (load reports, the stats stream and the
+failure access logs to canaryctl), as shipped with 1 % of requests failing (GET /fail, a 500 from nginx: one
+failed request and one failed attempt logged each), without the access logs (with and without the 1 %), with the
+stats stream removed too (`stats_sinks`, `stats_flush_interval`), and with everything removed (also
+`cluster_manager.load_stats_config`). For each: instructions per request over --requests requests (the bench's
+users and headers, after a warm-up), then instructions per second with no traffic over --idle seconds (the
+reports themselves: an Envoy under callgrind still reports every second). Prints a Markdown table for
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -40,13 +42,50 @@ STATS_STREAM_START = "# Stats to canaryctl at every flush"
 STATS_STREAM_END = "    histogram_emit_mode: HISTOGRAM\n"
 
 
+# The failure access logs, as envoy-ads.yaml has them: the connection manager's and the router's.
+REQUEST_LOG_START = "          # Failed requests (5xx"
+REQUEST_LOG_END = "          route_config:\n"
+ATTEMPT_LOG_START = "              # Failed upstream attempts"
+ATTEMPT_LOG_END = "                    buffer_flush_interval: 1s\n"
+
+
+def without_access_logs(text: str) -> str:
+    start, end = text.index(REQUEST_LOG_START), text.index(REQUEST_LOG_END)
+    text = text[:start] + text[end:]
+    start = text.index(ATTEMPT_LOG_START)
+    end = text.index(ATTEMPT_LOG_END, start) + len(ATTEMPT_LOG_END)
+    return text[:start] + text[end:]
+
+
+def request_log_only(text: str) -> str:
+    start = text.index(ATTEMPT_LOG_START)
+    end = text.index(ATTEMPT_LOG_END, start) + len(ATTEMPT_LOG_END)
+    return text[:start] + text[end:]
+
+
+def attempt_log_only(text: str) -> str:
+    """The router's upstream log alone (its filter written out: the anchor was on the removed log)."""
+    start, end = text.index(REQUEST_LOG_START), text.index(REQUEST_LOG_END)
+    return (text[:start] + text[end:]).replace("filter: *failures_only", """filter:
+                  or_filter:
+                    filters:
+                    - status_code_filter:
+                        comparison: { op: GE, value: { default_value: 500, runtime_key: canary_router.access_log.min_status } }
+                    - response_flag_filter: {}""")
+
+
 def without_stats_stream(text: str) -> str:
     start, end = text.index(STATS_STREAM_START), text.index(STATS_STREAM_END) + len(STATS_STREAM_END)
     return text[:start] + text[end:]
 
 
+def path_of(i: int, failing_percent: int) -> str:
+    """Every (100 / failing_percent)-th request fails: deterministic, the same in every run."""
+    return "/fail" if failing_percent and i % (100 // failing_percent) == 0 else "/"
+
+
 def measure(name: str, text: str, workdir: str, control: lab.Canaryctl, port: int, hold: lab.PortHold,
-            requests: int, idle: float, binary: str) -> tuple[float, float, float]:
+            requests: int, idle: float, binary: str, failing_percent: int = 0) -> tuple[float, float, float]:
     out = os.path.join(workdir, f"callgrind.{name}")
     callgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p"]
     envoy = lab.EnvoyProcess(name, text, workdir, admin_port=0, workers=1, holds=[hold], wrapper=callgrind,
@@ -62,7 +101,7 @@ def measure(name: str, text: str, workdir: str, control: lab.Canaryctl, port: in
         subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
         started = time.monotonic()
         for i in range(requests):
-            count_instructions.send(conn, i % count_instructions.USERS + 1)
+            count_instructions.send(conn, i % count_instructions.USERS + 1, path_of(i, failing_percent))
         rate = requests / (time.monotonic() - started)
         per_request = count_instructions.dump(pid, out) / requests
         conn.close()
@@ -77,6 +116,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--split-access-logs", action="store_true",
+                        help="only: the connection manager's access log alone, then the router's upstream log alone")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="canary-router-report-cost-")
     holds = {"v1": lab.PortHold(), "v2": lab.PortHold()}
@@ -91,17 +132,30 @@ def main() -> int:
     results = {}
     try:
         control.start()
-        for name, stats_stream, load_reports in (("shipped", True, True), ("load-reports-only", False, True),
-                                                 ("neither", False, False)):
+        variants = (
+            ("shipped", True, True, True, 0), ("shipped-1pc-failing", True, True, True, 1),
+            ("no-access-logs", False, True, True, 0), ("no-access-logs-1pc-failing", False, True, True, 1),
+            ("load-reports-only", False, False, True, 0), ("neither", False, False, False, 0))
+        if args.split_access_logs:
+            variants = (("no-access-logs", False, True, True, 0), ("request-log-only", "requests", True, True, 0),
+                        ("attempt-log-only", "attempts", True, True, 0))
+        for name, access_logs, stats_stream, load_reports, failing in variants:
             hold = lab.PortHold()
             where = lab.FrontAddresses(listener_port=hold.port, admin_port=0, upstream_ports=upstreams,
                                        xds_port=control.xds_port)
             text = lab.render_front("envoy-ads.yaml", where)
+            if not access_logs:
+                text = without_access_logs(text)
+            elif access_logs == "requests":
+                text = request_log_only(text)
+            elif access_logs == "attempts":
+                text = attempt_log_only(text)
             if not stats_stream:
                 text = without_stats_stream(text)
             if not load_reports:
                 text = lab.substitute(text, {LOAD_STATS: ""}, "envoy-ads.yaml")
-            results[name] = measure(name, text, workdir, control, hold.port, hold, args.requests, args.idle, binary)
+            results[name] = measure(name, text, workdir, control, hold.port, hold, args.requests, args.idle, binary,
+                                    failing)
             print(f"{name}: {results[name][0] / 1000:.1f}k instructions per request at {results[name][2]:.0f} "
                   f"requests/s, {results[name][1] / 1e6:.2f}M per idle second", file=sys.stderr, flush=True)
     finally:
@@ -110,13 +164,20 @@ def main() -> int:
     rate = results["shipped"][2]
     print(f"\nReports: envoy/envoy-ads.yaml under callgrind, one worker, {args.requests} requests at about "
           f"{rate:.0f} requests/s (callgrind's pace), then {args.idle:g} s idle.\n")
-    print("| Envoy | instructions per request | instructions per idle second |")
-    print("| --- | ---: | ---: |")
-    labels = {"shipped": "as shipped: load reports and the stats stream, every second",
-              "load-reports-only": "load reports only (stats stream removed)",
-              "neither": "neither (load_stats_config removed too)"}
-    for name, (per_request, per_second, _) in results.items():
-        print(f"| {labels[name]} | {per_request / 1000:.1f}k | {per_second / 1e6:.3f}M |")
+    print("| Envoy | instructions per request | instructions per idle second | per request, net of the idle rate |")
+    print("| --- | ---: | ---: | ---: |")
+    labels = {"shipped": "as shipped: load reports, stats stream, failure access logs",
+              "shipped-1pc-failing": "as shipped, 1 % of requests failing",
+              "no-access-logs": "access logs removed",
+              "no-access-logs-1pc-failing": "access logs removed, 1 % of requests failing",
+              "load-reports-only": "load reports only (stats stream and access logs removed)",
+              "neither": "none (load_stats_config removed too)",
+              "request-log-only": "the connection manager's access_log only (failed requests)",
+              "attempt-log-only": "the router's upstream_log only (failed attempts)"}
+    for name, (per_request, per_second, rate) in results.items():
+        # The reports run once a second whatever the traffic: without them, what each request itself costs.
+        net = per_request - per_second / rate
+        print(f"| {labels[name]} | {per_request / 1000:.1f}k | {per_second / 1e6:.3f}M | {net / 1000:.1f}k |")
     return 0
 
 

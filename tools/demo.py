@@ -8,9 +8,11 @@ then the release loop, where canaryctl decides by itself.
 the control plane (`canaryctl serve`) and Envoy with the shipped ADS bootstrap (envoy/envoy-ads.yaml). It
 then simulates a few hundred users, steps the canary percentage with `canaryctl set` (each step waits until
 Envoy has applied it), shows each version's share live, and prints a summary. Then the release loop
-(`canaryctl rollout start`, decided from Envoy's load reports): a buggy v2 (503 on 5 % of its requests) is
-rolled back automatically, with the reason on screen, while users see no error thanks to the fallback; the
-fixed v2 is promoted step by step. It stops every process it started, on Ctrl-C too.
+(`canaryctl rollout start`, decided from Envoy's load reports and failure access logs), with a flaky GET /search
+that fails on both versions alike: a buggy v2 (503 on 5 % of its requests) is rolled back automatically, with
+the reason on screen, while users see no error of it thanks to the fallback; a v2 that breaks only POST /checkout
+(0.5 % of its requests) is rolled back by that error signature, new on v2, while the shared search errors stay
+`known`; the fixed v2 is promoted step by step. It stops every process it started, on Ctrl-C too.
 
 `drive` does the traffic and the ramp against an Envoy that is already running (e.g. `docker compose up`),
 through canaryctl or, without a control plane, by publishing files into a watched ECDS directory:
@@ -56,9 +58,10 @@ def plugin_config(percent: float) -> str:
 
 
 class Users:
-    """Simulated users on keep-alive connections; each request is one user's, chosen at random."""
+    """Simulated users on keep-alive connections; each request is one user's, chosen at random, and one of
+    `requests` ((weight, method, path) with `{n}` for a random number), chosen independently of the user."""
 
-    def __init__(self, url: str, users: int, clients: int):
+    def __init__(self, url: str, users: int, clients: int, requests: list[tuple[int, str, str]] | None = None):
         parsed = urllib.parse.urlsplit(url)
         self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
         # Realistic, diverse ids (seeded, so every run has the same users).
@@ -68,17 +71,23 @@ class Users:
         self.lock = threading.Lock()
         self.total = Counter()        # version -> requests, whole run
         self.non_2xx = Counter()      # status (or error) -> count, whole run
+        self.failed = Counter()       # (method, path without its id, status) -> count, whole run
+        self.requests = requests or [(1, "GET", "/")]
         self.recent: deque[tuple[float, str]] = deque()  # (time, version) for the live window
         self.step = Counter()         # version -> requests in the current step
         self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
 
     def _client(self, seed: int):
         rng = random.Random(seed)
+        kinds = [(method, path) for _, method, path in self.requests]
+        weights = [weight for weight, _, _ in self.requests]
         conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
         while not self.stop_flag.is_set():
             user = rng.choice(self.user_ids)
+            method, path = rng.choices(kinds, weights)[0]
             try:
-                conn.request("GET", "/", headers={"x-user-id": user})
+                headers = {"x-user-id": user, **({"content-length": "0"} if method == "POST" else {})}
+                conn.request(method, path.replace("{n}", str(rng.randrange(1, 100000))), headers=headers)
                 response = conn.getresponse()
                 response.read()
                 version = response.getheader("x-served-by") or "?"
@@ -96,6 +105,7 @@ class Users:
                     self.recent.append((time.monotonic(), version))
                 else:
                     self.non_2xx[status] += 1
+                    self.failed[(method, path.split("?")[0].replace("/{n}", "") or "/", status)] += 1
         conn.close()
 
     def start(self):
@@ -218,15 +228,31 @@ def ramp(users: Users, publish, steps: list[float], hold: float) -> list[tuple]:
     return results
 
 
-def summarize(users: Users, elapsed: float) -> int:
+def summarize(users: Users, elapsed: float, expected: set | None = None) -> int:
+    """`expected`: (method, path, status) failures the run provokes on purpose (shown, and not a failure of the
+    demo)."""
     total = sum(users.total.values())
     errors = sum(users.non_2xx.values())
     print()
     print(f"Summary: {total + errors} requests in {elapsed:.1f} s from {len(users.user_ids)} users")
     for version in sorted(users.total):
         print(f"  {version}: {users.total[version]:7d} ({users.total[version] / max(total, 1) * 100:.1f}%)")
-    print(f"  non-2xx: {errors}" + (f" {dict(users.non_2xx)}" if errors else " (a canary change lost no request)"))
-    return 0 if errors == 0 else 1
+    if not expected:
+        print(f"  non-2xx: {errors}" + (f" {dict(users.non_2xx)}" if errors else " (a canary change lost no request)"))
+        return 0 if errors == 0 else 1
+    provoked = sum(n for key, n in users.failed.items() if key in expected)
+    unexpected = errors - provoked
+    print(f"  non-2xx the apps answered on purpose: {provoked}")
+    for (method, path, status), n in sorted(users.failed.items()):
+        if (method, path, status) in expected:
+            why = ("the flaky search both versions share (known)" if path == "/search"
+                   else "the v2 that broke it, until its rollback (a 500 is not retried)")
+            print(f"    {method} {path} {status}: {n} ({why})")
+    others = {f"{m} {p} {status}": n for (m, p, status), n in users.failed.items() if (m, p, status) not in expected}
+    others.update({str(k): n for k, n in users.non_2xx.items() if not isinstance(k, int)})
+    print(f"  non-2xx: {unexpected} other" + (f" {others}" if unexpected else
+                                             " (the fallback hid every 503 of the buggy v2)"))
+    return 0 if unexpected == 0 else 1
 
 
 def drive(url: str, publish, steps: list[float], hold: float, user_count: int, clients: int) -> int:
@@ -255,11 +281,15 @@ def drive(url: str, publish, steps: list[float], hold: float, user_count: int, c
 
 def rollout_line(r: dict) -> str:
     errors = r["evidence"]["errors"]
-    # The strongest evidence of the four tests (errors, and latency beyond stable's p50, p90, p99).
+    # The strongest evidence of the tests (errors, latency beyond stable's p50, p90, p99), against its threshold;
+    # and the strongest error signature against its own.
     evidence = max([errors["e_value"]] + [c["e_value"] for c in r["latency"]["checks"]])
+    signatures = r["findings"]["signatures"]
+    finding = max((s["e_value"] for s in signatures), default=1.0)
     return (f"{r['phase']:<12} │ {r['step_name']:<16} │ v2 errors {errors['canary_errors']}/{errors['canary_requests']} "
             f"vs v1 {errors['stable_errors']}/{errors['stable_requests']} │ evidence {evidence:.3g} "
-            f"(rolls back at {errors['threshold']:.0f})")
+            f"(rolls back at {errors['threshold']:.0f}) │ signatures {len(signatures)}, top {finding:.3g} "
+            f"(at {r['findings']['threshold']:.0f})")
 
 
 def release(control: lab.Canaryctl, users: "Users", hold: float, deadline_s: float = 180) -> dict:
@@ -291,12 +321,22 @@ def release(control: lab.Canaryctl, users: "Users", hold: float, deadline_s: flo
     raise RuntimeError(f"the rollout did not finish within {deadline_s:g} s: {line}")
 
 
-def redeploy(apps: dict, version: str, fail_percent: int, run_dir: str) -> None:
+# Both versions call a flaky search dependency: GET /search answers 500 to 2.5 % of its requests, on v1 and v2
+# alike (users see those: a 500 is not retried). A known caveat of stable, which must not stop a release.
+SHARED_FAULTS = {"GET /search": (500, 2.5)}
+# The release loop's traffic: 59 % GET /, 40 % GET /search, 1 % POST /checkout.
+RELEASE_REQUESTS = [(59, "GET", "/"), (40, "GET", "/search?q={n}"), (1, "POST", "/checkout/{n}")]
+
+
+def redeploy(apps: dict, version: str, fail_percent: int, run_dir: str,
+             endpoint_faults: dict | None = None) -> None:
     """Replace an app version's process with another build of it (same port)."""
     app, port = apps[version]
     app.stop()
     hold = lab.PortHold(port=port)  # nothing else takes the port in between
-    build = lab.EnvoyProcess(f"app-{version}", lab.render_app(version, port, fail_percent=fail_percent), run_dir,
+    faults = {**SHARED_FAULTS, **(endpoint_faults or {})}
+    build = lab.EnvoyProcess(f"app-{version}", lab.render_app(version, port, fail_percent=fail_percent,
+                                                              endpoint_faults=faults), run_dir,
                              workers=1, holds=[hold])
     apps[version] = (build.start(), port)
     build.wait_serving(port)
@@ -305,17 +345,24 @@ def redeploy(apps: dict, version: str, fail_percent: int, run_dir: str) -> None:
 
 def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list) -> int:
     print("\nThe release loop: `canaryctl rollout start` moves v2 through 5,25,50,100 % by itself, comparing its")
-    print("errors and latency with v1's from Envoy's reports (they count the attempts the fallback hid from users).\n")
+    print("errors, latency and error signatures with v1's, from Envoy's reports (they count the attempts the fallback")
+    print("hid from users) and its failure access logs. Traffic now: 59 % GET /, 40 % GET /search, 1 % POST /checkout;")
+    print("GET /search fails 2.5 % of the time on both versions (a flaky dependency: a known caveat of v1).\n")
     CanaryctlPublisher(control.server)(0)
-    users = Users(f"http://127.0.0.1:{args.port}", args.users, args.clients)
+    users = Users(f"http://127.0.0.1:{args.port}", args.users, args.clients, RELEASE_REQUESTS)
     users.start()
+    expected_failures = {("GET", "/search", 500)}
     try:
-        for title, fail_percent, expected in (
-                ("1. A buggy v2 (503 on 5 % of its requests; /healthz stays green):", 5, "rolled_back"),
-                ("2. v2 fixed:", 0, "promoted")):
+        for title, fail_percent, faults, expected in (
+                ("1. A buggy v2 (503 on 5 % of its requests; /healthz stays green):", 5, None, "rolled_back"),
+                ("2. A v2 that breaks one endpoint (POST /checkout answers 500 half the time, 0.5 % of its requests):",
+                 0, {"POST /checkout": (500, 50.0)}, "rolled_back"),
+                ("3. v2 fixed:", 0, None, "promoted")):
             print(title)
-            redeploy(apps, "v2", fail_percent, RUN_DIR)
+            redeploy(apps, "v2", fail_percent, RUN_DIR, faults)
             processes.append(apps["v2"][0])
+            if faults:
+                expected_failures |= {(e.split()[0], e.split()[1], status) for e, (status, _) in faults.items()}
             outcome = release(control, users, args.release_hold)
             if outcome["phase"] != expected:
                 raise RuntimeError(f"v2 ended {outcome['phase']}, not {expected}: {outcome.get('reason')}")
@@ -323,12 +370,17 @@ def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list) -> i
                 print(f"   rolled back: {outcome['reason']}\n")
             else:
                 print(f"   promoted: {outcome['reason']}: v2 is stable now")
+            if faults:
+                shown = subprocess.run([lab.CANARYCTL, "--server", control.server, "rollout", "findings", "web"],
+                                       capture_output=True, text=True)
+                print("\n".join("   " + line for line in shown.stdout.splitlines()[1:]) + "\n")
     except RuntimeError as err:
         print(f"\nrelease loop stopped: {err}", file=sys.stderr)
         users.non_2xx["release loop failed"] += 1
     finally:
         users.stop()
-    return summarize(users, users.elapsed())
+    code = summarize(users, users.elapsed(), expected_failures)
+    return code
 
 
 def _interrupt(signum, frame):
@@ -354,7 +406,8 @@ def local(args) -> int:
     try:
         apps = {}
         for version, port in (("v1", args.v1_port), ("v2", args.v2_port)):
-            app = lab.EnvoyProcess(f"app-{version}", lab.render_app(version, port), RUN_DIR, workers=1)
+            app = lab.EnvoyProcess(f"app-{version}", lab.render_app(version, port, endpoint_faults=SHARED_FAULTS),
+                                   RUN_DIR, workers=1)
             processes.append(app.start())
             apps[version] = (app, port)
         for app, port in apps.values():

@@ -211,15 +211,36 @@ def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_d
 SHIPPED_APP_ABORT = "              abort:\n                header_abort: {}\n                percentage: { numerator: 100 }\n"
 
 
-def render_app(version: str, port: int, address: str = "127.0.0.1", fail_percent: float = 0) -> str:
+# The demo apps' catch-all route, as shipped: routes for endpoint faults go before it.
+SHIPPED_APP_CATCH_ALL = "              - match: { prefix: / }\n"
+
+
+def render_app(version: str, port: int, address: str = "127.0.0.1", fail_percent: float = 0,
+               endpoint_faults: dict[str, tuple[int, float]] | None = None) -> str:
     """A shipped demo app on `port`. `fail_percent`: a buggy build, answering 503 to that share of requests
-    (never to /healthz, so health checks stay green and only a comparison of error rates can tell)."""
+    (never to /healthz, so health checks stay green and only a comparison of error rates can tell).
+    `endpoint_faults`: {"POST /checkout": (500, 50.0), "GET /search": (500, 2.0)}: that status to that share of
+    one endpoint's requests (method and path prefix), and nothing else."""
     name = f"demo-app-{version}.yaml"
     replacements = {SHIPPED_APP_LISTENER[version]: f"address: {address}, port_value: {port}"}
     if fail_percent:
         replacements[SHIPPED_APP_ABORT] = (
             "              abort:\n                http_status: 503\n"
             f"                percentage: {{ numerator: {round(fail_percent * 100)}, denominator: TEN_THOUSAND }}\n")
+    if endpoint_faults:
+        routes = ""
+        for endpoint, (status, percent) in endpoint_faults.items():
+            method, path = endpoint.split(" ", 1)
+            routes += (
+                f"              - match: {{ prefix: {path}, headers: [{{ name: \":method\", string_match: {{ exact: {method} }} }}] }}\n"
+                f"                direct_response: {{ status: 200, body: {{ inline_string: \"{{\\\"version\\\":\\\"{version}\\\"}}\\n\" }} }}\n"
+                f"                response_headers_to_add:\n"
+                f"                - header: {{ key: x-served-by, value: {version} }}\n"
+                f"                typed_per_filter_config:\n"
+                f"                  envoy.filters.http.fault:\n"
+                f"                    \"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\n"
+                f"                    abort: {{ http_status: {status}, percentage: {{ numerator: {round(percent * 100)}, denominator: TEN_THOUSAND }} }}\n")
+        replacements[SHIPPED_APP_CATCH_ALL] = routes + SHIPPED_APP_CATCH_ALL
     return substitute(read_shipped(name), replacements, name)
 
 

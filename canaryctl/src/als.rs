@@ -69,9 +69,25 @@ pub fn flags_text(f: &ResponseFlags) -> String {
         .join(",")
 }
 
+/// Where a log's entries come from, by its `log_name`: the shipped bootstraps name the router's upstream log
+/// `canary-router-attempts` and the connection manager's `canary-router-requests`. Other names: by the entry's
+/// type (Envoy marks an attempt that was retried as an upstream entry, but not always the last attempt).
+pub fn origin_of_log(log_name: &str) -> Option<Origin> {
+    if log_name.ends_with("attempts") {
+        Some(Origin::Attempt)
+    } else if log_name.ends_with("requests") {
+        Some(Origin::Request)
+    } else {
+        None
+    }
+}
+
 /// A failure's signature and its cluster, from one access-log entry; None for an entry that is not a failure
 /// (a user's own access-log filter may send more than failures) or names no cluster.
-pub fn failure_of(entry: &HttpAccessLogEntry) -> Option<(String, Signature, String)> {
+pub fn failure_of(
+    entry: &HttpAccessLogEntry,
+    log: Option<Origin>,
+) -> Option<(String, Signature, String)> {
     let common = entry.common_properties.as_ref()?;
     let cluster = common.upstream_cluster.clone();
     if cluster.is_empty() {
@@ -92,14 +108,14 @@ pub fn failure_of(entry: &HttpAccessLogEntry) -> Option<(String, Signature, Stri
     if !(status >= 500 || status == 0 || failure_flag) {
         return None;
     }
-    let origin = match AccessLogType::try_from(common.access_log_type) {
+    let origin = log.unwrap_or(match AccessLogType::try_from(common.access_log_type) {
         Ok(
             AccessLogType::UpstreamEnd
             | AccessLogType::UpstreamPeriodic
             | AccessLogType::UpstreamPoolReady,
         ) => Origin::Attempt,
         _ => Origin::Request,
-    };
+    });
     let request = entry.request.clone().unwrap_or_default();
     let method = RequestMethod::try_from(request.request_method)
         .map(|m| match m {
@@ -115,14 +131,21 @@ pub fn failure_of(entry: &HttpAccessLogEntry) -> Option<(String, Signature, Stri
         .unwrap_or(common.upstream_transport_failure_reason.as_str());
     let signature = Signature::http(origin, method, &request.path, status, &flags, details);
     let path = request.path.split('?').next().unwrap_or("");
-    let seen = example(&format!(
-        "{method} {path} → {} {flags} {details} (cluster {cluster})",
+    let mut seen = format!(
+        "{method} {path} → {}",
         if status == 0 {
             "no response".to_string()
         } else {
             status.to_string()
         }
-    ));
+    );
+    for part in [flags.as_str(), details] {
+        if !part.is_empty() && part != "via_upstream" {
+            seen.push(' ');
+            seen.push_str(part);
+        }
+    }
+    let seen = example(&format!("{seen} (cluster {cluster})"));
     Some((cluster, signature, seen))
 }
 
@@ -135,19 +158,23 @@ impl AccessLogService for Als {
         let peer = Peer::of(&request);
         let mut inbound = request.into_inner();
         let mut identified = false;
+        let mut log = None;
         while let Some(message) = inbound.message().await? {
-            // The first message names the node; the later ones do not.
+            // The first message names the node and the log; the later ones do not.
             let node = message.identifier.as_ref().and_then(|i| i.node.as_ref());
             if !identified || node.is_some() {
                 authorise(&self.server, &peer, node, identified)?;
                 identified = true;
+            }
+            if let Some(identifier) = &message.identifier {
+                log = origin_of_log(&identifier.log_name);
             }
             let Some(LogEntries::HttpLogs(logs)) = &message.log_entries else {
                 continue;
             };
             for entry in &logs.log_entry {
                 Metrics::bump(&self.server.metrics.access_log_entries);
-                if let Some((cluster, signature, seen)) = failure_of(entry) {
+                if let Some((cluster, signature, seen)) = failure_of(entry, log) {
                     self.server
                         .report_failure(Owner::Cluster(cluster), signature, seen);
                 }
@@ -190,11 +217,10 @@ mod tests {
 
     #[test]
     fn failed_attempts_and_requests_become_signatures_and_successes_do_not() {
-        let (cluster, signature, seen) = failure_of(&entry(
-            AccessLogType::UpstreamEnd,
-            503,
-            ResponseFlags::default(),
-        ))
+        let (cluster, signature, seen) = failure_of(
+            &entry(AccessLogType::UpstreamEnd, 503, ResponseFlags::default()),
+            None,
+        )
         .unwrap();
         assert_eq!(cluster, "app-v2");
         assert_eq!(signature.to_string(), "attempt POST /checkout/{n} 503");
@@ -207,25 +233,34 @@ mod tests {
             upstream_remote_reset: true,
             ..Default::default()
         };
-        let (_, signature, _) = failure_of(&entry(AccessLogType::DownstreamEnd, 0, reset)).unwrap();
+        let (_, signature, _) =
+            failure_of(&entry(AccessLogType::DownstreamEnd, 0, reset), None).unwrap();
         assert_eq!(signature.to_string(), "request POST /checkout/{n} - UR");
-        assert!(failure_of(&entry(
-            AccessLogType::DownstreamEnd,
-            200,
-            ResponseFlags::default()
-        ))
+        assert!(failure_of(
+            &entry(AccessLogType::DownstreamEnd, 200, ResponseFlags::default()),
+            None
+        )
         .is_none());
-        assert!(failure_of(&entry(
-            AccessLogType::UpstreamEnd,
-            404,
-            ResponseFlags::default()
-        ))
+        assert!(failure_of(
+            &entry(AccessLogType::UpstreamEnd, 404, ResponseFlags::default()),
+            None
+        )
         .is_none());
         let mut no_cluster = entry(AccessLogType::UpstreamEnd, 503, ResponseFlags::default());
         if let Some(c) = no_cluster.common_properties.as_mut() {
             c.upstream_cluster.clear();
         }
-        assert!(failure_of(&no_cluster).is_none());
+        assert!(failure_of(&no_cluster, None).is_none());
+        // The shipped log names decide the origin, whatever the entry's type says.
+        let last_attempt = entry(AccessLogType::DownstreamEnd, 500, ResponseFlags::default());
+        let log = origin_of_log("canary-router-attempts");
+        let (_, signature, _) = failure_of(&last_attempt, log).unwrap();
+        assert_eq!(signature.to_string(), "attempt POST /checkout/{n} 500");
+        assert_eq!(
+            origin_of_log("canary-router-requests"),
+            Some(Origin::Request)
+        );
+        assert_eq!(origin_of_log("mine"), None);
         assert_eq!(
             flags_text(&ResponseFlags {
                 upstream_connection_failure: true,

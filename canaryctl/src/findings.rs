@@ -321,25 +321,26 @@ pub struct Findings {
     pub stable_requests: u64,
     pub canary_requests: u64,
     /// Events that arrived while no tick had requests of both versions (a slow scrape): tested with the next
-    /// tick that has.
+    /// tick that has. By signature as shown ("attempt POST /checkout/{n} 503"): a request and an attempt with the
+    /// same text are two signatures.
     #[serde(default)]
-    pub pending: BTreeMap<String, (Origin, Events)>,
+    pub pending: BTreeMap<String, (Origin, String, Events)>,
 }
 
 impl Findings {
     /// One tick: the failures seen since the previous one, and the requests of each version.
     pub fn observe(&mut self, events: BTreeMap<Signature, Events>, tick: Option<Tick>, now: u64) {
         for (signature, e) in events {
-            let known =
-                self.pending.len() < MAX_SIGNATURES || self.pending.contains_key(&signature.text);
+            let key = signature.to_string();
+            let known = self.pending.len() < MAX_SIGNATURES || self.pending.contains_key(&key);
             if !known {
                 self.untracked = self.untracked.saturating_add(e.stable + e.canary);
                 continue;
             }
             self.pending
-                .entry(signature.text.clone())
-                .or_insert_with(|| (signature.origin, Events::default()))
-                .1
+                .entry(key)
+                .or_insert_with(|| (signature.origin, signature.text, Events::default()))
+                .2
                 .add(&e);
         }
         let Some(tick) = tick else { return };
@@ -348,7 +349,7 @@ impl Findings {
         if tick.stable_requests == 0 || tick.canary_requests == 0 {
             return; // π is 0 or 1: the events wait for a tick that can compare
         }
-        for (text, (origin, e)) in std::mem::take(&mut self.pending) {
+        for (_, (origin, text, e)) in std::mem::take(&mut self.pending) {
             let found = self
                 .signatures
                 .iter()
@@ -564,6 +565,31 @@ mod tests {
         assert!((canary - 0.02).abs() < 1e-9 && (stable - 0.02).abs() < 1e-9);
         assert_eq!(findings.stable_requests, 60 * 950);
         assert_eq!(flaky.example, "e.g. GET /flaky 503");
+    }
+
+    #[test]
+    fn a_request_and_an_attempt_with_the_same_text_are_two_signatures() {
+        let mut findings = Findings::default();
+        let failure = |origin| Signature {
+            origin,
+            text: "GET /search 500".into(),
+        };
+        let one = Events {
+            stable: 1,
+            canary: 0,
+            example: String::new(),
+        };
+        let events = BTreeMap::from([
+            (failure(Origin::Request), one.clone()),
+            (failure(Origin::Attempt), one),
+        ]);
+        findings.observe(events, tick(100, 10), 1);
+        let names: Vec<String> = findings.signatures.iter().map(Finding::name).collect();
+        assert_eq!(
+            names,
+            ["attempt GET /search 500", "request GET /search 500"]
+        );
+        assert!(findings.signatures.iter().all(|f| f.stable == 1));
     }
 
     #[test]

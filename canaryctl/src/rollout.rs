@@ -156,6 +156,8 @@ pub fn default_latency_tolerance() -> f64 {
 pub const LATENCY_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
 /// Stable requests needed to choose the latency bounds.
 pub const LATENCY_BASELINE: u64 = 500;
+/// Canary requests of each step whose latency is not judged (the ticks that bring them): new connections.
+pub const LATENCY_WARM_UP_REQUESTS: u64 = 100;
 /// Bounds below this (µs) are raised to it: under a millisecond, a fresh connection's setup, not the
 /// version, decides which requests are "slow".
 pub const LATENCY_FLOOR_US: u64 = 1000;
@@ -353,6 +355,9 @@ pub struct Rollout {
     /// Failures by signature, canary against stable.
     #[serde(default)]
     pub findings: Findings,
+    /// Canary requests of this step seen by the latency checks' warm-up (see [`LATENCY_WARM_UP_REQUESTS`]).
+    #[serde(default)]
+    pub step_latency_requests: u64,
 }
 
 /// The history keeps this many lines (the oldest go first).
@@ -386,6 +391,7 @@ impl Rollout {
             latency: Vec::new(),
             latency_baseline: Histogram::default(),
             findings: Findings::default(),
+            step_latency_requests: 0,
         };
         rollout.record(now, format!("started at {}", rollout.step_name()));
         if rollout.plan.latency {
@@ -424,19 +430,31 @@ impl Rollout {
         format!("step {}/{} ({name})", self.step + 1, self.plan.steps.len())
     }
 
-    /// One analysis tick (the load reports since the previous one, none when nothing arrived) at `now`.
+    /// One analysis tick (the load reports since the previous one, none when nothing arrived) at `now`: the
+    /// error test, then the step rules (the controller runs the other tests in between).
+    #[cfg(test)]
     pub fn tick(&mut self, tick: Option<Tick>, now: u64) -> Option<Action> {
+        self.observe_errors(tick, now).or_else(|| self.advance(now))
+    }
+
+    /// The error test on one tick (after the warm-up); rolls back when its evidence reaches the threshold.
+    pub fn observe_errors(&mut self, tick: Option<Tick>, now: u64) -> Option<Action> {
         if self.phase.finished() {
             return None;
         }
-        if let Some(tick) = tick.filter(|_| now >= self.counted_from_unix) {
-            self.errors.observe(tick);
-            self.step_canary_requests += tick.canary_requests;
-            if self.errors.rejects(self.plan.test_alpha()) {
-                let why = self.rollback_reason();
-                return Some(self.finish_rolled_back(now, why));
-            }
+        let tick = tick.filter(|_| now >= self.counted_from_unix)?;
+        self.errors.observe(tick);
+        self.step_canary_requests += tick.canary_requests;
+        if self.errors.rejects(self.plan.test_alpha()) {
+            let why = self.rollback_reason();
+            return Some(self.finish_rolled_back(now, why));
         }
+        None
+    }
+
+    /// The step rules at `now`: a gate pauses, a step whose hold is over and was tested passes, a step out of
+    /// time is inconclusive.
+    pub fn advance(&mut self, now: u64) -> Option<Action> {
         if self.phase != Phase::Progressing {
             return None;
         }
@@ -491,6 +509,7 @@ impl Rollout {
         self.step += 1;
         self.step_started_unix = now;
         self.step_canary_requests = 0;
+        self.step_latency_requests = 0;
         match self.plan.steps.get(self.step).copied() {
             None => {
                 self.step = self.plan.steps.len() - 1;
@@ -573,13 +592,19 @@ impl Rollout {
         canary: &Histogram,
         now: u64,
     ) -> Option<Action> {
-        // Not in a step's first seconds: the canary's share just moved, and Envoy is opening connections.
+        // Not in a step's first seconds, nor on its first canary requests: the canary's share just moved, Envoy
+        // is opening connections to it (a canary that was unhealthy, or just deployed, gets its first requests
+        // only later), and the first requests on a new connection are slower whatever the version.
         let warming = now < self.counted_from_unix || now < self.step_started_unix + WARM_UP_S;
         if self.phase.finished() || !self.plan.latency || warming {
             return None;
         }
         if self.latency.is_empty() {
             self.learn_latency_bounds(stable, now);
+            return None;
+        }
+        if self.step_latency_requests < LATENCY_WARM_UP_REQUESTS {
+            self.step_latency_requests = self.step_latency_requests.saturating_add(canary.count);
             return None;
         }
         for check in &mut self.latency {
@@ -1106,5 +1131,31 @@ mod tests {
         }
         assert_eq!(r.findings.signatures[0].canary, 40);
         assert!(r.findings.signatures[0].rolls_back(r.plan.signature_alpha()));
+    }
+
+    #[test]
+    fn the_first_canary_requests_of_a_step_are_not_judged_on_latency() {
+        // A canary that gets its first requests only after the step's first seconds (it was unhealthy, or just
+        // deployed) opens new connections then: those requests are slow whatever the version.
+        let mut p = plan("20,100");
+        p.latency = true;
+        let baseline = latency(1000, &[(1000, 990), (5000, 1000)]);
+        let (mut r, _) = Rollout::start(p, 0, baseline).unwrap();
+        assert_eq!(r.latency.len(), 1);
+        let stable = latency(5000, &[(1000, 4950), (5000, 5000)]);
+        let cold = latency(60, &[(1000, 0), (5000, 60)]);
+        let warm = latency(300, &[(1000, 297), (5000, 300)]);
+        assert_eq!(r.observe_latency(&stable, &latency(0, &[]), 5), None);
+        assert_eq!(r.observe_latency(&stable, &cold, 6), None);
+        assert_eq!(r.observe_latency(&stable, &cold, 7), None);
+        assert_eq!(r.step_latency_requests, 120);
+        assert_eq!(
+            r.latency[0].evidence.canary_requests, 0,
+            "warm-up ticks are not counted"
+        );
+        for t in 8..30 {
+            assert_eq!(r.observe_latency(&stable, &warm, t), None);
+        }
+        assert!(r.latency[0].evidence.canary_requests > 0);
     }
 }

@@ -428,19 +428,22 @@ impl Server {
                         let Some(rollout) = rollouts.get_mut(&name) else {
                             return Ok((config.clone(), Vec::new()));
                         };
-                        let slow = inputs.latency.as_ref().and_then(|(stable, canary)| {
-                            rollout.observe_latency(stable, canary, now)
-                        });
-                        let found = || {
-                            rollout.observe_findings(
-                                events_of(&failures, &rollout.plan),
-                                inputs.tick,
-                                now,
-                            )
-                        };
-                        let action = slow
-                            .or_else(found)
-                            .or_else(|| rollout.tick(inputs.tick, now));
+                        // Each test sees the tick (the first to reach its threshold names the rollback),
+                        // then the step rules run.
+                        let action = rollout
+                            .observe_errors(inputs.tick, now)
+                            .or_else(|| {
+                                let (stable, canary) = inputs.latency.as_ref()?;
+                                rollout.observe_latency(stable, canary, now)
+                            })
+                            .or_else(|| {
+                                rollout.observe_findings(
+                                    events_of(&failures, &rollout.plan),
+                                    inputs.tick,
+                                    now,
+                                )
+                            })
+                            .or_else(|| rollout.advance(now));
                         match action {
                             Some(action) => carry_out(config, rollout, &action),
                             None => Ok((config.clone(), Vec::new())),

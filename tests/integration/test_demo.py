@@ -8,7 +8,7 @@ import sys
 import lab
 
 
-def test_the_local_demo_ramps_to_100_percent_rolls_back_a_buggy_v2_promotes_a_fixed_one_and_cleans_up():
+def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout_promotes_a_fixed_one_and_cleans_up():
     # The Envoy listeners' ports are held until the demo ends (Envoy binds beside the hold); Envoy's admin
     # and canaryctl take port 0 and say which port they got.
     holds = [lab.PortHold() for _ in range(3)]
@@ -29,13 +29,24 @@ def test_the_local_demo_ramps_to_100_percent_rolls_back_a_buggy_v2_promotes_a_fi
     assert [s[0] for s in steps] == ["0", "5", "25", "50", "100"], out
     assert all(int(s[1]) > 100 for s in steps), steps
     assert (steps[0][3], steps[-1][2]) == ("0.0", "0.0"), "0 % serves only v1, 100 % only v2"
-    # The release loop: the buggy v2 rolled back by its error rate (users saw none), the fixed one promoted.
-    # Its failures (retried on v1) show as errors of v2's hosts, and as slower requests on v2's route.
-    rolled_back = re.search(r"   rolled back: (errors [\d.]+% on v2 vs [\d.]+% on v1|latency: [\d.]+% of v2 requests slower "
-                            r"than .* vs [\d.]+% of v1) .*evidence \S+ ≥ 100 ", out)
-    assert rolled_back, out
+    # The release loop. 1: the buggy v2 rolled back by its errors, its latency or its new error signature (users saw
+    # none of its 503s: the fallback retried them). Its failures show as errors of v2's hosts, as slower requests
+    # on v2's route, and as failed attempts in Envoy's access logs.
+    rolled_back = re.findall(r"   rolled back: (.*)", out)
+    assert len(rolled_back) == 2, out
+    assert re.match(r"(errors [\d.]+% on v2 vs [\d.]+% on v1|latency: [\d.]+% of v2 requests slower than .* vs [\d.]+% "
+                    r"of v1|finding new on v2: attempt GET / 503) .*evidence \S+ ≥ (100|3200) ", rolled_back[0]), out
+    # 2: the v2 that breaks only POST /checkout (0.5 % of its requests) is rolled back by that signature, while the
+    # search errors both versions share stay known.
+    assert re.match(r"finding new on v2: (request|attempt) POST /checkout/\{n\} 500 \d+ vs 0 on v1 .*evidence \S+ ≥ 3200 ",
+                    rolled_back[1]), out
+    assert re.search(r"known .* (request|attempt) GET /search 500", out), out
+    # 3: the fixed v2 promoted.
     assert "   promoted: every step passed: v2 is stable now" in out, out
-    assert out.count("non-2xx: 0 ") == 2, out
+    # The ramp lost no request; in the release loop users saw only the failures the apps answer on purpose.
+    assert out.count("non-2xx: 0 (a canary change lost no request)") == 1, out
+    assert "non-2xx: 0 other (the fallback hid every 503 of the buggy v2)" in out, out
+    assert re.search(r"GET /search 500: \d+ \(the flaky search both versions share", out), out
     assert "stopped every process the demo started" in out
     leftovers = subprocess.run(["pgrep", "-f", f"{lab.ROOT}/.run/demo/"],
                                capture_output=True, text=True).stdout
