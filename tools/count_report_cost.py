@@ -161,7 +161,7 @@ def main() -> int:
     finally:
         control.stop()
         nginx.stop()
-    rate = results["shipped"][2]
+    rate = next(iter(results.values()))[2]
     print(f"\nReports: envoy/envoy-ads.yaml under callgrind, one worker, {args.requests} requests at about "
           f"{rate:.0f} requests/s (callgrind's pace), then {args.idle:g} s idle.\n")
     print("| Envoy | instructions per request | instructions per idle second | per request, net of the idle rate |")
