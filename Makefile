@@ -15,7 +15,7 @@ BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yam
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup install-docker-compose install-prometheus install-openssl certs wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench demo compose-prep clean
+.PHONY: help setup install-docker-compose install-prometheus install-podman install-openssl compose-test certs wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,14 @@ install-prometheus:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	else \
 	  echo "prometheus is missing: sudo apt-get install prometheus (the tests start one to test rollouts that read it)"; exit 1; \
+	fi
+
+# Debian's podman and podman-compose: a real container engine for `make compose-test` (no Docker engine here).
+install-podman:
+	@command -v podman-compose >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman podman-compose >/dev/null; \
+	else \
+	  echo "podman-compose is missing: sudo apt-get install podman podman-compose (make compose-test runs the compose file with it)"; exit 1; \
 	fi
 
 install-openssl:
@@ -103,6 +111,10 @@ test: unit validate integration ## Everything: host tests, config validation, re
 
 compose-prep: wasm canaryctl certs ## Before `docker compose up`: build the filter and canaryctl, create .run/canaryctl and .run/certs
 	mkdir -p .run/canaryctl
+
+compose-test: setup compose-prep install-podman ## Run docker-compose.yaml for real (podman-compose, stand-in images, as root) and check what the README promises
+	@[ "$$(id -u)" = 0 ] || { echo "make compose-test runs rootful podman: run it as root"; exit 1; }
+	cd tests/compose && timeout 900 ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 NOOP_WASM := bench/noop-filter/target/$(WASM_TARGET)/release/noop_filter.wasm
 
