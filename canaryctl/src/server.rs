@@ -72,8 +72,15 @@ pub enum Owner {
 /// Distinct (owner, signature) pairs kept between two ticks: hostile or runaway logs cannot grow memory.
 pub const MAX_FAILURE_KEYS: usize = 4096;
 
-/// Failures since the last tick: how many, and the first example.
-type Failures = BTreeMap<(Owner, Signature), Events>;
+/// One kind of failure since the last tick: how many, and the first example.
+#[derive(Debug, Default)]
+struct Seen {
+    count: u64,
+    example: String,
+}
+
+/// Failures since the last tick, by owner and signature.
+type Failures = BTreeMap<(Owner, Signature), Seen>;
 
 impl Metrics {
     pub fn bump(counter: &AtomicU64) {
@@ -346,8 +353,8 @@ impl Server {
         entry.errors += errors;
     }
 
-    /// Adds one failure (an access-log entry or an application's log line) for the next tick. The example is
-    /// counted in the canary or stable column by the rollout: here it is kept in `canary`, and sorted later.
+    /// Adds one failure (an access-log entry or an application's log line) for the next tick; each rollout
+    /// sorts it to stable or the canary by its owner.
     pub fn report_failure(&self, owner: Owner, signature: Signature, seen: String) {
         let mut failures = lock(&self.failures);
         let key = (owner, signature);
@@ -356,7 +363,7 @@ impl Server {
             return;
         }
         let entry = failures.entry(key).or_default();
-        entry.canary = entry.canary.saturating_add(1);
+        entry.count = entry.count.saturating_add(1);
         if entry.example.is_empty() {
             entry.example = seen;
         }
@@ -642,7 +649,7 @@ fn events_of(failures: &Failures, plan: &crate::rollout::Plan) -> BTreeMap<Signa
             }
             _ => continue,
         };
-        let count = seen.canary;
+        let count = seen.count;
         let split = Events {
             stable: if canary { 0 } else { count },
             canary: if canary { count } else { 0 },
