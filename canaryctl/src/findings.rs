@@ -568,6 +568,21 @@ mod tests {
     }
 
     #[test]
+    fn findings_survive_a_save_and_restore() {
+        let mut findings = Findings::default();
+        findings.observe(events(&[("A", 0, 3), ("B", 2, 0)]), tick(100, 10), 1);
+        findings.observe(events(&[("C", 0, 1)]), None, 2);
+        let saved = serde_json::to_string(&findings).unwrap();
+        let restored: Findings = serde_json::from_str(&saved).unwrap();
+        assert_eq!(restored, findings);
+        assert_eq!(restored.pending.len(), 1);
+        assert_eq!(
+            restored.signatures[0].evidence.e_value(),
+            findings.signatures[0].evidence.e_value()
+        );
+    }
+
+    #[test]
     fn a_request_and_an_attempt_with_the_same_text_are_two_signatures() {
         let mut findings = Findings::default();
         let failure = |origin| Signature {
