@@ -29,6 +29,21 @@ pub struct Tick {
     pub canary_bad: u64,
 }
 
+/// Stable's and the canary's reports of one tick when at least one version reported (the other then counts as
+/// nothing); None when neither did.
+pub fn either_reported<T: Clone + Default>(
+    stable: Option<&T>,
+    canary: Option<&T>,
+) -> Option<(T, T)> {
+    if stable.is_none() && canary.is_none() {
+        return None;
+    }
+    Some((
+        stable.cloned().unwrap_or_default(),
+        canary.cloned().unwrap_or_default(),
+    ))
+}
+
 /// The evidence that the canary is worse than stable on one metric, over the ticks seen so far. Saved in the
 /// state file, so a restarted canaryctl goes on from where it was.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

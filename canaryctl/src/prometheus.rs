@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::analysis::{Histogram, Tick};
+use crate::analysis::{either_reported, Histogram, Tick};
 
 const COMPLETED: &str = "envoy_cluster_upstream_rq_completed";
 const BY_CLASS: &str = "envoy_cluster_upstream_rq_xx";
@@ -328,14 +328,7 @@ impl Counters {
 
 /// A rollout's analysis tick from the deltas of its two route clusters; None when neither moved.
 pub fn tick_of(deltas: &Deltas, stable: &str, canary: &str) -> Option<Tick> {
-    let (s, c) = (deltas.get(stable), deltas.get(canary));
-    if s.is_none() && c.is_none() {
-        return None;
-    }
-    let (s, c) = (
-        s.cloned().unwrap_or_default(),
-        c.cloned().unwrap_or_default(),
-    );
+    let (s, c) = either_reported(deltas.get(stable), deltas.get(canary))?;
     Some(Tick {
         stable_requests: s.requests,
         canary_requests: c.requests,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::analysis::{Histogram, Tick};
+use crate::analysis::{either_reported, Histogram, Tick};
 use crate::findings::{Events, Signature};
 use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, RefusedPeer, RefusedPeers};
 use crate::prometheus::{Counters, Prometheus};
@@ -229,19 +229,13 @@ impl Server {
         let plan = &rollout.plan;
         let canary_route = plan.canary_latency_cluster();
         match plan.evidence {
-            Source::Envoy => {
-                let stable = latency.get(&plan.stable_cluster);
-                let canary = latency.get(canary_route);
-                Inputs {
-                    tick: tick_of(load, rollout),
-                    latency: (stable.is_some() || canary.is_some()).then(|| {
-                        (
-                            stable.cloned().unwrap_or_default(),
-                            canary.cloned().unwrap_or_default(),
-                        )
-                    }),
-                }
-            }
+            Source::Envoy => Inputs {
+                tick: tick_of(load, rollout),
+                latency: either_reported(
+                    latency.get(&plan.stable_cluster),
+                    latency.get(canary_route),
+                ),
+            },
             Source::Prometheus => {
                 let query = crate::prometheus::counters_query(
                     &[&plan.stable_cluster, canary_route],
@@ -606,15 +600,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A rollout's analysis tick from the load of its two clusters; None when neither reported anything.
 fn tick_of(load: &BTreeMap<String, Load>, rollout: &Rollout) -> Option<Tick> {
-    let stable = load.get(&rollout.plan.stable_cluster);
-    let canary = load.get(&rollout.plan.canary_cluster);
-    if stable.is_none() && canary.is_none() {
-        return None;
-    }
-    let (stable, canary) = (
-        stable.copied().unwrap_or_default(),
-        canary.copied().unwrap_or_default(),
-    );
+    let (stable, canary) = either_reported(
+        load.get(&rollout.plan.stable_cluster),
+        load.get(&rollout.plan.canary_cluster),
+    )?;
     Some(Tick {
         stable_requests: stable.requests,
         canary_requests: canary.requests,
