@@ -305,19 +305,36 @@ fn link_name(link: Link) -> &'static str {
 }
 
 fn print_table<const N: usize>(rows: &[[String; N]]) {
+    for line in table_lines(rows) {
+        println!("{line}");
+    }
+}
+
+/// The rows as aligned lines: each column as wide as its widest cell, two spaces between columns.
+fn table_lines<const N: usize>(rows: &[[String; N]]) -> Vec<String> {
     let mut widths = [0usize; N];
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row.iter()) {
             *width = (*width).max(cell.chars().count());
         }
     }
-    for row in rows {
-        let mut line = String::new();
-        for (cell, width) in row.iter().zip(widths) {
-            line.push_str(&format!("{cell:<width$}  "));
-        }
-        println!("{}", line.trim_end());
-    }
+    rows.iter()
+        .map(|row| {
+            let mut line = String::new();
+            for (cell, width) in row.iter().zip(widths) {
+                line.push_str(&format!("{cell:<width$}  "));
+            }
+            line.trim_end().to_string()
+        })
+        .collect()
+}
+
+/// Refusal of a command on a rollout that has no progressive rollout.
+fn no_rollout(name: &str) -> CliError {
+    CliError::refused(format!(
+        "no progressive rollout of {} (start one with `canaryctl rollout start`)",
+        canary_router::text::quote(name)
+    ))
 }
 
 fn ago(unix: u64) -> String {
@@ -776,10 +793,7 @@ pub async fn rollout_status(
             .collect();
         if let Some(name) = name {
             if shown.is_empty() {
-                return Err(CliError::refused(format!(
-                    "no progressive rollout of {} (start one with `canaryctl rollout start`)",
-                    canary_router::text::quote(name)
-                )));
+                return Err(no_rollout(name));
             }
         }
         if as_json {
@@ -824,12 +838,7 @@ pub async fn rollout_findings(client: &Client, name: &str, as_json: bool) -> Res
         .get("rollouts")
         .and_then(Value::as_array)
         .and_then(|all| all.iter().find(|r| text(r, &["rollout"]) == name))
-        .ok_or_else(|| {
-            CliError::refused(format!(
-                "no progressive rollout of {} (start one with `canaryctl rollout start`)",
-                canary_router::text::quote(name)
-            ))
-        })?;
+        .ok_or_else(|| no_rollout(name))?;
     let findings = rollout.get("findings").cloned().unwrap_or(Value::Null);
     if as_json {
         println!(
@@ -860,60 +869,38 @@ pub async fn rollout_findings(client: &Client, name: &str, as_json: bool) -> Res
         println!("  no error signature yet");
         return Ok(());
     }
-    let canary_head = format!("{canary} (CANARY)");
-    let stable_head = format!("{stable} (STABLE)");
-    let rows: Vec<[String; 5]> = signatures
-        .iter()
-        .map(|s| {
-            let count =
-                |n: &str, r: &str| format!("{} ({:.2}%)", number(s, &[n]), number(s, &[r]) * 100.0);
-            [
-                format!(
-                    "{}{}",
-                    text(s, &["class"]),
-                    if s.get("rolls_back").and_then(Value::as_bool) == Some(true) {
-                        " ⟲"
-                    } else {
-                        ""
-                    }
-                ),
-                count("canary", "canary_rate"),
-                count("stable", "stable_rate"),
-                crate::rollout::evidence_text(number(s, &["e_value"])),
-                format!("{} {}", text(s, &["origin"]), text(s, &["signature"])),
-            ]
-        })
-        .collect();
-    let heads = [
-        "CLASS",
-        canary_head.as_str(),
-        stable_head.as_str(),
-        "EVIDENCE",
-        "SIGNATURE",
-    ];
-    let widths: Vec<usize> = (0..4)
-        .map(|i| {
-            rows.iter()
-                .filter_map(|r| r.get(i))
-                .map(|cell| cell.chars().count())
-                .chain(heads.get(i).map(|h| h.chars().count()))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: [&str; 5]| {
-        let mut out = String::from("  ");
-        for (i, cell) in cells.iter().enumerate() {
-            match widths.get(i) {
-                Some(w) => out.push_str(&format!("{cell:<w$}  ", w = *w)),
-                None => out.push_str(cell),
-            }
-        }
-        println!("{}", out.trim_end());
-    };
-    line(heads);
-    for (row, s) in rows.iter().zip(&signatures) {
-        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+    let mut rows: Vec<[String; 5]> = vec![[
+        "CLASS".to_string(),
+        format!("{canary} (CANARY)"),
+        format!("{stable} (STABLE)"),
+        "EVIDENCE".to_string(),
+        "SIGNATURE".to_string(),
+    ]];
+    rows.extend(signatures.iter().map(|s| {
+        let count =
+            |n: &str, r: &str| format!("{} ({:.2}%)", number(s, &[n]), number(s, &[r]) * 100.0);
+        [
+            format!(
+                "{}{}",
+                text(s, &["class"]),
+                if s.get("rolls_back").and_then(Value::as_bool) == Some(true) {
+                    " ⟲"
+                } else {
+                    ""
+                }
+            ),
+            count("canary", "canary_rate"),
+            count("stable", "stable_rate"),
+            crate::rollout::evidence_text(number(s, &["e_value"])),
+            format!("{} {}", text(s, &["origin"]), text(s, &["signature"])),
+        ]
+    }));
+    let mut lines = table_lines(&rows).into_iter();
+    if let Some(heads) = lines.next() {
+        println!("  {heads}");
+    }
+    for (line, s) in lines.zip(&signatures) {
+        println!("  {line}");
         println!("      e.g. {}", text(s, &["example"]));
     }
     if number(&findings, &["untracked"]) > 0.0 {
