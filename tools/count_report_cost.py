@@ -64,14 +64,15 @@ def request_log_only(text: str) -> str:
 
 
 def attempt_log_only(text: str) -> str:
-    """The router's upstream log alone (its filter written out: the anchor was on the removed log)."""
+    """The router's upstream log alone. Its filter is the shipped request log's (a YAML anchor on the log being
+    removed), moved to where the upstream log refers to it, four columns deeper."""
     start, end = text.index(REQUEST_LOG_START), text.index(REQUEST_LOG_END)
-    return (text[:start] + text[end:]).replace("filter: *failures_only", """filter:
-                  or_filter:
-                    filters:
-                    - status_code_filter:
-                        comparison: { op: GE, value: { default_value: 500, runtime_key: canary_router.access_log.min_status } }
-                    - response_flag_filter: {}""")
+    request_log = text[start:end]
+    anchor = "filter: &failures_only\n"
+    body_start = request_log.index(anchor) + len(anchor)
+    body = request_log[body_start:request_log.index("            typed_config:", body_start)]
+    moved = "filter:\n" + "".join("    " + line for line in body.splitlines(keepends=True))
+    return (text[:start] + text[end:]).replace("filter: *failures_only\n", moved)
 
 
 def without_stats_stream(text: str) -> str:
