@@ -124,11 +124,18 @@ pub struct RawRollout {
         skip_serializing_if = "Option::is_none"
     )]
     pub override_: Option<RawOverride>,
-    /// The route table's default route (a request with no route header) serves this rollout's stable
-    /// version and adds the route header itself, so the filter need not write it for stable (see
-    /// [`Rollout::stable_by_default_route`]). `false` (the default): the filter always writes it.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub stable_by_default_route: bool,
+    /// The version Envoy's default route serves (a request of this rollout with no route header), when that
+    /// route also adds the route header itself: the filter then writes nothing for users it keeps on that
+    /// version (see [`Rollout::default_route`]). It names a version, not "stable", so a promotion, which
+    /// changes stable but not Envoy's routes, can never make the two disagree. Absent: the filter always
+    /// writes the route header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_route_version: Option<String>,
+    /// Removed: it said "the default route serves stable", which a promotion made false (every user went to
+    /// the old version). Still read, so that a config carrying it is refused with a line that names its
+    /// replacement instead of "unknown field"; never written.
+    #[serde(default, skip_serializing)]
+    pub stable_by_default_route: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -350,10 +357,11 @@ pub struct Rollout {
     pub assign_cookie: Option<AssignCookie>,
     pub rules: Vec<Rule>,
     pub override_: Option<Override>,
-    /// A request decided for stable that carried no route header is left as it is: Envoy already matched
-    /// it to the default route, which serves stable and adds the route header. No header write, and no
-    /// route re-match, for most of the traffic.
-    pub stable_by_default_route: bool,
+    /// The index in [`Rollout::versions`] of the version Envoy's default route serves
+    /// (`default_route_version`). A request decided for that version that carried no route header is left
+    /// as it is: Envoy already matched it to the default route, which serves that version and adds the
+    /// route header. No header write, and no route re-match, for most of the traffic. None: always write.
+    pub default_route: Option<usize>,
 }
 
 /// A host pattern, lower-case, without port.
@@ -538,6 +546,7 @@ impl RawRollout {
         let assign_cookie = self.validate_assign_cookie(at, &mut sticky_keys)?;
         let rules = self.validate_rules(at, route_header, &versions)?;
         let override_ = self.validate_override(at, route_header)?;
+        let default_route = self.validate_default_route(at, &versions)?;
         Ok(Rollout {
             name,
             hosts,
@@ -550,8 +559,37 @@ impl RawRollout {
             assign_cookie,
             rules,
             override_,
-            stable_by_default_route: self.stable_by_default_route,
+            default_route,
         })
+    }
+
+    /// Which version Envoy's default route serves, as an index into `versions` (None: a version this
+    /// rollout does not have, or not said). The removed `stable_by_default_route` is refused here.
+    #[inline(never)]
+    fn validate_default_route(
+        &self,
+        at: &str,
+        versions: &[String],
+    ) -> Result<Option<usize>, ConfigError> {
+        if self.stable_by_default_route.is_some() {
+            let example = self
+                .default_route_version
+                .as_deref()
+                .unwrap_or(&self.stable);
+            return Err(ConfigError::Syntax {
+                field: format!("{at}.stable_by_default_route"),
+                message: format!(
+                    "removed (after a promotion it sent users to the old version): name the version \
+                     Envoy's default route serves instead, \"default_route_version\": {}",
+                    quote(example)
+                ),
+            });
+        }
+        let Some(name) = &self.default_route_version else {
+            return Ok(None);
+        };
+        let name = version_name(&format!("{at}.default_route_version"), name)?;
+        Ok(versions.iter().position(|v| *v == name))
     }
 
     #[inline(never)]

@@ -44,15 +44,15 @@ pub fn route(
             set_cookie: None,
         };
     };
-    // Stable, and no client-sent route header to replace: the default route already serves it and adds
-    // the header (when the rollout says so), so nothing is written and Envoy matches no route again.
-    let stable_as_routed = d.version == 0
-        && config
-            .rollouts
-            .get(d.rollout)
-            .is_some_and(|r| r.stable_by_default_route)
+    // The version Envoy's default route serves (the rollout names it), and no client-sent route header to
+    // replace: the default route already serves it and adds the header, so nothing is written and Envoy
+    // matches no route again. Any other version, whatever stable is, is written.
+    let as_routed = config
+        .rollouts
+        .get(d.rollout)
+        .is_some_and(|r| r.default_route == Some(d.version))
         && headers.header(&config.route_header).is_none();
-    if !stable_as_routed {
+    if !as_routed {
         headers.replace(&config.route_header, d.version_name(config).as_bytes());
     }
     Routed {
@@ -213,15 +213,19 @@ mod tests {
     }
 
     #[test]
-    fn with_stable_by_default_route_stable_requests_are_left_as_routed() {
-        let json = |flag: bool| {
+    fn only_the_default_route_s_version_is_left_as_routed_whatever_stable_is() {
+        let json = |stable: &str, canary: &str, default_route: Option<&str>| {
+            let field = default_route
+                .map(|v| format!(r#","default_route_version":"{v}""#))
+                .unwrap_or_default();
             format!(
-                r#"{{"rollouts":[{{"name":"web","stable":"v1","canaries":[{{"version":"v2","percent":50}}],
-                    "sticky":{{"keys":[{{"header":"x-user-id"}}]}},"stable_by_default_route":{flag}}}]}}"#
+                r#"{{"rollouts":[{{"name":"web","stable":"{stable}","canaries":[{{"version":"{canary}","percent":50}}],
+                    "sticky":{{"keys":[{{"header":"x-user-id"}}]}}{field}}}]}}"#
             )
         };
-        let config = parse(json(true).as_bytes()).unwrap();
+        let config = parse(json("v1", "v2", Some("v1")).as_bytes()).unwrap();
         let web = &config.rollouts[0];
+        assert_eq!(web.default_route, Some(0));
         let user = |canary: bool| {
             (0..)
                 .map(|i| format!("u{i}"))
@@ -231,17 +235,18 @@ mod tests {
                 })
                 .unwrap()
         };
-        let (stable_user, canary_user) = (user(false), user(true));
-        // Stable, no route header: nothing written (the default route adds it).
-        let mut h = fake(&[(":path", "/"), ("x-user-id", &stable_user)]);
+        // The same users in every config below: the bucket depends on the salt (the rollout name) only.
+        let (bucket_stable, bucket_canary) = (user(false), user(true));
+        // v1 is stable and the default route's: nothing written for its users (the default route adds it).
+        let mut h = fake(&[(":path", "/"), ("x-user-id", &bucket_stable)]);
         route(&config, &mut h, &mut || 0);
         assert_eq!(h.header("x-version"), None);
         // Canary: written. A spoofed header on a stable user: replaced, never kept.
-        let mut h = fake(&[("x-user-id", &canary_user)]);
+        let mut h = fake(&[("x-user-id", &bucket_canary)]);
         route(&config, &mut h, &mut || 0);
         assert_eq!(h.header("x-version"), Some(&b"v2"[..]));
         for spoof in ["v2", "v1", ""] {
-            let mut h = fake(&[("x-user-id", &stable_user), ("x-version", spoof)]);
+            let mut h = fake(&[("x-user-id", &bucket_stable), ("x-version", spoof)]);
             route(&config, &mut h, &mut || 0);
             let values: Vec<_> = h.0.iter().filter(|(k, _)| k == "x-version").collect();
             assert_eq!(
@@ -250,16 +255,45 @@ mod tests {
                 "{spoof:?}"
             );
         }
-        // Off (the default): stable is written too.
-        let config = parse(json(false).as_bytes()).unwrap();
-        let mut h = fake(&[("x-user-id", &stable_user)]);
-        route(&config, &mut h, &mut || 0);
-        assert_eq!(h.header("x-version"), Some(&b"v1"[..]));
+        // Promoted (v2 stable, v1 a canary), Envoy's routes unchanged: v2's users get the header written, and
+        // only v1's, the default route's, are left as routed.
+        let promoted = parse(json("v2", "v1", Some("v1")).as_bytes()).unwrap();
+        let mut h = fake(&[("x-user-id", &bucket_stable)]);
+        route(&promoted, &mut h, &mut || 0);
+        assert_eq!(h.header("x-version"), Some(&b"v2"[..]), "the new stable");
+        let mut h = fake(&[("x-user-id", &bucket_canary)]);
+        route(&promoted, &mut h, &mut || 0);
+        assert_eq!(h.header("x-version"), None, "v1: the default route's");
+        // Not said, or a version the rollout does not have: every version is written.
+        for default_route in [None, Some("v0")] {
+            let config = parse(json("v1", "v2", default_route).as_bytes()).unwrap();
+            assert_eq!(config.rollouts[0].default_route, None);
+            let mut h = fake(&[("x-user-id", &bucket_stable)]);
+            route(&config, &mut h, &mut || 0);
+            assert_eq!(h.header("x-version"), Some(&b"v1"[..]), "{default_route:?}");
+        }
         assert_eq!(
-            serde_json::to_string(&crate::config::parse_raw(json(false).as_bytes()).unwrap())
-                .unwrap(),
+            serde_json::to_string(
+                &crate::config::parse_raw(json("v1", "v2", None).as_bytes()).unwrap()
+            )
+            .unwrap(),
             r#"{"rollouts":[{"name":"web","stable":"v1","canaries":[{"version":"v2","percent":50}],"sticky":{"keys":[{"header":"x-user-id"}]}}]}"#,
-            "false is the default and is not written back"
+            "absent is not written back"
         );
+    }
+
+    #[test]
+    fn the_removed_stable_by_default_route_is_refused_naming_its_replacement() {
+        for flag in ["true", "false"] {
+            let json = format!(
+                r#"{{"rollouts":[{{"name":"web","stable":"v2","canaries":[{{"version":"v1","percent":0}}],
+                    "stable_by_default_route":{flag}}}]}}"#
+            );
+            let err = parse(json.as_bytes()).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                r#"rollouts[0].stable_by_default_route: removed (after a promotion it sent users to the old version): name the version Envoy's default route serves instead, "default_route_version": "v2""#
+            );
+        }
     }
 }

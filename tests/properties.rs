@@ -126,3 +126,68 @@ fn two_salts_choose_different_cohorts() {
     assert!(cohort_a.len() > 1_800, "cohort size {}", cohort_a.len());
     assert!(overlap < 0.2, "cohorts overlap by {:.1}%", overlap * 100.0);
 }
+
+/// A request's headers as a host keeps them (names lower case), for `route`.
+struct Headers(Vec<(String, Vec<u8>)>);
+
+impl Request for Headers {
+    fn header(&mut self, name: &str) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+impl canary_router::route::RequestHeaders for Headers {
+    fn remove(&mut self, name: &str) {
+        self.0.retain(|(k, _)| k != name);
+    }
+    fn replace(&mut self, name: &str, value: &[u8]) {
+        self.remove(name);
+        self.0.push((name.to_string(), value.to_vec()));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// What Envoy routes on is the written route header, or, when none is written, the default route's
+    /// version. Whatever stable is (before or after any promotion), whichever version the config says the
+    /// default route serves, and whatever a client sent, that is the version the filter decided.
+    #[test]
+    fn every_request_reaches_the_decided_version_whatever_stable_and_the_default_route_are(
+        split in canary_split(),
+        stable_at in 0usize..4,
+        default_at in 0usize..5,
+        spoof in prop::option::of(prop::sample::select(vec!["v0", "v1", "v2", "v3", ""])),
+    ) {
+        // Versions v0..v(n), stable one of them (a promotion moves it), the default route's any of them or
+        // one the rollout does not have (v4).
+        let mut versions: Vec<String> = (0..=split.len()).map(|i| format!("v{i}")).collect();
+        let stable = versions.remove(stable_at % versions.len());
+        let canaries: Vec<String> = split.iter().zip(&versions).map(|(bp, v)| {
+            format!(r#"{{"version":"{v}","percent":{}.{:02}}}"#, bp / 100, bp % 100)
+        }).collect();
+        let default_route = format!("v{default_at}");
+        let json = format!(
+            r#"{{"rollouts":[{{"name":"web","stable":"{stable}","canaries":[{}],
+                "sticky":{{"keys":[{{"header":"x-user-id"}}]}},"default_route_version":"{default_route}"}}]}}"#,
+            canaries.join(",")
+        );
+        let config = parse(json.as_bytes()).unwrap();
+        for i in 0..300 {
+            let user = format!("user-{i}");
+            let mut headers = Headers(vec![("x-user-id".into(), user.clone().into_bytes())]);
+            if let Some(spoof) = spoof {
+                headers.0.push(("x-version".into(), spoof.as_bytes().to_vec()));
+            }
+            let decided = version(&config, &user);
+            canary_router::route::route(&config, &mut headers, &mut || 7);
+            let written: Vec<&[u8]> = headers.0.iter().filter(|(k, _)| k == "x-version").map(|(_, v)| v.as_slice()).collect();
+            prop_assert!(written.len() <= 1, "{user}: {} route headers", written.len());
+            let reached = written.first().map_or(default_route.as_str(), |v| std::str::from_utf8(v).unwrap());
+            prop_assert_eq!(reached, config.rollouts[0].versions[decided].as_str(), "{}: {}", user, json);
+        }
+    }
+}

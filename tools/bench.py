@@ -75,8 +75,8 @@ def lua_filter(name: str = "envoy.filters.http.lua") -> str:
               default_source_code: {{ inline_string: {json.dumps(code)} }}'''
 
 
-# As in the shipped bootstraps, the stable (default) route names its version itself, so the filter need not
-# write the header for users it keeps on stable ("stable_by_default_route" in the shipped plugin config).
+# As in the shipped bootstraps, the default route (v1) names its version itself, so the filter need not write
+# the header for users it keeps on v1 ("default_route_version": "v1" in the shipped plugin config).
 HEADER_ROUTES = '''
               routes:
               - match: { prefix: "/", headers: [{ name: x-version, string_match: { exact: v2 } }] }

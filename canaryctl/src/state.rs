@@ -163,7 +163,11 @@ impl StateFile {
             version: loaded.version,
             reason,
         };
-        let config = config::from_value(loaded.config).map_err(|err| refused(err.to_string()))?;
+        let mut loaded_config = loaded.config;
+        for line in migrate(&mut loaded_config) {
+            eprintln!("canaryctl: {}: {line}", self.shown());
+        }
+        let config = config::from_value(loaded_config).map_err(|err| refused(err.to_string()))?;
         config.validate().map_err(|err| refused(err.to_string()))?;
         Ok(Some(Saved {
             desired: Desired {
@@ -270,6 +274,40 @@ impl StateFile {
         }
         result.map_err(io)
     }
+}
+
+/// Brings a config saved by an older canaryctl to today's contract, saying what changed. The removed
+/// `stable_by_default_route` is dropped, not translated: it claimed Envoy's default route serves the
+/// rollout's stable, which was false after any promotion, and only the operator knows which version that
+/// route serves. Without it the filter writes the route header for every request, which is always right.
+pub fn migrate(config: &mut serde_json::Value) -> Vec<String> {
+    let mut lines = Vec::new();
+    let Some(rollouts) = config
+        .get_mut("rollouts")
+        .and_then(serde_json::Value::as_array_mut)
+    else {
+        return lines;
+    };
+    for rollout in rollouts.iter_mut() {
+        let Some(fields) = rollout.as_object_mut() else {
+            continue;
+        };
+        if fields.remove("stable_by_default_route").is_some() {
+            let name = fields
+                .get("name")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("?")
+                .to_string();
+            lines.push(format!(
+                "rollout {}: dropped stable_by_default_route (removed: after a promotion it sent users to \
+                 the old version); the filter now writes the route header for every request of it. Name the \
+                 version Envoy's default route serves with \"default_route_version\" (canaryctl apply) to \
+                 save that write again",
+                canary_router::text::quote(&name)
+            ));
+        }
+    }
+    lines
 }
 
 /// What an edit did, one human-readable line per change.
@@ -406,6 +444,14 @@ pub fn promote(
         };
     }
     changes.push(format!("{rollout}: {old_stable} kept as a canary at 0%"));
+    if let Some(default) = target.default_route_version.as_deref() {
+        if default != chosen {
+            changes.push(format!(
+                "{rollout}: Envoy's default route still serves {default} (default_route_version): {chosen}'s \
+                 users get the route header written"
+            ));
+        }
+    }
     validate(&next)?;
     Ok((next, changes))
 }
@@ -658,6 +704,75 @@ mod tests {
             changes.contains(&"api: b 10% → 0%".to_string()),
             "{changes:?}"
         );
+    }
+
+    #[test]
+    fn promote_keeps_naming_the_default_route_s_version_and_says_what_that_means() {
+        let shipped = config(
+            r#"{"rollouts":[{"name":"web","stable":"v1","canaries":[{"version":"v2","percent":10}],
+                "default_route_version":"v1"}]}"#,
+        );
+        let (next, changes) = promote(&shipped, "web", None).unwrap();
+        let web = &next.rollouts[0];
+        assert_eq!(
+            (web.stable.as_str(), web.default_route_version.as_deref()),
+            ("v2", Some("v1"))
+        );
+        let ready = next.validate().unwrap();
+        assert_eq!(ready.rollouts[0].default_route, Some(1), "v1, now a canary");
+        assert_eq!(
+            changes.last().unwrap(),
+            "web: Envoy's default route still serves v1 (default_route_version): v2's users get the route header written"
+        );
+        // Promoted back: the default route's version is stable again, and nothing more is said.
+        let (back, changes) = promote(&next, "web", None).unwrap();
+        assert_eq!(back.validate().unwrap().rollouts[0].default_route, Some(0));
+        assert!(
+            !changes.iter().any(|c| c.contains("default route")),
+            "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn a_state_saved_with_stable_by_default_route_loads_without_it() {
+        let dir = std::env::temp_dir().join(format!("canaryctl-migrate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.json");
+        std::fs::write(
+            &path,
+            r#"{"version":7,"updated_at_unix":1,"config":{"rollouts":[{"name":"web","stable":"v2",
+                "canaries":[{"version":"v1","percent":0}],"stable_by_default_route":true}]}}"#,
+        )
+        .unwrap();
+        let saved = StateFile::new(&path).load().unwrap().unwrap();
+        assert_eq!(saved.desired.version, 7);
+        let web = &saved.desired.config.rollouts[0];
+        assert_eq!(
+            (
+                web.stable_by_default_route,
+                web.default_route_version.as_deref()
+            ),
+            (None, None),
+            "dropped, never translated to stable"
+        );
+        let mut value: serde_json::Value = serde_json::from_str(
+            r#"{"rollouts":[{"name":"web","stable_by_default_route":false},{"name":"api"}]}"#,
+        )
+        .unwrap();
+        let lines = migrate(&mut value);
+        assert_eq!(lines.len(), 1);
+        assert!(
+            lines[0].starts_with("rollout \"web\": dropped stable_by_default_route"),
+            "{lines:?}"
+        );
+        // A config given to apply is not migrated: it is refused, naming the replacement.
+        let err = parse_config(
+            br#"{"rollouts":[{"name":"web","stable":"v2","canaries":[{"version":"v1","percent":0}],"stable_by_default_route":true}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("\"default_route_version\": \"v2\""), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

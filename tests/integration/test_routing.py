@@ -68,13 +68,16 @@ def test_requests_no_rollout_matches_go_to_the_stable_default_which_names_itself
         assert (r.status, r.served_by, r.received("x-version")) == (200, "v1", ["v1"]), spoof
 
 
-@pytest.mark.parametrize("stable_by_default_route", [True, False])
-def test_every_upstream_gets_exactly_one_route_header_naming_itself(start_envoy, stable_by_default_route):
-    # With "stable_by_default_route" the filter writes nothing for users it keeps on stable (no header
-    # write, no route re-match): the shipped stable routes add the header. Either way each upstream must get
-    # exactly one value, its own, whatever a client sent.
-    config = rollout_config(30, **STICKY, stable_by_default_route=stable_by_default_route)
-    envoy = start_envoy(plugin_config=config)
+@pytest.mark.parametrize("stable,canary,default_route", [("v1", "v2", "v1"), ("v1", "v2", None), ("v2", "v1", "v1")],
+                         ids=["default-route-is-stable", "always-written", "promoted-default-route-still-v1"])
+def test_every_upstream_gets_exactly_one_route_header_naming_itself(start_envoy, stable, canary, default_route):
+    # With "default_route_version" the filter writes nothing for users it keeps on that version (no header
+    # write, no route re-match): the shipped v1 routes add the header. After a promotion (stable v2, Envoy's
+    # default route still v1) v2's users must get the header written. Either way each upstream must get exactly
+    # one value, its own, whatever a client sent.
+    extra = {"default_route_version": default_route} if default_route else {}
+    web = {"name": "web", "stable": stable, "canaries": [{"version": canary, "percent": 30}], **STICKY, **extra}
+    envoy = start_envoy(plugin_config=json.dumps({"rollouts": [web]}))
     conn = envoy.connection()
     spoofs = [[], [("x-version", "v2")], [("x-version", "v1")], [("x-version", "")],
               [("x-version", "v2"), ("X-Version", "v1")], [("x-version", "v9")]]
@@ -84,10 +87,10 @@ def test_every_upstream_gets_exactly_one_route_header_naming_itself(start_envoy,
         headers = [("x-user-id", user), *spoofs[i % len(spoofs)]]
         r = envoy.get("/", headers, conn=conn)
         assert r.status == 200
-        assert r.served_by == expected_version("web", user, "v1", [("v2", 30)]), (user, headers)
+        assert r.served_by == expected_version("web", user, stable, [(canary, 30)]), (user, headers)
         assert r.received("x-version") == [r.served_by], (user, headers, r.received("x-version"))
         seen[r.served_by] += 1
-    assert seen["v1"] > 40 and seen["v2"] > 15, seen
+    assert seen[stable] > 40 and seen[canary] > 15, seen
 
 
 def test_the_split_matches_the_spec_and_users_stick(start_envoy):
