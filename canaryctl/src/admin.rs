@@ -846,6 +846,11 @@ pub fn rollout_view(r: &Rollout) -> serde_json::Value {
             }).collect::<Vec<_>>(),
         },
         "findings": findings_view(r),
+        "availability": {
+            "down_since_unix": r.availability.down_since,
+            "why": r.availability.why,
+        },
+        "recent_ticks": r.recent,
         "reason": r.reason,
         "started_unix": r.started_unix,
         "counted_from_unix": r.counted_from_unix,
@@ -989,7 +994,14 @@ async fn prometheus_start(
         .as_deref()
         .unwrap_or(&req.canary_cluster);
     let clusters = [req.stable_cluster.as_str(), canary_route];
-    let query = crate::prometheus::counters_query(&clusters, &req.prometheus_selector);
+    let wanted = crate::prometheus::Wanted {
+        stable: &req.stable_cluster,
+        canary: &req.canary_cluster,
+        canary_route,
+        rollout: &req.rollout,
+        version: &req.canary,
+    };
+    let query = crate::prometheus::counters_query(&wanted, &req.prometheus_selector);
     let samples = match server.prometheus_query(&query).await {
         Ok(samples) => samples,
         Err(err) if server.prometheus.is_none() || err.starts_with("Prometheus refused") => {
@@ -1016,23 +1028,19 @@ async fn prometheus_start(
             }
         )));
     }
-    let latency = clusters
-        .iter()
-        .all(|c| crate::prometheus::has_latency(&samples, c));
-    let baseline = if latency {
-        let query = crate::prometheus::baseline_query(
-            &req.stable_cluster,
-            &req.prometheus_selector,
-            crate::server::LATENCY_WINDOW_S,
-        );
-        server
-            .prometheus_query(&query)
-            .await
-            .ok()
-            .map(|samples| crate::prometheus::histogram_of(&samples))
-    } else {
-        None
-    };
+    // Latency is always compared: Envoy exports every cluster's latency buckets on /stats/prometheus, once the
+    // cluster has a sample and a stats flush merged it. A canary at 0 % until now has none yet, nor may stable
+    // a moment after its first traffic: they come with their requests.
+    let query = crate::prometheus::baseline_query(
+        &req.stable_cluster,
+        &req.prometheus_selector,
+        crate::server::LATENCY_WINDOW_S,
+    );
+    let baseline = server
+        .prometheus_query(&query)
+        .await
+        .ok()
+        .map(|samples| crate::prometheus::histogram_of(&samples));
     // A running rollout of that name keeps its counters (the start is refused below).
     let running = server
         .rollouts()
@@ -1041,7 +1049,7 @@ async fn prometheus_start(
     if !running {
         server.prometheus_start(&req.rollout, &samples);
     }
-    Ok((baseline, latency))
+    Ok((baseline, true))
 }
 
 async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Response {

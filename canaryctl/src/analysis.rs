@@ -167,27 +167,6 @@ impl Histogram {
         }
     }
 
-    /// `self − earlier`, for cumulative snapshots of one Envoy; a snapshot smaller than the earlier one means
-    /// Envoy restarted, and then all of it is new.
-    pub fn since(&self, earlier: &Histogram) -> Histogram {
-        if self.count < earlier.count {
-            return self.clone();
-        }
-        Histogram {
-            count: self.count - earlier.count,
-            at_most: self
-                .at_most
-                .iter()
-                .map(|(b, n)| {
-                    (
-                        *b,
-                        n.saturating_sub(earlier.at_most.get(b).copied().unwrap_or(0)),
-                    )
-                })
-                .collect(),
-        }
-    }
-
     /// Requests slower than `bound` (µs); the bound must be one of the buckets.
     pub fn slower_than(&self, bound: u64) -> u64 {
         self.count
@@ -443,28 +422,20 @@ mod tests {
     }
 
     #[test]
-    fn histograms_subtract_snapshots_survive_a_restart_and_count_the_slow_ones() {
+    fn histograms_add_up_and_count_the_slow_ones() {
         let h = |count: u64, at_most: &[(u64, u64)]| Histogram {
             count,
             at_most: at_most.iter().copied().collect(),
         };
-        let earlier = h(100, &[(1000, 60), (5000, 90), (10000, 100)]);
-        let now = h(150, &[(1000, 80), (5000, 130), (10000, 150)]);
-        let delta = now.since(&earlier);
-        assert_eq!(delta, h(50, &[(1000, 20), (5000, 40), (10000, 50)]));
-        assert_eq!(delta.slower_than(1000), 30);
-        assert_eq!(delta.slower_than(5000), 10);
-        assert_eq!(
-            h(10, &[(1000, 10)]).since(&earlier),
-            h(10, &[(1000, 10)]),
-            "a restart"
-        );
-        assert_eq!(delta.quantile_bound(0.5), Some(5000));
-        assert_eq!(delta.quantile_bound(0.4), Some(1000));
-        assert_eq!(delta.quantile_bound(1.0), Some(10000));
+        let flush = h(50, &[(1000, 20), (5000, 40), (10000, 50)]);
+        assert_eq!(flush.slower_than(1000), 30);
+        assert_eq!(flush.slower_than(5000), 10);
+        assert_eq!(flush.quantile_bound(0.5), Some(5000));
+        assert_eq!(flush.quantile_bound(0.4), Some(1000));
+        assert_eq!(flush.quantile_bound(1.0), Some(10000));
         assert_eq!(Histogram::default().quantile_bound(0.5), None);
-        let mut sum = delta.clone();
-        sum.add(&delta);
+        let mut sum = flush.clone();
+        sum.add(&flush);
         assert_eq!(sum.count, 100);
         assert_eq!(sum.slower_than(1000), 60);
     }

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::server::{Metrics, Server};
+use crate::server::{Metrics, Server, StreamKind};
 use crate::tls::Peer;
 use crate::xds::authorise;
 
@@ -45,14 +45,21 @@ impl LoadReportingService for Lrs {
         let (tx, rx) = mpsc::channel(2);
         let server = self.server.clone();
         tokio::spawn(async move {
-            let mut identified = false;
+            let mut node: Option<String> = None;
             while let Ok(Some(report)) = inbound.message().await {
-                if let Err(status) = authorise(&server, &peer, report.node.as_ref(), identified) {
+                if let Err(status) = authorise(&server, &peer, report.node.as_ref(), node.is_some())
+                {
                     let _ = tx.send(Err(status)).await;
-                    return;
+                    break;
                 }
-                if !identified {
-                    identified = true;
+                if node.is_none() {
+                    let id = report
+                        .node
+                        .as_ref()
+                        .map(|n| n.id.clone())
+                        .unwrap_or_else(|| peer.addr.map(|a| a.to_string()).unwrap_or_default());
+                    server.stream_opened(&id, StreamKind::Load);
+                    node = Some(id);
                     let ask = LoadStatsResponse {
                         send_all_clusters: true,
                         load_reporting_interval: Some(
@@ -64,7 +71,7 @@ impl LoadReportingService for Lrs {
                         ..Default::default()
                     };
                     if tx.send(Ok(ask)).await.is_err() {
-                        return;
+                        break;
                     }
                 }
                 Metrics::bump(&server.metrics.load_reports);
@@ -76,12 +83,16 @@ impl LoadReportingService for Lrs {
                     }
                     if ok > 0 || errors > 0 {
                         server.report_load(
+                            node.as_deref().unwrap_or_default(),
                             &cluster.cluster_name,
                             ok.saturating_add(errors),
                             errors,
                         );
                     }
                 }
+            }
+            if let Some(id) = &node {
+                server.stream_closed(id, StreamKind::Load);
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -6,6 +6,7 @@
 mod admin;
 mod als;
 mod analysis;
+mod availability;
 mod client;
 mod findings;
 mod fleet;

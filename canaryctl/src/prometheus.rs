@@ -25,8 +25,17 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::analysis::{either_reported, Histogram, Tick};
+use crate::availability::{Availability, Hosts};
 
 const COMPLETED: &str = "envoy_cluster_upstream_rq_completed";
+/// Requests sent to a cluster's connection pool: for the canary's own cluster, the attempts its hosts got
+/// (its completions are charged to the route's aggregate cluster).
+const ATTEMPTS: &str = "envoy_cluster_upstream_rq_total";
+/// Gauges: hosts that pass health checks and are not ejected, and all hosts, as each Envoy sees them.
+const HEALTHY: &str = "envoy_cluster_membership_healthy";
+const HOSTS: &str = "envoy_cluster_membership_total";
+/// The filter's counters, with the shipped bootstraps' stats tags (labels rollout, version, reason).
+const ROUTED: &str = "canary_router_requests";
 const BY_CLASS: &str = "envoy_cluster_upstream_rq_xx";
 const RETRIED: &str = "envoy_cluster_upstream_rq_retry";
 const LATENCY: &str = "envoy_cluster_upstream_rq_time_bucket";
@@ -124,24 +133,53 @@ fn bad_selector(selector: &str, at: &str) -> String {
     )
 }
 
-/// The instant query that returns every counter a rollout reads, for these clusters, per scraped Envoy.
-pub fn counters_query(clusters: &[&str], selector: &str) -> String {
-    let names = [COMPLETED, BY_CLASS, RETRIED, LATENCY].join("|");
-    let mut clusters: Vec<String> = clusters.iter().map(|c| regex_literal(c)).collect();
-    clusters.sort();
-    clusters.dedup();
-    let mut query = format!(
-        "{{__name__=~{},{CLUSTER}=~{}",
-        string_literal(&names),
-        string_literal(&clusters.join("|"))
-    );
+/// The clusters and version a rollout reads from Prometheus.
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted<'a> {
+    pub stable: &'a str,
+    /// The canary's own cluster (its hosts: health, attempts).
+    pub canary: &'a str,
+    /// The cluster the canary's route names (completions, errors, latency): the aggregate it falls back
+    /// through, or the canary's own.
+    pub canary_route: &'a str,
+    pub rollout: &'a str,
+    pub version: &'a str,
+}
+
+/// The instant query that returns every series a rollout reads, per scraped Envoy: the route clusters'
+/// counters and latency, both versions' host gauges and attempts, and the filter's requests to the canary.
+pub fn counters_query(wanted: &Wanted, selector: &str) -> String {
     let selector = selector.trim();
-    if !selector.is_empty() {
-        query.push(',');
-        query.push_str(selector);
-    }
-    query.push('}');
-    query
+    let with = |mut matchers: String| {
+        if !selector.is_empty() {
+            matchers.push(',');
+            matchers.push_str(selector);
+        }
+        format!("{{{matchers}}}")
+    };
+    let clusters = |list: &[&str]| {
+        let mut clusters: Vec<String> = list.iter().map(|c| regex_literal(c)).collect();
+        clusters.sort();
+        clusters.dedup();
+        string_literal(&clusters.join("|"))
+    };
+    let route = with(format!(
+        "__name__=~{},{CLUSTER}=~{}",
+        string_literal(&[COMPLETED, BY_CLASS, RETRIED, LATENCY].join("|")),
+        clusters(&[wanted.stable, wanted.canary_route])
+    ));
+    let hosts = with(format!(
+        "__name__=~{},{CLUSTER}=~{}",
+        string_literal(&[HEALTHY, HOSTS, ATTEMPTS].join("|")),
+        clusters(&[wanted.stable, wanted.canary])
+    ));
+    let routed = with(format!(
+        "__name__={},rollout={},version={}",
+        string_literal(ROUTED),
+        string_literal(wanted.rollout),
+        string_literal(wanted.version)
+    ));
+    format!("{route} or {hosts} or {routed}")
 }
 
 /// Stable's latency over the last `window_s` seconds, summed over the Envoys: a rollout's baseline.
@@ -258,10 +296,19 @@ pub struct ClusterDelta {
     pub requests: u64,
     pub bad: u64,
     pub latency: Histogram,
+    /// Requests sent to its hosts (attempts); None without that series.
+    pub attempts: Option<u64>,
+    /// Its hosts as each scraped Envoy sees them now (by the series' other labels).
+    pub hosts: BTreeMap<String, Hosts>,
 }
 
-/// Since the previous query, per cluster.
-pub type Deltas = BTreeMap<String, ClusterDelta>;
+/// Since the previous query: per cluster, and the filter's requests to the canary (None: no such series,
+/// e.g. Envoys without the shipped stats tags).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Deltas {
+    pub clusters: BTreeMap<String, ClusterDelta>,
+    pub routed: Option<u64>,
+}
 
 /// The previous value of each series, to difference the next answer against.
 #[derive(Debug, Default)]
@@ -269,15 +316,61 @@ pub struct Counters {
     last: HashMap<BTreeMap<String, String>, (f64, u64)>,
 }
 
+/// The labels that tell one Envoy's series from another's: all but the metric's own.
+fn instance_of(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "__name__" | CLUSTER))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Counters {
-    /// The increase of every series since the previous answer, added up per cluster.
+    /// The increase of every counter since the previous answer, added up per cluster, and the gauges as
+    /// they are.
     pub fn advance(&mut self, samples: &[Sample], now: u64) -> Deltas {
-        let mut deltas = Deltas::new();
+        let mut deltas = Deltas::default();
         for sample in samples {
+            let (Some(name), cluster) = (sample.labels.get("__name__"), sample.labels.get(CLUSTER))
+            else {
+                continue;
+            };
+            // Gauges are current values: never differenced.
+            if name == HEALTHY || name == HOSTS {
+                let Some(cluster) = cluster else { continue };
+                let n = sample.value.max(0.0).round() as u64;
+                let hosts = deltas
+                    .clusters
+                    .entry(cluster.clone())
+                    .or_default()
+                    .hosts
+                    .entry(instance_of(&sample.labels))
+                    .or_default();
+                if name == HEALTHY {
+                    hosts.healthy = n;
+                } else {
+                    hosts.total = n;
+                }
+                continue;
+            }
             let previous = self
                 .last
                 .insert(sample.labels.clone(), (sample.value, now))
                 .map(|(v, _)| v);
+            if name == ROUTED {
+                deltas.routed.get_or_insert(0);
+            }
+            if name == ATTEMPTS {
+                if let Some(cluster) = cluster {
+                    deltas
+                        .clusters
+                        .entry(cluster.clone())
+                        .or_default()
+                        .attempts
+                        .get_or_insert(0);
+                }
+            }
             let Some(previous) = previous else {
                 continue; // first seen: a starting point
             };
@@ -291,15 +384,18 @@ impl Counters {
             if n == 0 {
                 continue;
             }
-            let (Some(name), Some(cluster)) =
-                (sample.labels.get("__name__"), sample.labels.get(CLUSTER))
-            else {
+            if name == ROUTED {
+                deltas.routed = Some(deltas.routed.unwrap_or(0).saturating_add(n));
+                continue;
+            }
+            let Some(cluster) = cluster else {
                 continue;
             };
-            let delta = deltas.entry(cluster.clone()).or_default();
+            let delta = deltas.clusters.entry(cluster.clone()).or_default();
             match name.as_str() {
                 COMPLETED => delta.requests += n,
                 RETRIED => delta.bad += n,
+                ATTEMPTS => delta.attempts = Some(delta.attempts.unwrap_or(0).saturating_add(n)),
                 BY_CLASS
                     if sample
                         .labels
@@ -328,13 +424,37 @@ impl Counters {
 
 /// A rollout's analysis tick from the deltas of its two route clusters; None when neither moved.
 pub fn tick_of(deltas: &Deltas, stable: &str, canary: &str) -> Option<Tick> {
-    let (s, c) = either_reported(deltas.get(stable), deltas.get(canary))?;
+    let moved = |c: &str| {
+        deltas
+            .clusters
+            .get(c)
+            .filter(|d| d.requests > 0 || d.bad > 0)
+    };
+    let (s, c) = either_reported(moved(stable), moved(canary))?;
     Some(Tick {
         stable_requests: s.requests,
         canary_requests: c.requests,
         stable_bad: s.bad,
         canary_bad: c.bad,
     })
+}
+
+/// Whether the canary is up, from one answer: both versions' hosts per Envoy, what the filter sent to the
+/// canary and what its hosts got.
+pub fn availability_of(deltas: &Deltas, wanted: &Wanted) -> Availability {
+    let hosts = |cluster: &str| -> Vec<Hosts> {
+        deltas
+            .clusters
+            .get(cluster)
+            .map(|d| d.hosts.values().copied().collect())
+            .unwrap_or_default()
+    };
+    Availability {
+        canary: hosts(wanted.canary),
+        stable: hosts(wanted.stable),
+        routed: deltas.routed,
+        served: deltas.clusters.get(wanted.canary).and_then(|d| d.attempts),
+    }
 }
 
 /// Which clusters of `wanted` have a completions series in the answer (Envoy exports one for every cluster it
@@ -350,14 +470,6 @@ pub fn missing_clusters<'a>(samples: &[Sample], wanted: &[&'a str]) -> Vec<&'a s
             })
         })
         .collect()
-}
-
-/// True when the answer holds latency buckets for `cluster`.
-pub fn has_latency(samples: &[Sample], cluster: &str) -> bool {
-    samples.iter().any(|s| {
-        s.labels.get("__name__").is_some_and(|n| n == LATENCY)
-            && s.labels.get(CLUSTER).is_some_and(|v| v == cluster)
-    })
 }
 
 /// A Prometheus server's query API.
@@ -466,20 +578,101 @@ mod tests {
         Sample { labels, value }
     }
 
+    const WEB: Wanted = Wanted {
+        stable: "app-v1",
+        canary: "app-v2",
+        canary_route: "app-v2-or-v1",
+        rollout: "web",
+        version: "v2",
+    };
+
     #[test]
-    fn the_query_names_the_counters_and_exactly_the_clusters() {
-        let q = counters_query(&["app-v1", "app-v2-or-v1", "app-v1"], "job=\"envoy\"");
+    fn the_query_names_the_series_and_exactly_the_clusters() {
+        let q = counters_query(&WEB, "job=\"envoy\"");
         assert_eq!(
             q,
-            r#"{__name__=~"envoy_cluster_upstream_rq_completed|envoy_cluster_upstream_rq_xx|envoy_cluster_upstream_rq_retry|envoy_cluster_upstream_rq_time_bucket",envoy_cluster_name=~"app-v1|app-v2-or-v1",job="envoy"}"#
+            concat!(
+                r#"{__name__=~"envoy_cluster_upstream_rq_completed|envoy_cluster_upstream_rq_xx|envoy_cluster_upstream_rq_retry|envoy_cluster_upstream_rq_time_bucket",envoy_cluster_name=~"app-v1|app-v2-or-v1",job="envoy"}"#,
+                r#" or {__name__=~"envoy_cluster_membership_healthy|envoy_cluster_membership_total|envoy_cluster_upstream_rq_total",envoy_cluster_name=~"app-v1|app-v2",job="envoy"}"#,
+                r#" or {__name__="canary_router_requests",rollout="web",version="v2",job="envoy"}"#
+            )
         );
         // Regex characters in a cluster name match themselves; quotes and backslashes are escaped.
-        let q = counters_query(&["a.b", "c\"d"], "");
-        assert!(q.ends_with(r#"envoy_cluster_name=~"a\\.b|c\"d"}"#), "{q}");
+        let odd = Wanted {
+            stable: "a.b",
+            canary: "c\"d",
+            canary_route: "c\"d",
+            ..WEB
+        };
+        let q = counters_query(&odd, "");
+        assert!(q.contains(r#"envoy_cluster_name=~"a\\.b|c\"d"}"#), "{q}");
         assert_eq!(
             baseline_query("app-v1", "", 300),
             r#"sum by (le) (increase(envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="app-v1"}[300s]))"#
         );
+    }
+
+    #[test]
+    fn host_gauges_are_read_as_they_are_and_the_filter_s_requests_against_the_canary_s_attempts() {
+        let answer = |healthy: f64, attempts: f64, routed: f64| {
+            vec![
+                sample(HEALTHY, "app-v2", &[], healthy),
+                sample(HOSTS, "app-v2", &[], 1.0),
+                sample(HEALTHY, "app-v2", &[("instance", "front-2:9901")], 1.0),
+                sample(HOSTS, "app-v2", &[("instance", "front-2:9901")], 1.0),
+                sample(HEALTHY, "app-v1", &[], 2.0),
+                sample(HOSTS, "app-v1", &[], 2.0),
+                sample(ATTEMPTS, "app-v2", &[], attempts),
+                sample(
+                    ROUTED,
+                    "",
+                    &[("rollout", "web"), ("version", "v2"), ("reason", "sticky")],
+                    routed,
+                ),
+            ]
+        };
+        let mut counters = Counters::default();
+        let first = availability_of(&counters.advance(&answer(1.0, 100.0, 110.0), 1), &WEB);
+        assert_eq!(
+            (first.routed, first.served),
+            (Some(0), Some(0)),
+            "a starting point"
+        );
+        let up = availability_of(&counters.advance(&answer(1.0, 150.0, 160.0), 2), &WEB);
+        assert_eq!((up.routed, up.served), (Some(50), Some(50)));
+        assert_eq!(
+            up.canary,
+            vec![
+                Hosts {
+                    healthy: 1,
+                    total: 1
+                },
+                Hosts {
+                    healthy: 1,
+                    total: 1
+                }
+            ]
+        );
+        assert_eq!(
+            up.stable,
+            vec![Hosts {
+                healthy: 2,
+                total: 2
+            }]
+        );
+        // The canary ejected on front-1, its requests going to stable: 0 healthy there, nothing served.
+        let down = availability_of(&counters.advance(&answer(0.0, 150.0, 210.0), 3), &WEB);
+        assert_eq!(
+            down.canary[0],
+            Hosts {
+                healthy: 0,
+                total: 1
+            }
+        );
+        assert_eq!((down.routed, down.served), (Some(50), Some(0)));
+        // Without the filter's series (no stats tags): no statement on traffic.
+        let d = Counters::default().advance(&answer(1.0, 1.0, 1.0)[..7], 1);
+        assert_eq!(availability_of(&d, &WEB).routed, None);
     }
 
     #[test]
@@ -555,12 +748,12 @@ mod tests {
         // The first answer is only a starting point.
         assert_eq!(
             counters.advance(&at(100.0, 5.0, 1.0, 50.0), 10),
-            Deltas::new()
+            Deltas::default()
         );
         let d = counters.advance(&at(160.0, 8.0, 2.0, 90.0), 11);
-        let canary = &d["app-v2-or-v1"];
+        let canary = &d.clusters["app-v2-or-v1"];
         assert_eq!((canary.requests, canary.bad), (60 + 40, 3 + 1));
-        assert_eq!(d["app-v1"].requests, 60);
+        assert_eq!(d.clusters["app-v1"].requests, 60);
         assert_eq!(
             tick_of(&d, "app-v1", "app-v2-or-v1"),
             Some(Tick {
@@ -572,14 +765,14 @@ mod tests {
         );
         // front-2 restarted: its counter went from 90 to 7, so 7 are new.
         let d = counters.advance(&at(160.0, 8.0, 2.0, 7.0), 12);
-        assert_eq!(d["app-v2-or-v1"].requests, 7);
+        assert_eq!(d.clusters["app-v2-or-v1"].requests, 7);
         // Nothing moved: no tick.
         let d = counters.advance(&at(160.0, 8.0, 2.0, 7.0), 13);
         assert_eq!(tick_of(&d, "app-v1", "app-v2-or-v1"), None);
         // A series absent from one answer (a failed scrape) counts its whole increase when it is back.
         counters.advance(&at(160.0, 8.0, 2.0, 7.0)[..4], 14);
         let d = counters.advance(&at(170.0, 8.0, 2.0, 17.0), 15);
-        assert_eq!(d["app-v2-or-v1"].requests, 20);
+        assert_eq!(d.clusters["app-v2-or-v1"].requests, 20);
         // Series unseen for ten minutes are forgotten.
         counters.advance(&[], 15 + FORGET_AFTER_S + 1);
         assert!(counters.last.is_empty());
@@ -597,7 +790,7 @@ mod tests {
         let mut counters = Counters::default();
         counters.advance(&buckets([10.0, 19.0, 20.0]), 1);
         let d = counters.advance(&buckets([13.0, 27.0, 30.0]), 2);
-        let h = &d["app-v1"].latency;
+        let h = &d.clusters["app-v1"].latency;
         assert_eq!(h.count, 10);
         assert_eq!(
             h.at_most.iter().map(|(b, n)| (*b, *n)).collect::<Vec<_>>(),
@@ -621,8 +814,6 @@ mod tests {
             missing_clusters(&samples, &["app-v1", "app-v2-or-v1"]),
             vec!["app-v2-or-v1"]
         );
-        assert!(has_latency(&samples, "app-v1"));
-        assert!(!has_latency(&samples, "app-v2-or-v1"));
     }
 
     #[test]

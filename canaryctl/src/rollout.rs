@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::analysis::{Evidence, Histogram, Tick};
+use crate::availability::{Availability, Verdict, Watch};
 use crate::findings::{Events, Findings, Signature, MAX_SIGNATURES};
 
 /// One step of a plan: a percentage for the canary, or a manual gate.
@@ -358,6 +359,32 @@ pub struct Rollout {
     /// Canary requests of this step seen by the latency checks' warm-up (see [`LATENCY_WARM_UP_REQUESTS`]).
     #[serde(default)]
     pub step_latency_requests: u64,
+    /// Whether the canary is up at all (its hosts' health, and whether they get what the filter sends them).
+    #[serde(default)]
+    pub availability: Watch,
+    /// What the last [`RECENT_TICKS`] ticks brought, as the tests saw it (for `rollout status --json`).
+    #[serde(default)]
+    pub recent: std::collections::VecDeque<TickSeen>,
+}
+
+/// How many ticks a rollout shows.
+pub const RECENT_TICKS: usize = 30;
+
+/// One tick's inputs as the rollout saw them: requests per version from the load reports (errors test) and
+/// from the latency histograms, and the canary's hosts. Lets an operator check the sources agree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TickSeen {
+    pub at_unix: u64,
+    /// (stable, canary) requests in the errors test's tick; None: no report.
+    pub requests: Option<(u64, u64)>,
+    /// (stable, canary) requests in the latency histograms; None: none arrived.
+    pub latency_requests: Option<(u64, u64)>,
+    /// Requests the filter sent to the canary, and its hosts got.
+    pub routed: Option<u64>,
+    pub served: Option<u64>,
+    /// Envoys that see a healthy canary host, of those that report its hosts.
+    pub canary_up_on: (usize, usize),
 }
 
 /// The history keeps this many lines (the oldest go first).
@@ -392,6 +419,8 @@ impl Rollout {
             latency_baseline: Histogram::default(),
             findings: Findings::default(),
             step_latency_requests: 0,
+            availability: Watch::default(),
+            recent: std::collections::VecDeque::new(),
         };
         rollout.record(now, format!("started at {}", rollout.step_name()));
         if rollout.plan.latency {
@@ -446,10 +475,19 @@ impl Rollout {
         self.errors.observe(tick);
         self.step_canary_requests += tick.canary_requests;
         if self.errors.rejects(self.plan.test_alpha()) {
-            let why = self.rollback_reason();
+            let why = self.naming_health(self.rollback_reason());
             return Some(self.finish_rolled_back(now, why));
         }
         None
+    }
+
+    /// A test's rollback line, led by the canary's health when its hosts are down: the errors of a canary that
+    /// died are the symptom, its health is the cause an operator looks for first.
+    fn naming_health(&self, why: String) -> String {
+        match (&self.availability.why, self.availability.holding()) {
+            (Some(down), true) => format!("{down}; {why}"),
+            _ => why,
+        }
     }
 
     /// The step rules at `now`: a gate pauses, a step whose hold is over and was tested passes, a step out of
@@ -471,8 +509,10 @@ impl Rollout {
             }
             Some(Step::Percent(_)) => {
                 let elapsed = now.saturating_sub(self.step_started_unix);
+                // Never while the canary is down anywhere: the requests it served before do not pass a step.
                 if elapsed >= self.plan.hold_s
                     && self.step_canary_requests >= self.plan.min_canary_requests
+                    && !self.availability.holding()
                 {
                     self.record(
                         now,
@@ -644,7 +684,70 @@ impl Rollout {
             self.alpha_text(),
             self.step_name()
         );
+        let why = self.naming_health(why);
         Some(self.finish_rolled_back(now, why))
+    }
+
+    /// Whether the canary is up, on one tick: down everywhere for [`crate::availability::DOWN_FOR_S`] rolls
+    /// back; down anywhere holds the step; back up after being down starts the step over, so it is judged on
+    /// the canary that is up now, not on what it served before it went down.
+    pub fn observe_availability(&mut self, a: &Availability, now: u64) -> Option<Action> {
+        if self.phase.finished() || now < self.counted_from_unix {
+            return None;
+        }
+        let was_holding = self.availability.holding();
+        match self.availability.observe(a, &self.plan.canary, now) {
+            Verdict::Up => {
+                if was_holding {
+                    self.step_started_unix = now;
+                    self.step_canary_requests = 0;
+                    self.step_latency_requests = 0;
+                    self.record(
+                        now,
+                        format!("canary up again: {} starts over", self.step_name()),
+                    );
+                }
+                None
+            }
+            Verdict::Held(why) => {
+                if !was_holding {
+                    self.record(now, format!("held: {why}"));
+                }
+                None
+            }
+            Verdict::Down(why) => {
+                let why = format!("{why} at {}", self.step_name());
+                Some(self.finish_rolled_back(now, why))
+            }
+        }
+    }
+
+    /// Keeps what one tick brought (the last [`RECENT_TICKS`]).
+    pub fn note_tick(
+        &mut self,
+        now: u64,
+        tick: Option<&Tick>,
+        latency: Option<(&Histogram, &Histogram)>,
+        a: &Availability,
+    ) {
+        if self.phase.finished() {
+            return;
+        }
+        if self.recent.len() >= RECENT_TICKS {
+            self.recent.pop_front();
+        }
+        let reporting = a.canary.iter().filter(|h| h.total > 0);
+        self.recent.push_back(TickSeen {
+            at_unix: now,
+            requests: tick.map(|t| (t.stable_requests, t.canary_requests)),
+            latency_requests: latency.map(|(s, c)| (s.count, c.count)),
+            routed: a.routed,
+            served: a.served,
+            canary_up_on: (
+                reporting.clone().filter(|h| h.healthy > 0).count(),
+                reporting.count(),
+            ),
+        });
     }
 
     /// "1/α, α = 0.05", or with more tests "1/α, α = 0.01: 0.05 over 5 tests".
@@ -698,6 +801,7 @@ impl Rollout {
             MAX_SIGNATURES,
             self.step_name()
         );
+        let why = self.naming_health(why);
         Some(self.finish_rolled_back(now, why))
     }
 
@@ -1131,6 +1235,75 @@ mod tests {
         }
         assert_eq!(r.findings.signatures[0].canary, 40);
         assert!(r.findings.signatures[0].rolls_back(r.plan.signature_alpha()));
+    }
+
+    #[test]
+    fn a_canary_that_goes_down_is_rolled_back_and_never_passes_a_step_on_what_it_served_before() {
+        use crate::availability::Hosts;
+        let health = |canary_healthy: u64| Availability {
+            canary: vec![
+                Hosts {
+                    healthy: canary_healthy,
+                    total: 1,
+                };
+                2
+            ],
+            stable: vec![Hosts {
+                healthy: 1,
+                total: 1,
+            }],
+            routed: None,
+            served: None,
+        };
+        let (mut r, _) = Rollout::start_plain(plan("20,50,100"), 0).unwrap();
+        for t in 3..8 {
+            assert_eq!(r.observe_availability(&health(1), t), None);
+            assert_eq!(r.tick(tick(800, 200, 0, 0), t), None);
+        }
+        // Down at 8 s, 2 s before the hold (10 s) ends, with 1000 canary requests served before.
+        for t in 8..13 {
+            assert_eq!(r.observe_availability(&health(0), t), None);
+            assert_eq!(r.tick(tick(1000, 0, 0, 0), t), None, "held at {t}");
+        }
+        assert_eq!(r.step, 0);
+        let Some(Action::RollBack(why)) = r.observe_availability(&health(0), 13) else {
+            panic!("not rolled back: {r:?}");
+        };
+        assert_eq!(
+            why,
+            "canary unhealthy: 0 of 1 hosts healthy on 2 of 2 Envoys for 5 s at step 1/3 (20%)"
+        );
+        assert_eq!(r.phase, Phase::RolledBack);
+        assert!(r
+            .history
+            .iter()
+            .any(|e| e.what.starts_with("held: canary unhealthy")));
+
+        // Down for 3 s then back: the step starts over and needs its hold and requests again.
+        let (mut r, _) = Rollout::start_plain(plan("20,50,100"), 0).unwrap();
+        for t in 3..8 {
+            r.observe_availability(&health(1), t);
+            r.tick(tick(800, 200, 0, 0), t);
+        }
+        for t in 8..11 {
+            assert_eq!(r.observe_availability(&health(0), t), None);
+            r.tick(tick(1000, 0, 0, 0), t);
+        }
+        assert_eq!(r.observe_availability(&health(1), 11), None);
+        assert_eq!((r.step_started_unix, r.step_canary_requests), (11, 0));
+        assert_eq!(
+            r.tick(tick(800, 200, 0, 0), 12),
+            None,
+            "the hold starts again"
+        );
+        assert_eq!(
+            r.tick(tick(800, 200, 0, 0), 21),
+            Some(Action::SetPercent(pct("50")))
+        );
+        assert!(r
+            .history
+            .iter()
+            .any(|e| e.what == "canary up again: step 1/3 (20%) starts over"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::analysis::{either_reported, Histogram, Tick};
+use crate::availability::{Availability, Hosts};
 use crate::findings::{Events, Signature};
 use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, RefusedPeer, RefusedPeers};
 use crate::prometheus::{Counters, Prometheus};
@@ -119,6 +120,15 @@ pub struct Server {
     latency: Mutex<BTreeMap<String, Histogram>>,
     /// Failures by owner and signature (access logs, application logs), since the last analysis tick.
     failures: Mutex<Failures>,
+    /// Each Envoy's latest host gauges per cluster, and when they came: (node, cluster) → hosts.
+    hosts: Mutex<BTreeMap<(String, String), (Hosts, u64)>>,
+    /// Requests the filter sent to each (rollout, version) since the last tick, from Envoys that also stream
+    /// their load (so the canary's hosts' load can be held against it).
+    routed: Mutex<BTreeMap<(String, String), u64>>,
+    /// Requests per upstream cluster since the last tick from Envoys that also stream their stats.
+    load_paired: Mutex<BTreeMap<String, u64>>,
+    /// Open load and stats streams per node.
+    streams: Mutex<BTreeMap<String, [u32; 2]>>,
     /// The latency of the last [`LATENCY_WINDOW_S`] seconds per cluster: a rollout's stable baseline.
     recent_latency: Mutex<BTreeMap<String, std::collections::VecDeque<(u64, Histogram)>>>,
     next_stream: AtomicU64,
@@ -132,12 +142,24 @@ pub struct Server {
     prometheus_logged: Mutex<(String, u64)>,
 }
 
-/// What a rollout's analysis gets in one tick: errors, and latency of stable and the canary.
+/// What a rollout's analysis gets in one tick: errors, latency of stable and the canary, and whether the
+/// canary is up.
 #[derive(Debug, Default)]
 struct Inputs {
     tick: Option<Tick>,
     latency: Option<(Histogram, Histogram)>,
+    availability: Availability,
 }
+
+/// The two report streams an Envoy opens besides ADS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Load = 0,
+    Stats = 1,
+}
+
+/// Host gauges older than this are not used: that Envoy stopped streaming its stats.
+pub const HOSTS_FRESH_S: u64 = 5;
 
 impl Server {
     pub fn new(
@@ -174,6 +196,10 @@ impl Server {
             latency: Mutex::new(BTreeMap::new()),
             failures: Mutex::new(BTreeMap::new()),
             recent_latency: Mutex::new(BTreeMap::new()),
+            hosts: Mutex::new(BTreeMap::new()),
+            routed: Mutex::new(BTreeMap::new()),
+            load_paired: Mutex::new(BTreeMap::new()),
+            streams: Mutex::new(BTreeMap::new()),
             next_stream: AtomicU64::new(1),
             tls,
             prometheus: None,
@@ -225,6 +251,8 @@ impl Server {
         rollout: &Rollout,
         load: &BTreeMap<String, Load>,
         latency: &BTreeMap<String, Histogram>,
+        routed: &BTreeMap<(String, String), u64>,
+        load_paired: &BTreeMap<String, u64>,
     ) -> Inputs {
         let plan = &rollout.plan;
         let canary_route = plan.canary_latency_cluster();
@@ -235,12 +263,24 @@ impl Server {
                     latency.get(&plan.stable_cluster),
                     latency.get(canary_route),
                 ),
+                availability: Availability {
+                    canary: self.fresh_hosts(&plan.canary_cluster),
+                    stable: self.fresh_hosts(&plan.stable_cluster),
+                    routed: routed
+                        .get(&(plan.rollout.clone(), plan.canary.clone()))
+                        .copied(),
+                    served: load_paired.get(&plan.canary_cluster).copied(),
+                },
             },
             Source::Prometheus => {
-                let query = crate::prometheus::counters_query(
-                    &[&plan.stable_cluster, canary_route],
-                    &plan.prometheus_selector,
-                );
+                let wanted = crate::prometheus::Wanted {
+                    stable: &plan.stable_cluster,
+                    canary: &plan.canary_cluster,
+                    canary_route,
+                    rollout: &plan.rollout,
+                    version: &plan.canary,
+                };
+                let query = crate::prometheus::counters_query(&wanted, &plan.prometheus_selector);
                 // No tick without an answer: the counters stay where they were, and the next answer's
                 // differences cover the gap.
                 let Ok(samples) = self.prometheus_query(&query).await else {
@@ -250,13 +290,15 @@ impl Server {
                     .entry(plan.rollout.clone())
                     .or_default()
                     .advance(&samples, now_unix());
-                let stable = deltas.get(&plan.stable_cluster).map(|d| d.latency.clone());
-                let canary = deltas.get(canary_route).map(|d| d.latency.clone());
+                let latency_of = |c: &str| deltas.clusters.get(c).map(|d| d.latency.clone());
+                let stable = latency_of(&plan.stable_cluster);
+                let canary = latency_of(canary_route);
                 let moved = |h: &Option<Histogram>| h.as_ref().is_some_and(|h| h.count > 0);
                 Inputs {
                     tick: crate::prometheus::tick_of(&deltas, &plan.stable_cluster, canary_route),
                     latency: (moved(&stable) || moved(&canary))
                         .then(|| (stable.unwrap_or_default(), canary.unwrap_or_default())),
+                    availability: crate::prometheus::availability_of(&deltas, &wanted),
                 }
             }
         }
@@ -340,11 +382,81 @@ impl Server {
     }
 
     /// Adds one Envoy's load report for a cluster (completed requests, of which errors).
-    pub fn report_load(&self, cluster: &str, requests: u64, errors: u64) {
-        let mut load = lock(&self.load);
-        let entry = load.entry(cluster.to_string()).or_default();
-        entry.requests += requests;
-        entry.errors += errors;
+    pub fn report_load(&self, node: &str, cluster: &str, requests: u64, errors: u64) {
+        {
+            let mut load = lock(&self.load);
+            let entry = load.entry(cluster.to_string()).or_default();
+            entry.requests = entry.requests.saturating_add(requests);
+            entry.errors = entry.errors.saturating_add(errors);
+        }
+        if self.streaming(node, StreamKind::Stats) {
+            let mut paired = lock(&self.load_paired);
+            let entry = paired.entry(cluster.to_string()).or_default();
+            *entry = entry.saturating_add(requests);
+        }
+    }
+
+    /// A load or stats stream of `node` opened (its node named).
+    pub fn stream_opened(&self, node: &str, kind: StreamKind) {
+        let mut streams = lock(&self.streams);
+        let open = streams.entry(node.to_string()).or_default();
+        if let Some(n) = open.get_mut(kind as usize) {
+            *n = n.saturating_add(1);
+        }
+    }
+
+    /// A load or stats stream of `node` ended.
+    pub fn stream_closed(&self, node: &str, kind: StreamKind) {
+        let mut streams = lock(&self.streams);
+        if let Some(open) = streams.get_mut(node) {
+            if let Some(n) = open.get_mut(kind as usize) {
+                *n = n.saturating_sub(1);
+            }
+            if open.iter().all(|n| *n == 0) {
+                streams.remove(node);
+            }
+        }
+    }
+
+    /// True while `node` has a stream of that kind open.
+    fn streaming(&self, node: &str, kind: StreamKind) -> bool {
+        lock(&self.streams)
+            .get(node)
+            .and_then(|open| open.get(kind as usize))
+            .is_some_and(|n| *n > 0)
+    }
+
+    /// One Envoy's current host gauges for a cluster.
+    pub fn report_hosts(&self, node: &str, cluster: &str, healthy: u64, total: u64) {
+        lock(&self.hosts).insert(
+            (node.to_string(), cluster.to_string()),
+            (Hosts { healthy, total }, now_unix()),
+        );
+    }
+
+    /// The hosts of `cluster` as each Envoy that streamed its stats in the last [`HOSTS_FRESH_S`] sees them.
+    fn fresh_hosts(&self, cluster: &str) -> Vec<Hosts> {
+        let now = now_unix();
+        let mut hosts = lock(&self.hosts);
+        hosts.retain(|_, (_, at)| now.saturating_sub(*at) <= HOSTS_FRESH_S);
+        hosts
+            .iter()
+            .filter(|((_, c), _)| c == cluster)
+            .map(|(_, (h, _))| *h)
+            .collect()
+    }
+
+    /// Requests the filter of one Envoy sent to a rollout's version since its previous flush. Counted only
+    /// for an Envoy that also streams its load, so that what the canary's hosts got can be held against it.
+    pub fn report_routed(&self, node: &str, rollout: &str, version: &str, requests: u64) {
+        if !self.streaming(node, StreamKind::Load) {
+            return;
+        }
+        let mut routed = lock(&self.routed);
+        let entry = routed
+            .entry((rollout.to_string(), version.to_string()))
+            .or_default();
+        *entry = entry.saturating_add(requests);
     }
 
     /// Adds one failure (an access-log entry or an application's log line) for the next tick; each rollout
@@ -415,6 +527,8 @@ impl Server {
             let load = std::mem::take(&mut *lock(&self.load));
             let latency = std::mem::take(&mut *lock(&self.latency));
             let failures = std::mem::take(&mut *lock(&self.failures));
+            let routed = std::mem::take(&mut *lock(&self.routed));
+            let load_paired = std::mem::take(&mut *lock(&self.load_paired));
             let active: Vec<Rollout> = lock(&self.rollouts)
                 .values()
                 .filter(|r| !r.phase.finished())
@@ -422,17 +536,26 @@ impl Server {
                 .collect();
             for current in active {
                 let name = current.plan.rollout.clone();
-                let inputs = self.inputs(&current, &load, &latency).await;
+                let inputs = self
+                    .inputs(&current, &load, &latency, &routed, &load_paired)
+                    .await;
                 let now = now_unix();
                 let result = self
                     .change(|config, rollouts| {
                         let Some(rollout) = rollouts.get_mut(&name) else {
                             return Ok((config.clone(), Vec::new()));
                         };
+                        rollout.note_tick(
+                            now,
+                            inputs.tick.as_ref(),
+                            inputs.latency.as_ref().map(|(s, c)| (s, c)),
+                            &inputs.availability,
+                        );
                         // Each test sees the tick (the first to reach its threshold names the rollback),
                         // then the step rules run.
                         let action = rollout
-                            .observe_errors(inputs.tick, now)
+                            .observe_availability(&inputs.availability, now)
+                            .or_else(|| rollout.observe_errors(inputs.tick, now))
                             .or_else(|| {
                                 let (stable, canary) = inputs.latency.as_ref()?;
                                 rollout.observe_latency(stable, canary, now)

@@ -38,10 +38,11 @@ def counter(server, name: str) -> int:
     return int(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
-def fleet(start_envoy, server, count: int = 2):
+def fleet(start_envoy, server, count: int = 2, **kwargs):
     """`count` Envoys on the shipped ADS bootstrap, connected, and streaming load reports and stats (so a
     rollout started now compares latency too)."""
-    envoys = [start_envoy(ADS, xds_port=server.xds_port, node_id=f"front-{i}") for i in range(1, count + 1)]
+    envoys = [start_envoy(ADS, xds_port=server.xds_port, node_id=f"front-{i}", **kwargs)
+              for i in range(1, count + 1)]
     server.wait_envoys(count)
     eventually(lambda: counter(server, "canaryctl_stats_flushes_total") >= count
                and counter(server, "canaryctl_load_reports_total") >= count, what="reports from every Envoy")
