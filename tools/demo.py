@@ -12,7 +12,8 @@ Envoy has applied it), shows each version's share live, and prints a summary. Th
 that fails on both versions alike: a buggy v2 (503 on 5 % of its requests) is rolled back automatically, with
 the reason on screen, while users see no error of it thanks to the fallback; a v2 that breaks only POST /checkout
 (0.5 % of its requests) is rolled back by that error signature, new on v2, while the shared search errors stay
-`known`; the fixed v2 is promoted step by step. It stops every process it started, on Ctrl-C too.
+`known`; the fixed v2 is promoted step by step, and the live split then shows every user on v2. It stops every
+process it started, on Ctrl-C too.
 
 `drive` does the traffic and the ramp against an Envoy that is already running (e.g. `docker compose up`),
 through canaryctl or, without a control plane, by publishing files into a watched ECDS directory:
@@ -370,6 +371,7 @@ def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list) -> i
                 print(f"   rolled back: {outcome['reason']}\n")
             else:
                 print(f"   promoted: {outcome['reason']}: v2 is stable now")
+                after_promotion(control, users, args.hold)
             if faults:
                 shown = subprocess.run([lab.CANARYCTL, "--server", control.server, "rollout", "findings", "web"],
                                        capture_output=True, text=True)
@@ -381,6 +383,33 @@ def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list) -> i
         users.stop()
     code = summarize(users, users.elapsed(), expected_failures)
     return code
+
+
+def after_promotion(control: lab.Canaryctl, users: "Users", hold: float) -> None:
+    """The live split once the promoted config is applied: every user on v2, though Envoy's routes still send a
+    request without a route header to v1 (the config names v1 as the default route's version, so the filter
+    writes v2 for v2's users)."""
+    control.wait_envoys(1)
+    time.sleep(0.5)  # requests already in flight finish on the config they started with
+    users.new_step()
+    tty = sys.stdout.isatty()
+    step_start, next_print, line = time.monotonic(), time.monotonic(), ""
+    while time.monotonic() - step_start < hold:
+        time.sleep(0.1)
+        window = users.window(1.0)
+        line = "after the promotion │ " + status_line(0, window, sum(users.non_2xx.values()), sum(window.values()))
+        if tty:
+            print("\r" + line, end="", flush=True)
+        elif time.monotonic() >= next_print:
+            print(line, flush=True)
+            next_print += 1.0
+    served = users.new_step()
+    total = sum(served.values())
+    print(("\r" + " " * len(line) + "\r") if tty else "", end="")
+    print(f"   after the promotion: v2 served {served['v2']} of {total} requests "
+          f"({served['v2'] / max(total, 1) * 100:.1f}%) in {hold:g} s", flush=True)
+    if total == 0 or served["v2"] != total:
+        raise RuntimeError(f"after the promotion v1 still served {total - served['v2']} of {total} requests")
 
 
 def _interrupt(signum, frame):

@@ -43,6 +43,9 @@ def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout
     assert re.search(r"known .* (request|attempt) GET /search 500", out), out
     # 3: the fixed v2 promoted.
     assert "   promoted: every step passed: v2 is stable now" in out, out
+    # ... and after it every user is on v2 (Envoy's default route still serves v1).
+    after = re.search(r"   after the promotion: v2 served (\d+) of (\d+) requests \(100\.0%\)", out)
+    assert after and after.group(1) == after.group(2) and int(after.group(2)) > 100, out
     # The ramp lost no request; in the release loop users saw only the failures the apps answer on purpose.
     assert out.count("non-2xx: 0 (a canary change lost no request)") == 1, out
     assert "non-2xx: 0 other (the fallback hid every 503 of the buggy v2)" in out, out
