@@ -82,8 +82,6 @@ const REQUEST_HEADERS: u32 = 0;
 const RESPONSE_HEADERS: u32 = 2;
 const PLUGIN_CONFIGURATION: u32 = 7;
 const COUNTER: u32 = 0;
-const LOG_INFO: u32 = 2;
-const LOG_ERROR: u32 = 4;
 /// Counts the requests decided with no configuration (an unknown root): they went to stable.
 const UNCONFIGURED_COUNTER: &str = "canary_router_unconfigured";
 
@@ -97,9 +95,31 @@ fn owned(data: *mut u8, size: usize) -> Vec<u8> {
     unsafe { Vec::from_raw_parts(data, size, size) }
 }
 
-fn log(level: u32, message: &str) {
-    // SAFETY: a pointer and length of a live string; the host only reads it.
-    let _ = unsafe { host::proxy_log(level, message.as_ptr(), message.len()) };
+/// The `log` facade's logger for this VM: each line to the host's `proxy_log`.
+struct HostLogger;
+
+impl log::Log for HostLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        let message = crate::logging::message(record);
+        let level = crate::logging::host_level(record.level());
+        // SAFETY: a pointer and length of a live string; the host only reads it.
+        let _ = unsafe { host::proxy_log(level, message.as_ptr(), message.len()) };
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: HostLogger = HostLogger;
+
+/// Installs the logger once per VM (later calls change nothing).
+fn install_logger() {
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
 }
 
 /// A buffer the host returns through out-pointers, allocated with `proxy_on_memory_allocate`; empty when
@@ -200,6 +220,7 @@ pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
 
 #[no_mangle]
 pub extern "C" fn proxy_on_vm_start(_root_context_id: u32, _vm_configuration_size: usize) -> bool {
+    install_logger();
     true
 }
 
@@ -209,19 +230,20 @@ pub extern "C" fn proxy_on_configure(
     root_context_id: u32,
     _plugin_configuration_size: usize,
 ) -> bool {
+    install_logger();
     match config::parse(&plugin_configuration()) {
         Ok(config) => {
             let counters: Vec<Option<u32>> = metrics::counter_names(&config)
                 .iter()
                 .map(|name| define_counter(name))
                 .collect();
-            log(LOG_INFO, &format!("config accepted: {}", config.summary()));
+            log::info!("config accepted: {}", config.summary());
             let active = Rc::new(Active { config, counters });
             STATE.with(|state| state.borrow_mut().roots.insert(root_context_id, active));
             true
         }
         Err(err) => {
-            log(LOG_ERROR, &format!("config rejected: {err}"));
+            log::error!("config rejected: {err}");
             false
         }
     }

@@ -7,19 +7,15 @@
 /// Buckets in the split: one per basis point, so percentages with two decimals are exact.
 pub const BUCKETS: u64 = 10_000;
 
-const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-/// FNV-1a 64 over the concatenation of `parts`, without allocating the concatenation.
+/// FNV-1a 64 (the `fnv` crate's hasher) over the concatenation of `parts`, without allocating the
+/// concatenation.
 pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
-    let mut hash = FNV_OFFSET_BASIS;
+    use core::hash::Hasher;
+    let mut hasher = fnv::FnvHasher::default();
     for part in parts {
-        for &byte in *part {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(FNV_PRIME);
-        }
+        hasher.write(part);
     }
-    hash
+    hasher.finish()
 }
 
 /// The bucket (0..10 000) of a user key in a rollout with this salt.

@@ -60,9 +60,6 @@ pub const RESPONSE_HEADER: u32 = 2;
 pub const CONTINUE: u32 = 0;
 /// `envoy_dynamic_module_type_metrics_result_Success`.
 pub const METRICS_SUCCESS: u32 = 0;
-/// `envoy_dynamic_module_type_log_level`.
-pub const LOG_INFO: u32 = 2;
-pub const LOG_ERROR: u32 = 4;
 
 /// Envoy's pointer to its filter config object (argument of config hooks).
 pub type ConfigEnvoyPtr = *mut c_void;
@@ -109,7 +106,8 @@ extern "C" {
     pub fn envoy_dynamic_module_callback_log(level: u32, message: ModuleBuffer);
 }
 
-/// Logs one line through Envoy's `dynamic_modules` logger.
+/// Logs one line through Envoy's `dynamic_modules` logger, at `level` (`envoy_dynamic_module_type_log_level`:
+/// trace 0 to critical 5, as `canary_router::logging::host_level` numbers them).
 pub fn log(level: u32, message: &str) {
     // SAFETY: the buffer is valid for the call; Envoy copies what it keeps.
     unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }

@@ -49,6 +49,24 @@ struct Filter {
     cookie: Option<String>,
 }
 
+/// The `log` facade's logger for this module: each line to Envoy's `dynamic_modules` logger.
+struct EnvoyLogger;
+
+impl log::Log for EnvoyLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        let message = canary_router::logging::message(record);
+        abi::log(canary_router::logging::host_level(record.level()), &message);
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: EnvoyLogger = EnvoyLogger;
+
 /// Runs a hook body; a panic is caught, logged, and answered with `fallback`.
 fn guard<T>(fallback: T, body: impl FnOnce() -> T) -> T {
     catch_unwind(AssertUnwindSafe(body)).unwrap_or(fallback)
@@ -108,6 +126,9 @@ fn next_random() -> u64 {
 #[no_mangle]
 extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
     guard((), || {
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(log::LevelFilter::Info);
+        }
         // A panic caught by `guard` must not print through the default hook (stderr, no context).
         std::panic::set_hook(Box::new(|info| {
             let payload = info.payload();
@@ -120,11 +141,8 @@ extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
                 .location()
                 .map(|l| format!("{}:{}", l.file(), l.line()))
                 .unwrap_or_default();
-            abi::log(
-                abi::LOG_ERROR,
-                &format!(
-                    "canary-router: internal error, request sent to stable: {message} ({place})"
-                ),
+            log::error!(
+                "canary-router: internal error, request sent to stable: {message} ({place})"
             );
         }));
     });
@@ -149,14 +167,11 @@ extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                     .iter()
                     .map(|counter| abi::define_counter(config_envoy, counter))
                     .collect();
-                abi::log(
-                    abi::LOG_INFO,
-                    &format!("{name}: config accepted: {}", config.summary()),
-                );
+                log::info!("{name}: config accepted: {}", config.summary());
                 Arc::into_raw(Arc::new(Loaded { config, counters })).cast()
             }
             Err(err) => {
-                abi::log(abi::LOG_ERROR, &format!("{name}: config rejected: {err}"));
+                log::error!("{name}: config rejected: {err}");
                 std::ptr::null()
             }
         }
@@ -368,9 +383,8 @@ extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
     _name: EnvoyBuffer,
     _config: EnvoyBuffer,
 ) -> *const c_void {
-    abi::log(
-        abi::LOG_ERROR,
-        "canary-router: per-route configuration is not supported; configure the filter itself",
+    log::error!(
+        "canary-router: per-route configuration is not supported; configure the filter itself"
     );
     std::ptr::null()
 }
