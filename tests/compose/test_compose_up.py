@@ -168,3 +168,13 @@ def test_the_labelled_counters_are_on_the_admin_port(stack):
     _, _, text = http("http://127.0.0.1:9901/stats/prometheus")
     counters = re.findall(r'^canary_router_requests\{rollout="web",version="(v\d)",reason="(\w+)"\} (\d+)$', text, re.M)
     assert {version for version, _, n in counters if int(n) > 0} >= {"v1", "v2"}, text[:2000]
+
+
+def test_canaryctl_promote_sends_every_user_to_the_new_stable(stack):
+    # Last: it changes the stack for good. The compose front's default route still serves v1; the plugin config
+    # says so (default_route_version), so the filter writes v2 for every user once v2 is stable.
+    result = canaryctl("promote", "web")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "applied by 1/1 Envoys" in result.stdout, result.stdout
+    lab.eventually(lambda: all(served(u) == "v2" for u in USERS), deadline_s=30, interval_s=0.5,
+                   what="every user on v2 after the promotion")

@@ -88,6 +88,9 @@ def test_istio_wasmplugin_virtualservice_and_destinationrule_agree(check_config)
         version = matches[0]["headers"][header]["exact"] if matches else None
         routed[version] = route["route"][0]["destination"]["subset"]
     assert routed == {**{v: v for v in canaries}, None: stable}, "each canary by header, stable as the default"
+    # The default route does not add the route header, so the filter must write it for every version: no
+    # default_route_version. After a promotion (v2 stable) v2's users then get x-version: v2 and its route.
+    assert "default_route_version" not in plugin["pluginConfig"]["rollouts"][0]
     assert list(routed)[-1] is None, "the default route comes last"
     subsets = {s["name"]: s["labels"]["version"] for s in docs["DestinationRule"]["spec"]["subsets"]}
     assert subsets == {v: v for v in [stable, *canaries]}
@@ -134,3 +137,5 @@ def test_envoy_gateway_policy_and_httproute_agree(check_config):
             version = h["value"]
         routed[version] = rule["backendRefs"][0]["name"]
     assert routed == {**{v: f"shop-{v}" for v in canaries}, None: f"shop-{stable}"}
+    # As under Istio: the default rule adds no route header, so the filter writes it for every version.
+    assert "default_route_version" not in wasm["config"]["rollouts"][0]

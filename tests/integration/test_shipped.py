@@ -5,9 +5,11 @@ import os
 import re
 
 import pytest
+import yaml
 
 import ecds
 from harness import ENVOY_DIR, expected_version, indent, shipped_plugin_config
+from lab import eventually
 
 
 def read(name: str) -> str:
@@ -101,3 +103,50 @@ def test_the_two_demo_apps_differ_only_in_version_and_port():
                   for text in (v1, v2)]
     assert normalised[0] == normalised[1]
     assert '{\\"version\\":\\"v1\\"}' in v1 and '{\\"version\\":\\"v2\\"}' in v2
+
+
+FRONTS = ("envoy-inline.yaml", "envoy-ecds.yaml", "envoy-ads.yaml", "envoy-ads-tls.yaml", "envoy-ads-native.yaml",
+          "envoy-native.yaml")
+
+
+def default_route(bootstrap: str) -> dict:
+    """The front's route for requests without a route header: the last route, matching on no header."""
+    config = yaml.safe_load(read(bootstrap))
+    (listener,) = [l for l in config["static_resources"]["listeners"] if l["name"] == "ingress"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (host,) = manager["route_config"]["virtual_hosts"]
+    last = host["routes"][-1]
+    assert "headers" not in last["match"], f"{bootstrap}: the last route must be the default (no header match)"
+    return last
+
+
+@pytest.mark.parametrize("bootstrap", FRONTS)
+def test_the_config_names_the_version_the_default_route_serves(bootstrap):
+    # The filter writes nothing for users it keeps on default_route_version: that must be the version the
+    # default route sends them to, and the route must name it in the route header itself. A promotion changes
+    # stable, never this.
+    config = json.loads(shipped_plugin_config())
+    (web,) = config["rollouts"]
+    version = web["default_route_version"]
+    route = default_route(bootstrap)
+    assert route["route"]["cluster"] == f"app-{version}", (bootstrap, route)
+    added = {h["header"]["key"]: (h["header"]["value"], h["append_action"]) for h in route["request_headers_to_add"]}
+    assert added == {"x-version": (version, "OVERWRITE_IF_EXISTS_OR_ADD")}, (bootstrap, added)
+    inline = re.search(r'"default_route_version": "([^"]+)"', read(bootstrap))
+    assert inline is None or inline.group(1) == version, f"{bootstrap}'s inline config"
+
+
+def test_the_ecds_setup_promoted_by_a_published_config_sends_every_user_to_v2(start_envoy):
+    # The ECDS example's way to promote: publish the shipped config with v2 as stable (tools/ecds.py).
+    envoy = start_envoy("envoy-ecds.yaml")
+    promoted = json.loads(shipped_plugin_config())
+    web = promoted["rollouts"][0]
+    web["stable"], web["canaries"] = "v2", [{"version": "v1", "percent": 0}]
+    envoy.publish(json.dumps(promoted))
+    conn = envoy.connection()
+
+    def all_on_v2():
+        responses = [envoy.get("/", {"x-user-id": f"e{i}"}, conn=conn) for i in range(200)]
+        return all(r.served_by == "v2" and r.received("x-version") == ["v2"] for r in responses)
+
+    eventually(all_on_v2, deadline_s=10, what="every user on v2 after the promoted config was published")
