@@ -47,12 +47,13 @@ install-prometheus:
 	  echo "prometheus is missing: sudo apt-get install prometheus (the tests start one to test rollouts that read it)"; exit 1; \
 	fi
 
-# Debian's podman and podman-compose: a real container engine for `make compose-test` (no Docker engine here).
+# Debian's podman and podman-compose: a real container engine for `make compose-test` (no Docker engine here),
+# with runc (crun, podman's default, cannot start containers where cgroups are in hybrid mode).
 install-podman:
-	@command -v podman-compose >/dev/null || if [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman podman-compose >/dev/null; \
+	@command -v podman-compose >/dev/null && command -v runc >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman podman-compose runc >/dev/null; \
 	else \
-	  echo "podman-compose is missing: sudo apt-get install podman podman-compose (make compose-test runs the compose file with it)"; exit 1; \
+	  echo "podman-compose or runc is missing: sudo apt-get install podman podman-compose runc (make compose-test runs the compose file with them)"; exit 1; \
 	fi
 
 install-openssl:

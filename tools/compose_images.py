@@ -12,8 +12,11 @@ images: no entrypoint script, no other tools. Both tags are written in full (doc
 the compose file's short names to them.
 
 `containers_conf()` writes the engine settings the compose run needs on this machine: default per-container
-limits low enough to be granted here (podman's default asks for more open files than this kernel allows). It
-is handed to podman through CONTAINERS_CONF, so nothing under /etc changes.
+limits low enough to be granted here (podman's default asks for more open files than this kernel allows), and
+the runc runtime (Debian's podman defaults to crun, which refuses to start any container on a host whose cgroups
+are in hybrid mode, v1 controllers beside a v2 mount: "crun: cgroups in hybrid mode not supported", seen here on
+2026-12-06; runc runs in every mode). It is handed to podman through CONTAINERS_CONF, so nothing under /etc
+changes.
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def containers_conf(path: str) -> str:
     """The engine settings for this machine (see the module doc); returns the path."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        f.write('[containers]\ndefault_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]\n')
+        f.write('[containers]\ndefault_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]\n\n'
+                '[engine]\nruntime = "runc"\n')
     return path
 
 

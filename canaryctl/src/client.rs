@@ -706,9 +706,7 @@ fn print_rollout(r: &Value) {
         .unwrap_or_default();
     if !compared {
         let why = match text(r, &["plan", "evidence"]) {
-            "prometheus" => {
-                "Prometheus had no upstream_rq_time buckets of both clusters when it started"
-            }
+            "prometheus" => "started before this canaryctl compared latency from Prometheus",
             _ => "the Envoys streamed no stats when the rollout started",
         };
         println!("  latency: not compared ({why})");
@@ -749,6 +747,28 @@ fn print_rollout(r: &Value) {
                 ""
             },
             text(r, &["rollout"])
+        );
+    }
+    // The canary's hosts: what the last tick saw, and whether the step is held because it is down.
+    let last_tick = at(r, &["recent_ticks"])
+        .and_then(Value::as_array)
+        .and_then(|ticks| ticks.last());
+    if let Some(up) = last_tick
+        .and_then(|t| t.get("canary_up_on"))
+        .and_then(Value::as_array)
+    {
+        let (healthy, reporting) = (
+            up.first().and_then(Value::as_u64).unwrap_or(0),
+            up.get(1).and_then(Value::as_u64).unwrap_or(0),
+        );
+        if reporting > 0 {
+            println!("  canary hosts: healthy on {healthy} of {reporting} Envoys that report them");
+        }
+    }
+    if let Some(why) = at(r, &["availability", "why"]).and_then(Value::as_str) {
+        println!(
+            "  held: {why} (since {})",
+            when(number(r, &["availability", "down_since_unix"]) as u64)
         );
     }
     println!(

@@ -101,10 +101,14 @@ def test_a_rollout_that_passes_its_last_step_sends_every_user_to_the_canary(cana
                             "--min-canary-requests", "20", "--stable-cluster", "app-v1", "--canary-cluster",
                             "app-v2", "--canary-route-cluster", "app-v2-or-v1", "--latency-tolerance", "100")
         assert result.returncode == 0, result.stdout + result.stderr
-        eventually(lambda: {r["rollout"]: r for r in server.api("/v1/rollouts")["rollouts"]}["web"]["phase"]
-                   == "promoted", deadline_s=60, interval_s=0.2, what="the rollout promoted")
+        done = eventually(lambda: (r := {r["rollout"]: r for r in server.api("/v1/rollouts")["rollouts"]}["web"])
+                          ["phase"] == "promoted" and r, deadline_s=60, interval_s=0.2, what="the rollout promoted")
         server.wait_envoys(1)
         all_on(envoy, "v2")
     statuses, _ = traffic.snapshot()
     assert set(statuses) == {200} and traffic.errors == [] and traffic.mismatches == [], \
         (statuses, traffic.errors[:3], traffic.mismatches[:3])
+    # canaryctl read this build's own counters from the stats stream (what the filter sent to v2), and they
+    # matched what v2's hosts got: the canary was judged up on both builds.
+    ticks = [t for t in done["recent_ticks"] if t["routed"]]
+    assert ticks and sum(t["routed"] for t in ticks) <= 1.1 * sum(t["served"] or 0 for t in ticks), done["recent_ticks"]
