@@ -195,6 +195,22 @@ class CanaryctlPublisher:
             raise RuntimeError(f"canaryctl set failed: {result.stderr.strip()}")
 
 
+def live(users: Users, hold: float, line_of) -> str:
+    """Shows `line_of(the last second's versions)` for `hold` seconds: redrawn in place on a terminal, once a
+    second otherwise. Returns the last line."""
+    tty = sys.stdout.isatty()
+    started, next_print, line = time.monotonic(), time.monotonic(), ""
+    while time.monotonic() - started < hold:
+        time.sleep(0.1)
+        line = line_of(users.window(1.0))
+        if tty:
+            print("\r" + line, end="", flush=True)
+        elif time.monotonic() >= next_print:
+            print(line, flush=True)
+            next_print += 1.0
+    return line
+
+
 def ramp(users: Users, publish, steps: list[float], hold: float) -> list[tuple]:
     """Publish each percentage, show the live split for `hold` seconds, and return per-step results."""
     tty = sys.stdout.isatty()
@@ -204,18 +220,8 @@ def ramp(users: Users, publish, steps: list[float], hold: float) -> list[tuple]:
         publish(percent)
         applied_ms = (time.monotonic() - started) * 1000
         users.new_step()
-        step_start = time.monotonic()
-        next_print = step_start
-        line = ""
-        while time.monotonic() - step_start < hold:
-            time.sleep(0.1)
-            window = users.window(1.0)
-            line = status_line(percent, window, sum(users.non_2xx.values()), sum(window.values()))
-            if tty:
-                print("\r" + line, end="", flush=True)
-            elif time.monotonic() >= next_print:
-                print(line, flush=True)
-                next_print += 1.0
+        line = live(users, hold, lambda window: status_line(percent, window, sum(users.non_2xx.values()),
+                                                            sum(window.values())))
         finished = users.new_step()
         total = sum(finished.values()) or 1
         # What the spec gives these users (FNV-1a buckets): the served share converges to it.
@@ -393,16 +399,8 @@ def after_promotion(control: lab.Canaryctl, users: "Users", hold: float) -> None
     time.sleep(0.5)  # requests already in flight finish on the config they started with
     users.new_step()
     tty = sys.stdout.isatty()
-    step_start, next_print, line = time.monotonic(), time.monotonic(), ""
-    while time.monotonic() - step_start < hold:
-        time.sleep(0.1)
-        window = users.window(1.0)
-        line = "after the promotion │ " + status_line(0, window, sum(users.non_2xx.values()), sum(window.values()))
-        if tty:
-            print("\r" + line, end="", flush=True)
-        elif time.monotonic() >= next_print:
-            print(line, flush=True)
-            next_print += 1.0
+    line = live(users, hold, lambda window: "after the promotion │ " + status_line(
+        0, window, sum(users.non_2xx.values()), sum(window.values())))
     served = users.new_step()
     total = sum(served.values())
     print(("\r" + " " * len(line) + "\r") if tty else "", end="")

@@ -184,7 +184,7 @@ impl Histogram {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -263,8 +263,8 @@ mod tests {
         assert!(!evidence.rejects(0.05));
     }
 
-    /// splitmix64: a seeded, reproducible source for the simulations.
-    struct Rng(u64);
+    /// splitmix64: a seeded, reproducible source for the simulations (here and in `metrics_sink`).
+    pub(crate) struct Rng(pub(crate) u64);
 
     impl Rng {
         fn next(&mut self) -> u64 {
@@ -275,12 +275,18 @@ mod tests {
             z ^ (z >> 31)
         }
 
-        fn uniform(&mut self) -> f64 {
+        pub(crate) fn uniform(&mut self) -> f64 {
             (self.next() >> 11) as f64 / (1u64 << 53) as f64
         }
 
+        /// A standard normal draw (Box–Muller).
+        pub(crate) fn normal(&mut self) -> f64 {
+            let (u, v) = (self.uniform().max(1e-300), self.uniform());
+            (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+        }
+
         /// A Poisson draw (Knuth's method; the rates here are small).
-        fn poisson(&mut self, mean: f64) -> u64 {
+        pub(crate) fn poisson(&mut self, mean: f64) -> u64 {
             let limit = (-mean).exp();
             let (mut k, mut p) = (0u64, 1.0);
             loop {

@@ -369,36 +369,7 @@ mod tests {
         );
     }
 
-    /// splitmix64: a seeded, reproducible source for the simulation.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self) -> f64 {
-            (self.next() >> 11) as f64 / (1u64 << 53) as f64
-        }
-        fn normal(&mut self) -> f64 {
-            let (u, v) = (self.uniform().max(1e-300), self.uniform());
-            (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-        }
-        fn poisson(&mut self, mean: f64) -> u64 {
-            let limit = (-mean).exp();
-            let (mut k, mut p) = (0u64, 1.0);
-            loop {
-                p *= self.uniform();
-                if p <= limit {
-                    return k;
-                }
-                k += 1;
-            }
-        }
-    }
+    use crate::analysis::tests::Rng;
 
     /// Envoy's default histogram buckets (ms): what `supportedBuckets()` sends with every histogram.
     const ENVOY_BUCKETS_MS: [f64; 19] = [
