@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -63,7 +63,31 @@ pub fn router(server: Arc<Server>) -> Router {
         .merge(guarded)
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::map_response(body_errors_as_json))
         .with_state(server)
+}
+
+/// The largest request body the admin API reads (a plugin config, or a batch of application log lines).
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// axum answers a body it will not read (over [`MAX_BODY_BYTES`], or not the declared type) in plain text:
+/// every answer of this API is JSON with one `error` line, which the CLI repeats.
+async fn body_errors_as_json(response: Response) -> Response {
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    match response.status() {
+        StatusCode::PAYLOAD_TOO_LARGE if !json => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body over the limit of {MAX_BODY_BYTES} bytes (2 MiB): send less at once"
+            ),
+        ),
+        _ => response,
+    }
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -189,8 +213,13 @@ fn refused(err: StateError) -> Response {
     }
 }
 
-/// A request body, or the one-line message saying where it is wrong.
+/// A request body, or the one-line message saying where it is wrong. A key repeated in any object is refused
+/// (every door reads JSON the same way: the filter, `check_config` and the CLI's files refuse it too, where a
+/// JSON map would silently keep the last value).
 fn parse_body<B: DeserializeOwned>(body: &Bytes) -> Result<B, String> {
+    if let Err(message) = unique_keys(body) {
+        return Err(format!("bad request body: {message}"));
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         canary_router::text::one_line(
@@ -198,6 +227,100 @@ fn parse_body<B: DeserializeOwned>(body: &Bytes) -> Result<B, String> {
             canary_router::text::MAX_LINE,
         )
     })
+}
+
+/// Checks that no JSON object in `text` repeats a key; the error names the key and where it is
+/// (`config.rollouts[0]`). Text that is not JSON is left to the parser that follows.
+pub fn unique_keys(text: &[u8]) -> Result<(), String> {
+    use serde::de::{
+        DeserializeSeed, Deserializer, Error, IgnoredAny, MapAccess, SeqAccess, Visitor,
+    };
+    use std::fmt;
+
+    /// Walks one value at `path`.
+    struct Walk<'p>(&'p str);
+
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+            deserializer.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0usize;
+            while seq
+                .next_element_seed(Walk(&format!("{}[{i}]", self.0)))?
+                .is_some()
+            {
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                // With arbitrary_precision, a number arrives as a one-entry map with serde_json's private
+                // key: it is a number, not an object.
+                if key == "$serde_json::private::Number" {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+                let at = if self.0.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{}.{key}", self.0)
+                };
+                if !seen.insert(key.clone()) {
+                    let shown = if self.0.is_empty() {
+                        "the top level"
+                    } else {
+                        self.0
+                    };
+                    return Err(A::Error::custom(format!(
+                        "duplicate key {} in {shown}: each key once (a JSON object with a repeated key is ambiguous)",
+                        canary_router::text::quote(&key)
+                    )));
+                }
+                map.next_value_seed(Walk(&at))?;
+            }
+            Ok(())
+        }
+    }
+
+    let mut deserializer = serde_json::Deserializer::from_slice(text);
+    match Walk("").deserialize(&mut deserializer) {
+        Ok(()) => Ok(()),
+        Err(err) if err.is_data() => Err(canary_router::text::one_line(
+            &err.to_string(),
+            canary_router::text::MAX_LINE,
+        )),
+        // Syntax errors: the body's own parser says them, with its context.
+        Err(_) => Ok(()),
+    }
 }
 
 /// Application log lines in one POST, at most.
@@ -227,6 +350,9 @@ async fn app_logs(State(server): State<Arc<Server>>, body: Bytes) -> Response {
         Err(err) => return error(StatusCode::BAD_REQUEST, format!("logs: not UTF-8: {err}")),
     };
     let values: Vec<(usize, serde_json::Value)> = if text.starts_with('[') {
+        if let Err(message) = unique_keys(text.as_bytes()) {
+            return error(StatusCode::BAD_REQUEST, format!("logs: {message}"));
+        }
         match serde_json::from_str::<Vec<serde_json::Value>>(text) {
             Ok(values) => values
                 .into_iter()
@@ -242,6 +368,12 @@ async fn app_logs(State(server): State<Arc<Server>>, body: Bytes) -> Response {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
         {
+            if let Err(message) = unique_keys(line.as_bytes()) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("logs: line {}: {message}", i + 1),
+                );
+            }
             match serde_json::from_str(line) {
                 Ok(value) => values.push((i + 1, value)),
                 Err(err) => {
@@ -1196,6 +1328,36 @@ async fn rollout_promote(State(server): State<Arc<Server>>, body: Bytes) -> Resp
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    #[test]
+    fn a_key_repeated_in_any_object_of_a_body_is_refused_naming_it_and_where() {
+        let refused = |body: &str| unique_keys(body.as_bytes()).unwrap_err();
+        assert_eq!(
+            refused(r#"{"rollout":"web","percents":{"v2":5,"v2":50}}"#),
+            r#"duplicate key "v2" in percents: each key once (a JSON object with a repeated key is ambiguous) at line 1 column 40"#
+        );
+        assert!(refused(r#"{"rollout":"web","rollout":"api"}"#)
+            .starts_with(r#"duplicate key "rollout" in the top level"#));
+        assert!(refused(
+            r#"{"config":{"rollouts":[{"name":"web","stable":"v1","stable":"v2","canaries":[]}]}}"#
+        )
+        .starts_with(r#"duplicate key "stable" in config.rollouts[0]"#));
+        // Numbers (read exactly: arbitrary precision), arrays, the same key in two objects, and text that is not
+        // JSON (its own parser says why) pass.
+        for fine in [
+            r#"{"a":1,"b":{"a":0.30000000000000004},"c":[{"a":1},{"a":2}],"d":null,"e":true,"f":-5}"#,
+            "[1, 2.5e300, \"x\"]",
+            "{\"a\":",
+            "not json",
+        ] {
+            assert_eq!(unique_keys(fine.as_bytes()), Ok(()), "{fine}");
+        }
+        let body = Bytes::from_static(br#"{"rollout":"web","rollout":"web"}"#);
+        let parsed: Result<serde_json::Value, String> = parse_body(&body);
+        assert!(parsed
+            .unwrap_err()
+            .starts_with("bad request body: duplicate key \"rollout\""));
+    }
 
     #[test]
     fn the_bearer_scheme_is_matched_in_any_case() {

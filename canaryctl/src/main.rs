@@ -223,7 +223,12 @@ enum RolloutCommand {
         canary: String,
         /// Percentages in order, with `pause` for a manual gate: 1,5,pause,50,100. The last one passing
         /// promotes the canary.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required = true,
+            allow_hyphen_values = true
+        )]
         steps: Vec<String>,
         /// How long each step holds at least.
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
@@ -306,8 +311,66 @@ enum RolloutCommand {
     },
 }
 
+/// The command line, or the exit: help and version are printed as clap writes them; a usage error is one line
+/// on stderr and exit 1 (refused, like any invalid request), never clap's usage text.
+fn parse_cli() -> Result<Cli, ExitCode> {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(err) => match err.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let _ = err.print();
+                Err(ExitCode::from(
+                    if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        1
+                    } else {
+                        0
+                    },
+                ))
+            }
+            _ => {
+                eprintln!("canaryctl: {}", usage_error_line(&err.render().to_string()));
+                Err(ExitCode::from(1))
+            }
+        },
+    }
+}
+
+/// clap's error text as one line: its first paragraph (the message, and what it lists) without the `error: `
+/// prefix, its tip, and where to look; never the usage block.
+fn usage_error_line(rendered: &str) -> String {
+    let mut lines = rendered.lines().map(str::trim).skip_while(|l| l.is_empty());
+    let head = lines.next().unwrap_or("invalid arguments");
+    let head = head.strip_prefix("error: ").unwrap_or(head);
+    let listed: Vec<&str> = lines
+        .by_ref()
+        .take_while(|l| !l.is_empty())
+        .filter(|l| !l.starts_with("tip: "))
+        .collect();
+    let mut message = head.to_string();
+    if !listed.is_empty() {
+        message.push(' ');
+        message.push_str(&listed.join(", "));
+    }
+    if let Some(tip) = rendered
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("tip: "))
+    {
+        message.push_str("; ");
+        message.push_str(tip);
+    }
+    message.push_str(" (see --help)");
+    canary_router::text::one_line(&message, canary_router::text::MAX_LINE)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

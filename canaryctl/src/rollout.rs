@@ -153,6 +153,10 @@ pub fn default_latency_tolerance() -> f64 {
     1.5
 }
 
+/// The smallest false-rollback budget: below it, the thresholds (1/α per test, and that times the signatures
+/// for each error signature) are beyond any evidence a rollout can gather.
+pub const MIN_ALPHA: f64 = 1e-6;
+
 /// Stable's latency quantiles whose bucket bounds the latency checks use: "slower than b" for each.
 pub const LATENCY_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
 /// Stable requests needed to choose the latency bounds.
@@ -233,6 +237,16 @@ impl Plan {
             return Err(format!(
                 "false-rollback-budget: {} must be between 0 and 1 (e.g. 0.05)",
                 self.alpha
+            ));
+        }
+        if self.alpha < MIN_ALPHA {
+            // Each error signature's threshold is 1/α times the tests and the signatures: far beyond any
+            // evidence a rollout gathers, so such a budget could never roll back.
+            return Err(format!(
+                "false-rollback-budget: {:e} is below {MIN_ALPHA}: its thresholds (up to {:.1e} for an error \
+                 signature) could never be reached, so nothing would ever roll back",
+                self.alpha,
+                1.0 / self.signature_alpha()
             ));
         }
         if self.evidence == Source::Prometheus {
@@ -967,6 +981,20 @@ mod tests {
         let mut p = plan("5,100");
         p.alpha = 0.0;
         assert!(p.check().unwrap_err().starts_with("false-rollback-budget:"));
+        for useless in [1e-300, 1e-7, f64::MIN_POSITIVE] {
+            let mut p = plan("5,100");
+            p.alpha = useless;
+            let err = p.check().unwrap_err();
+            assert!(
+                err.starts_with(&format!(
+                    "false-rollback-budget: {useless:e} is below 0.000001"
+                )),
+                "{err}"
+            );
+        }
+        let mut p = plan("5,100");
+        p.alpha = MIN_ALPHA;
+        assert!(p.check().is_ok());
         let mut p = plan("5,100");
         p.max_step_s = 5;
         assert!(p.check().unwrap_err().starts_with("max-step-time:"));

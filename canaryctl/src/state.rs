@@ -147,7 +147,19 @@ impl StateFile {
     pub fn load(&self) -> Result<Option<Saved>, StateError> {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                // A link to nothing is a state someone meant to keep (a moved volume, a typo): never start
+                // from nothing in its place.
+                if let Ok(target) = std::fs::read_link(&self.path) {
+                    return Err(StateError::Io(format!(
+                        "{}: a symbolic link to {}, which does not exist: refusing to start a new state in its \
+                         place (fix the link, or remove it and start with --init-config)",
+                        self.shown(),
+                        target.display()
+                    )));
+                }
+                return Ok(None);
+            }
             Err(err) => return Err(StateError::Io(format!("{}: {err}", self.shown()))),
         };
         self.keep_private();
@@ -238,12 +250,22 @@ impl StateFile {
         rollouts: &[Rollout],
     ) -> Result<(), StateError> {
         let io = |err: std::io::Error| StateError::Io(format!("{}: {err}", self.shown()));
-        let dir = match self.path.parent() {
+        // Through symbolic links: the file they point to is replaced, and the links stay.
+        let mut path = self.path.clone();
+        for _ in 0..8 {
+            let Ok(target) = std::fs::read_link(&path) else {
+                break;
+            };
+            path = match path.parent() {
+                Some(parent) if target.is_relative() => parent.join(target),
+                _ => target,
+            };
+        }
+        let dir = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let name = self
-            .path
+        let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "state".to_string());
@@ -266,7 +288,7 @@ impl StateFile {
             file.write_all(&body)?;
             file.write_all(b"\n")?;
             file.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
+            std::fs::rename(&tmp, &path)?;
             std::fs::File::open(&dir)?.sync_all()
         })();
         if result.is_err() {
@@ -772,6 +794,39 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("\"default_route_version\": \"v2\""), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_state_behind_a_symbolic_link_is_saved_through_it_and_a_dangling_link_is_refused() {
+        let dir = std::env::temp_dir().join(format!("canaryctl-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("volume")).unwrap();
+        let link = dir.join("state.json");
+        std::os::unix::fs::symlink(dir.join("volume").join("state.json"), &link).unwrap();
+        let file = StateFile::new(&link);
+        let err = file.load().unwrap_err().to_string();
+        assert!(
+            err.contains("a symbolic link to")
+                && err.contains("which does not exist: refusing to start a new state"),
+            "{err}"
+        );
+        let desired = Desired {
+            version: 3,
+            updated_at_unix: 1,
+            config: config(TWO),
+        };
+        file.save(&desired, &[], &[]).unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "the link stays"
+        );
+        assert_eq!(file.load().unwrap().unwrap().desired.version, 3);
+        assert!(dir.join("volume").join("state.json").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
