@@ -16,6 +16,17 @@ pub fn request_counter_name(rollout: &str, version: &str, reason: &str) -> Strin
     format!("{REQUESTS}.rollout.{rollout}.version.{version}.reason.{reason}")
 }
 
+/// The rollout and version of a request counter's name, the inverse of [`request_counter_name`]: after
+/// whatever prefix the host adds (`wasmcustom.`, the native module's namespace). Rollout names have no dots;
+/// a version may. None for any other name, `no_match` included.
+pub fn parse_request_counter_name(name: &str) -> Option<(&str, &str)> {
+    let (_, rest) = name.split_once(REQUESTS)?;
+    let rest = rest.strip_prefix(".rollout.")?;
+    let (rollout, rest) = rest.split_once(".version.")?;
+    let (version, _) = rest.rsplit_once(".reason.")?;
+    (!rollout.is_empty() && !version.is_empty()).then_some((rollout, version))
+}
+
 /// `canary_router_requests.reason.no_match`
 pub fn no_match_counter_name() -> String {
     format!("{REQUESTS}.reason.{NO_MATCH}")
@@ -98,5 +109,24 @@ mod tests {
             )],
             "canary_router_requests.rollout.api.version.1.1-rc.1.reason.sticky"
         );
+        // Every name reads back as its rollout and version, with or without the host's prefix.
+        for name in &names[1..] {
+            for prefixed in [name.clone(), format!("wasmcustom.{name}")] {
+                let (rollout, version) = parse_request_counter_name(&prefixed).unwrap();
+                assert!(
+                    config
+                        .rollouts
+                        .iter()
+                        .any(|r| r.name == rollout && r.versions.iter().any(|v| v == version)),
+                    "{prefixed}"
+                );
+                assert!(prefixed.ends_with(&request_counter_name(
+                    rollout,
+                    version,
+                    prefixed.rsplit('.').next().unwrap()
+                )));
+            }
+        }
+        assert_eq!(parse_request_counter_name(&names[0]), None, "no_match");
     }
 }

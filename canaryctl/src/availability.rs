@@ -50,6 +50,18 @@ pub struct Availability {
     pub served: Option<u64>,
 }
 
+impl Availability {
+    /// (Envoys that see a healthy canary host, Envoys that report the canary's hosts). An Envoy whose
+    /// cluster has no host yet (DNS not resolved) reports nothing.
+    pub fn canary_up_on(&self) -> (usize, usize) {
+        let reporting = self.canary.iter().filter(|h| h.total > 0);
+        (
+            reporting.clone().filter(|h| h.healthy > 0).count(),
+            reporting.count(),
+        )
+    }
+}
+
 /// Where the canary stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -74,18 +86,13 @@ pub struct Watch {
 impl Watch {
     /// One tick at `now`; `canary` names the version in the lines.
     pub fn observe(&mut self, a: &Availability, canary: &str, now: u64) -> Verdict {
-        if let (Some(routed), Some(served)) = (a.routed, a.served) {
+        if let Some(routed) = a.routed {
             if self.window.len() >= TRAFFIC_WINDOW {
                 self.window.pop_front();
             }
-            self.window.push_back((routed, served));
-        } else if let Some(routed) = a.routed {
             // Counters but no load report this tick from the Envoys that sent them (each of those streams its
             // load too): their canary hosts got nothing that was reported.
-            if self.window.len() >= TRAFFIC_WINDOW {
-                self.window.pop_front();
-            }
-            self.window.push_back((routed, 0));
+            self.window.push_back((routed, a.served.unwrap_or(0)));
         }
         let everywhere = self.down_everywhere(a, canary);
         let somewhere = everywhere.clone().or_else(|| down_somewhere(a));
@@ -110,14 +117,12 @@ impl Watch {
 
     /// The canary down on every Envoy that reports it, or not getting the traffic sent to it; None otherwise.
     fn down_everywhere(&self, a: &Availability, canary: &str) -> Option<String> {
-        let reporting: Vec<&Hosts> = a.canary.iter().filter(|h| h.total > 0).collect();
+        let (up, reporting) = a.canary_up_on();
         let stable_up = a.stable.is_empty() || a.stable.iter().any(|h| h.healthy > 0);
-        if !reporting.is_empty() && reporting.iter().all(|h| h.healthy == 0) && stable_up {
-            let total: u64 =
-                reporting.iter().map(|h| h.total).sum::<u64>() / reporting.len() as u64;
+        if reporting > 0 && up == 0 && stable_up {
+            let total = a.canary.iter().map(|h| h.total).sum::<u64>() / reporting as u64;
             return Some(format!(
-                "canary unhealthy: 0 of {total} hosts healthy on {n} of {n} Envoys",
-                n = reporting.len()
+                "canary unhealthy: 0 of {total} hosts healthy on {reporting} of {reporting} Envoys"
             ));
         }
         let (routed, served) = self.window.iter().fold((0u64, 0u64), |(r, s), (dr, ds)| {
@@ -135,14 +140,10 @@ impl Watch {
 
 /// Some Envoys see no healthy canary host while others do (a partition, one zone without it).
 fn down_somewhere(a: &Availability) -> Option<String> {
-    let reporting: Vec<&Hosts> = a.canary.iter().filter(|h| h.total > 0).collect();
-    let down = reporting.iter().filter(|h| h.healthy == 0).count();
-    (down > 0).then(|| {
-        format!(
-            "canary unhealthy on {down} of {} Envoys: no healthy host there",
-            reporting.len()
-        )
-    })
+    let (up, reporting) = a.canary_up_on();
+    let down = reporting - up;
+    (down > 0)
+        .then(|| format!("canary unhealthy on {down} of {reporting} Envoys: no healthy host there"))
 }
 
 #[cfg(test)]

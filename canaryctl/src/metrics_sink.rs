@@ -28,10 +28,9 @@ use crate::analysis::Histogram;
 use crate::server::{Metrics, Server, StreamKind};
 use crate::tls::Peer;
 use crate::xds::authorise;
+use canary_router::metrics::REQUESTS;
 
 const CLUSTER_TAG: &str = "envoy.cluster_name";
-/// The filter's counters, after any prefix Envoy adds (`wasmcustom.`, the native module's namespace).
-const ROUTED: &str = "canary_router_requests";
 
 pub struct Sink {
     server: Arc<Server>,
@@ -82,20 +81,13 @@ pub fn reading_of(name: &str, labels: &[(&str, &str)]) -> Option<Reading> {
     if let Some(cluster) = cluster_metric("membership_total") {
         return Some(Reading::Hosts { cluster });
     }
-    let at = name.find(ROUTED)?;
-    let rest = name.get(at + ROUTED.len()..)?;
-    if rest.is_empty() {
+    let (rollout, version) = if name.ends_with(REQUESTS) {
         // Tag-extracted (the shipped stats_tags): rollout and version are labels.
-        return Some(Reading::Routed {
-            rollout: label("rollout")?.to_string(),
-            version: label("version")?.to_string(),
-        });
-    }
-    // `.rollout.<r>.version.<v>.reason.<why>`: rollout names have no dots; a version may.
-    let rest = rest.strip_prefix(".rollout.")?;
-    let (rollout, rest) = rest.split_once(".version.")?;
-    let (version, _) = rest.rsplit_once(".reason.")?;
-    (!rollout.is_empty() && !version.is_empty()).then(|| Reading::Routed {
+        (label("rollout")?, label("version")?)
+    } else {
+        canary_router::metrics::parse_request_counter_name(name)?
+    };
+    Some(Reading::Routed {
         rollout: rollout.to_string(),
         version: version.to_string(),
     })

@@ -35,7 +35,7 @@ const ATTEMPTS: &str = "envoy_cluster_upstream_rq_total";
 const HEALTHY: &str = "envoy_cluster_membership_healthy";
 const HOSTS: &str = "envoy_cluster_membership_total";
 /// The filter's counters, with the shipped bootstraps' stats tags (labels rollout, version, reason).
-const ROUTED: &str = "canary_router_requests";
+const ROUTED: &str = canary_router::metrics::REQUESTS;
 const BY_CLASS: &str = "envoy_cluster_upstream_rq_xx";
 const RETRIED: &str = "envoy_cluster_upstream_rq_retry";
 const LATENCY: &str = "envoy_cluster_upstream_rq_time_bucket";

@@ -498,9 +498,9 @@ impl Rollout {
     /// A test's rollback line, led by the canary's health when its hosts are down: the errors of a canary that
     /// died are the symptom, its health is the cause an operator looks for first.
     fn naming_health(&self, why: String) -> String {
-        match (&self.availability.why, self.availability.holding()) {
-            (Some(down), true) => format!("{down}; {why}"),
-            _ => why,
+        match &self.availability.why {
+            Some(down) => format!("{down}; {why}"),
+            None => why,
         }
     }
 
@@ -750,17 +750,13 @@ impl Rollout {
         if self.recent.len() >= RECENT_TICKS {
             self.recent.pop_front();
         }
-        let reporting = a.canary.iter().filter(|h| h.total > 0);
         self.recent.push_back(TickSeen {
             at_unix: now,
             requests: tick.map(|t| (t.stable_requests, t.canary_requests)),
             latency_requests: latency.map(|(s, c)| (s.count, c.count)),
             routed: a.routed,
             served: a.served,
-            canary_up_on: (
-                reporting.clone().filter(|h| h.healthy > 0).count(),
-                reporting.count(),
-            ),
+            canary_up_on: a.canary_up_on(),
         });
     }
 
