@@ -318,17 +318,14 @@ fn parse_cli() -> Result<Cli, ExitCode> {
     match Cli::try_parse() {
         Ok(cli) => Ok(cli),
         Err(err) => match err.kind() {
-            ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
                 let _ = err.print();
-                Err(ExitCode::from(
-                    if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                        1
-                    } else {
-                        0
-                    },
-                ))
+                Err(ExitCode::SUCCESS)
+            }
+            // `canaryctl` or `canaryctl rollout` alone: the help, as a refusal.
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let _ = err.print();
+                Err(ExitCode::from(1))
             }
             _ => {
                 eprintln!("canaryctl: {}", usage_error_line(&err.render().to_string()));
