@@ -95,31 +95,18 @@ fn owned(data: *mut u8, size: usize) -> Vec<u8> {
     unsafe { Vec::from_raw_parts(data, size, size) }
 }
 
-/// The `log` facade's logger for this VM: each line to the host's `proxy_log`.
-struct HostLogger;
-
-impl log::Log for HostLogger {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-
-    fn log(&self, record: &log::Record) {
-        let message = crate::logging::message(record);
-        let level = crate::logging::host_level(record.level());
-        // SAFETY: a pointer and length of a live string; the host only reads it.
-        let _ = unsafe { host::proxy_log(level, message.as_ptr(), message.len()) };
-    }
-
-    fn flush(&self) {}
+/// One log line to the host's `proxy_log`.
+fn proxy_log(level: u32, message: &str) {
+    // SAFETY: a pointer and length of a live string; the host only reads it.
+    let _ = unsafe { host::proxy_log(level, message.as_ptr(), message.len()) };
 }
 
-static LOGGER: HostLogger = HostLogger;
+/// The `log` facade's logger for this VM.
+static LOGGER: crate::logging::HostLogger = crate::logging::HostLogger { write: proxy_log };
 
 /// Installs the logger once per VM (later calls change nothing).
 fn install_logger() {
-    if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(log::LevelFilter::Info);
-    }
+    crate::logging::install(&LOGGER);
 }
 
 /// A buffer the host returns through out-pointers, allocated with `proxy_on_memory_allocate`; empty when

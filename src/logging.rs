@@ -1,6 +1,32 @@
 //! The filter logs through the `log` facade (`log::info!`, `log::error!`); each glue installs the logger of
 //! its host: `proxy_log` for the `.wasm`, Envoy's dynamic-module logger for the native build. Both hosts
-//! number levels the same way, from trace (0) to critical (5). Nothing is logged per request.
+//! number levels the same way, from trace (0) to critical (5), so one [`HostLogger`] serves both. Nothing is
+//! logged per request.
+
+/// The `log` facade's logger for one host: each line, with the host's level number, to `write` (the glue's
+/// call into its host).
+pub struct HostLogger {
+    pub write: fn(level: u32, message: &str),
+}
+
+impl log::Log for HostLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        (self.write)(host_level(record.level()), &message(record));
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs `logger` for this process or VM at level info; once (later calls change nothing).
+pub fn install(logger: &'static HostLogger) {
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+}
 
 /// The host's number for a `log` level.
 pub fn host_level(level: log::Level) -> u32 {

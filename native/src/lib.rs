@@ -50,22 +50,8 @@ struct Filter {
 }
 
 /// The `log` facade's logger for this module: each line to Envoy's `dynamic_modules` logger.
-struct EnvoyLogger;
-
-impl log::Log for EnvoyLogger {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-
-    fn log(&self, record: &log::Record) {
-        let message = canary_router::logging::message(record);
-        abi::log(canary_router::logging::host_level(record.level()), &message);
-    }
-
-    fn flush(&self) {}
-}
-
-static LOGGER: EnvoyLogger = EnvoyLogger;
+static LOGGER: canary_router::logging::HostLogger =
+    canary_router::logging::HostLogger { write: abi::log };
 
 /// Runs a hook body; a panic is caught, logged, and answered with `fallback`.
 fn guard<T>(fallback: T, body: impl FnOnce() -> T) -> T {
@@ -126,9 +112,7 @@ fn next_random() -> u64 {
 #[no_mangle]
 extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
     guard((), || {
-        if log::set_logger(&LOGGER).is_ok() {
-            log::set_max_level(log::LevelFilter::Info);
-        }
+        canary_router::logging::install(&LOGGER);
         // A panic caught by `guard` must not print through the default hook (stderr, no context).
         std::panic::set_hook(Box::new(|info| {
             let payload = info.payload();
