@@ -80,8 +80,8 @@ native: ## Build the native Envoy 1.40 dynamic module: target/native/libcanary_r
 native-panic:
 	RUSTFLAGS="--cfg canary_router_native_panic_test" cargo build --profile native --target-dir target/native-panic -p canary-router-native
 
-canaryctl: ## Build the control plane: target/release/canaryctl
-	cargo build --release -p canaryctl
+canaryctl: ## Build the control plane: target/release/canaryctl (and the tests' report forger)
+	cargo build --release -p canaryctl --bin canaryctl --example forge_report
 
 # The filter as an older release would build (only for the version-skew tests; see RawConfig::validate).
 skew-wasm: setup

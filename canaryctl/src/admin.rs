@@ -710,6 +710,15 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         &[(String::new(), Metrics::get(&m.failures_dropped))],
     );
     metric(
+        "canaryctl_reports_refused_total",
+        "counter",
+        "Load reports and stats readings refused, by reason (implausible: beyond serve --max-report-rate).",
+        &[(
+            "{reason=\"implausible\"}".to_string(),
+            Metrics::get(&m.reports_implausible),
+        )],
+    );
+    metric(
         "canaryctl_prometheus_queries_total",
         "counter",
         "Queries to the Prometheus source (serve --prometheus-url), by result.",
@@ -919,8 +928,44 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
+/// Each Envoy of a rollout's fleet against the rollout's last change.
+fn fleet_view(r: &Rollout, envoys: &[crate::fleet::EnvoyStatus]) -> serde_json::Value {
+    use crate::coverage::{standing, Standing};
+    let members: Vec<serde_json::Value> = r
+        .fleet
+        .iter()
+        .map(|node| {
+            let envoy = envoys.iter().find(|e| e.node_id == *node);
+            let (state, line) = match standing(r, node, envoy) {
+                Standing::Applied => ("applied", None),
+                Standing::Behind(line) => ("behind", Some(line)),
+                Standing::Missing(line) => ("missing", Some(line)),
+            };
+            json!({
+                "node_id": node,
+                "cluster": envoy.map(|e| e.cluster.as_str()),
+                "state": state,
+                "acked_version": envoy.and_then(|e| e.acked_version),
+                "why": line,
+            })
+        })
+        .collect();
+    let not_applied: Vec<&serde_json::Value> = members
+        .iter()
+        .filter(|m| m.get("state").and_then(|s| s.as_str()) != Some("applied"))
+        .collect();
+    json!({
+        "clusters": r.plan.fleet_clusters,
+        "allow_missing_envoys": r.plan.allow_missing_envoys,
+        "change_version": r.change_version,
+        "applied_everywhere": not_applied.is_empty(),
+        "not_applied": not_applied,
+        "envoys": members,
+    })
+}
+
 /// A rollout as the API and `canaryctl rollout status` show it.
-pub fn rollout_view(r: &Rollout) -> serde_json::Value {
+pub fn rollout_view(r: &Rollout, envoys: &[crate::fleet::EnvoyStatus]) -> serde_json::Value {
     let (canary_rate, stable_rate) = r.errors.rates();
     json!({
         "rollout": r.plan.rollout,
@@ -933,6 +978,9 @@ pub fn rollout_view(r: &Rollout) -> serde_json::Value {
         "percent": r.percent(),
         "step_started_unix": r.step_started_unix,
         "step_canary_requests": r.step_canary_requests,
+        "step_covered_s": r.step_covered_s,
+        "evidence_gap": r.gap,
+        "fleet": fleet_view(r, envoys),
         "plan": {
             "hold_s": r.plan.hold_s,
             "max_step_s": r.plan.max_step_s,
@@ -1028,7 +1076,12 @@ fn findings_view(r: &Rollout) -> serde_json::Value {
 }
 
 async fn rollouts(State(server): State<Arc<Server>>) -> Response {
-    let views: Vec<_> = server.rollouts().iter().map(rollout_view).collect();
+    let envoys = server.envoys();
+    let views: Vec<_> = server
+        .rollouts()
+        .iter()
+        .map(|r| rollout_view(r, &envoys))
+        .collect();
     Json(json!({ "rollouts": views })).into_response()
 }
 
@@ -1072,6 +1125,12 @@ struct StartRequest {
     /// A `new` or `worse` error signature rolls back (default: yes).
     #[serde(default = "yes")]
     findings: bool,
+    /// The Envoy clusters whose Envoys serve the rollout (default: those of the connected Envoys).
+    #[serde(default)]
+    fleet_clusters: Vec<String>,
+    /// Steps may pass while Envoys of the fleet are disconnected (they are still named).
+    #[serde(default)]
+    allow_missing_envoys: bool,
 }
 
 fn yes() -> bool {
@@ -1099,7 +1158,7 @@ async fn rollout_write(
                 .rollouts()
                 .iter()
                 .find(|r| r.plan.rollout == name)
-                .map(rollout_view);
+                .map(|r| rollout_view(r, &server.envoys()));
             Json(json!({
                 "version": outcome.version,
                 "changed": outcome.changed,
@@ -1190,6 +1249,8 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let name = req.rollout.clone();
+    // Refused after the plan's own checks (below), so that a bad plan is named first.
+    let fleet = crate::coverage::fleet_at_start(&req.fleet_clusters, &server.envoys());
     let (baseline, compare_latency) = match req.evidence {
         Source::Envoy => (
             server.recent_latency(&req.stable_cluster),
@@ -1247,10 +1308,15 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
             evidence: req.evidence,
             prometheus_selector: req.prometheus_selector,
             findings: req.findings,
+            fleet_clusters: Vec::new(),
+            allow_missing_envoys: req.allow_missing_envoys,
         };
-        let (rollout, action) =
+        let (mut rollout, action) =
             Rollout::start(plan, state::now_unix(), baseline.unwrap_or_default())
                 .map_err(StateError::Edit)?;
+        let (clusters, members) = fleet.map_err(StateError::Edit)?;
+        rollout.plan.fleet_clusters = clusters;
+        rollout.fleet = members.into_iter().collect();
         let (next, mut changes) = carry_out(config, &rollout, &action)?;
         changes.insert(
             0,

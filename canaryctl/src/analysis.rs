@@ -49,10 +49,12 @@ pub fn either_reported<T: Clone + Default>(
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Evidence {
-    /// ln Π L_i(r_k), per ratio of [`RATIOS`].
+    /// ln Π L_i(r_k), per ratio of [`RATIOS`]. Read `null` (a non-finite number an older release saved) as
+    /// not a number, so that the rollout is recovered (see [`Evidence::is_finite`]) instead of refused.
+    #[serde(deserialize_with = "floats_or_nan")]
     log_likelihood: [f64; RATIOS.len()],
     /// The ratio tolerated (r0): the test is of "rate ratio ≤ r0" against r0·r_k. 1 for errors.
-    #[serde(default = "no_tolerance")]
+    #[serde(default = "no_tolerance", deserialize_with = "float_or_nan")]
     tolerance: f64,
     pub ticks: u64,
     pub stable_requests: u64,
@@ -63,6 +65,15 @@ pub struct Evidence {
 
 fn no_tolerance() -> f64 {
     1.0
+}
+
+fn float_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+fn floats_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[f64; RATIOS.len()], D::Error> {
+    let read = <[Option<f64>; RATIOS.len()]>::deserialize(d)?;
+    Ok(read.map(|l| l.unwrap_or(f64::NAN)))
 }
 
 impl Default for Evidence {
@@ -92,23 +103,46 @@ impl Evidence {
     /// Adds a tick. A tick where either version served no request says nothing about their comparison
     /// (π is 0 or 1): its counts are kept, the evidence is not moved.
     pub fn observe(&mut self, tick: Tick) {
-        self.ticks += 1;
-        self.stable_requests += tick.stable_requests;
-        self.canary_requests += tick.canary_requests;
-        self.stable_bad += tick.stable_bad;
-        self.canary_bad += tick.canary_bad;
+        // Whatever arrives, the counts saturate and a version never has more bad requests than requests: the
+        // evidence stays a finite number (a state file cannot hold any other).
+        let (stable_bad, canary_bad) = (
+            tick.stable_bad.min(tick.stable_requests),
+            tick.canary_bad.min(tick.canary_requests),
+        );
+        self.ticks = self.ticks.saturating_add(1);
+        self.stable_requests = self.stable_requests.saturating_add(tick.stable_requests);
+        self.canary_requests = self.canary_requests.saturating_add(tick.canary_requests);
+        self.stable_bad = self.stable_bad.saturating_add(stable_bad);
+        self.canary_bad = self.canary_bad.saturating_add(canary_bad);
         if tick.stable_requests == 0 || tick.canary_requests == 0 {
             return;
         }
-        let pi = tick.canary_requests as f64 / (tick.stable_requests + tick.canary_requests) as f64;
-        let (e_c, e_s) = (tick.canary_bad as f64, tick.stable_bad as f64);
+        let (n_s, n_c) = (tick.stable_requests as f64, tick.canary_requests as f64);
+        let pi = n_c / (n_s + n_c);
+        let (e_c, e_s) = (canary_bad as f64, stable_bad as f64);
         let theta = |r: f64| pi * r / (1.0 - pi + pi * r);
         let null = theta(self.tolerance);
-        for (log_l, r) in self.log_likelihood.iter_mut().zip(RATIOS) {
+        let mut next = self.log_likelihood;
+        for (log_l, r) in next.iter_mut().zip(RATIOS) {
             let alternative = theta(self.tolerance * r);
             *log_l +=
                 e_c * (alternative / null).ln() + e_s * ((1.0 - alternative) / (1.0 - null)).ln();
         }
+        // A tick so lopsided that a share rounds to 0 or 1 in f64 says nothing a finite number can hold.
+        if next.iter().all(|l| l.is_finite()) {
+            self.log_likelihood = next;
+        }
+    }
+
+    /// True when every number it holds is finite (a state file written by an older release may not be).
+    pub fn is_finite(&self) -> bool {
+        self.tolerance.is_finite() && self.log_likelihood.iter().all(|l| l.is_finite())
+    }
+
+    /// The evidence starts over (the counts stay): what a non-finite number held cannot be recovered.
+    pub fn start_over(&mut self, tolerance: f64) {
+        self.log_likelihood = [0.0; RATIOS.len()];
+        self.tolerance = tolerance.max(1.0);
     }
 
     /// ln M_t, computed without overflow (log-sum-exp).
@@ -161,9 +195,10 @@ pub struct Histogram {
 impl Histogram {
     /// Adds another histogram's counts (another Envoy, another report).
     pub fn add(&mut self, other: &Histogram) {
-        self.count += other.count;
+        self.count = self.count.saturating_add(other.count);
         for (bound, n) in &other.at_most {
-            *self.at_most.entry(*bound).or_default() += n;
+            let at = self.at_most.entry(*bound).or_default();
+            *at = at.saturating_add(*n);
         }
     }
 
@@ -186,6 +221,45 @@ impl Histogram {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever counts arrive (a forged or broken report: any u64, bad beyond requests), the evidence is a
+        /// finite number, the counts saturate instead of wrapping, and the state can be saved and read back.
+        #[test]
+        fn evidence_stays_finite_whatever_the_counts(
+            ticks in proptest::collection::vec(
+                (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()), 1..20),
+            tolerance in 1.0f64..1e6,
+        ) {
+            let mut e = Evidence::with_tolerance(tolerance);
+            let mut canary = 0u64;
+            for (n_s, n_c, b_s, b_c) in ticks {
+                e.observe(Tick { stable_requests: n_s, canary_requests: n_c, stable_bad: b_s, canary_bad: b_c });
+                canary = canary.saturating_add(n_c);
+                prop_assert!(e.is_finite(), "{e:?}");
+                prop_assert!(!e.log_e_value().is_nan(), "{e:?}");
+                prop_assert!(e.canary_bad <= e.canary_requests && e.stable_bad <= e.stable_requests);
+            }
+            prop_assert_eq!(e.canary_requests, canary);
+            let saved = serde_json::to_string(&e).unwrap();
+            prop_assert!(!saved.contains("null"), "{saved}");
+            let back: Evidence = serde_json::from_str(&saved).unwrap();
+            prop_assert!(back.is_finite());
+            prop_assert_eq!((back.canary_requests, back.canary_bad), (e.canary_requests, e.canary_bad));
+        }
+    }
+
+    #[test]
+    fn a_saved_null_is_read_as_not_finite_so_that_the_rollout_is_recovered() {
+        let mut saved = serde_json::to_value(Evidence::default()).unwrap();
+        saved["log_likelihood"][2] = serde_json::Value::Null;
+        let read: Evidence = serde_json::from_value(saved).unwrap();
+        assert!(!read.is_finite());
+        let mut fixed = read.clone();
+        fixed.start_over(1.0);
+        assert!(fixed.is_finite() && fixed.log_e_value() == 0.0);
+    }
 
     #[test]
     fn the_issue_test_vectors() {

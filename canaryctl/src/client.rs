@@ -772,10 +772,53 @@ fn print_rollout(r: &Value) {
         );
     }
     println!(
-        "  this step: {} canary requests since {}",
+        "  this step: {} canary requests in {}s of complete evidence, since {}",
         number(r, &["step_canary_requests"]),
+        number(r, &["step_covered_s"]),
         when(number(r, &["step_started_unix"]) as u64)
     );
+    if let Some(gap) = r.get("evidence_gap").filter(|g| !g.is_null()) {
+        println!(
+            "  waiting for evidence since {} (steps do not pass without it):",
+            when(number(gap, &["since_unix"]) as u64)
+        );
+        for line in gap
+            .get("missing")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            println!("    {}", line.as_str().unwrap_or_default());
+        }
+    }
+    let members = at(r, &["fleet", "envoys"])
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if !members.is_empty() {
+        let applied = members
+            .iter()
+            .filter(|m| text(m, &["state"]) == "applied")
+            .count();
+        let clusters: Vec<&str> = at(r, &["fleet", "clusters"])
+            .and_then(Value::as_array)
+            .map(|c| c.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        println!(
+            "  fleet: {applied} of {} Envoys ({}) serve its last change (version {}){}",
+            members.len(),
+            clusters.join(", "),
+            number(r, &["fleet", "change_version"]),
+            if at(r, &["fleet", "allow_missing_envoys"]).and_then(Value::as_bool) == Some(true) {
+                "; steps may pass without disconnected ones (--allow-missing-envoys)"
+            } else {
+                ""
+            }
+        );
+        for m in members.iter().filter(|m| text(m, &["state"]) != "applied") {
+            println!("    {}", text(m, &["why"]));
+        }
+    }
     if let Some(reason) = r.get("reason").and_then(Value::as_str) {
         println!("  why: {reason}");
     }
@@ -792,8 +835,13 @@ fn print_rollout(r: &Value) {
     }
 }
 
-/// `rollout status [<rollout>] [--json] [--watch]`. With --watch it redraws every 2 s until the rollout ends:
-/// exit 0 when promoted, 1 when rolled back.
+/// How long `rollout status --watch` waits, after a rollout ended, for connected Envoys to apply its last
+/// change before it names them and exits 3.
+const APPLY_GRACE_S: u64 = 10;
+
+/// `rollout status [<rollout>] [--json] [--watch]`. With --watch it redraws every 2 s until the rollout ends
+/// and its last change is applied: exit 0 when promoted, 1 when rolled back, 3 when Envoys of its fleet did not
+/// apply its last change (disconnected, or refused it).
 pub async fn rollout_status(
     client: &Client,
     name: Option<&str>,
@@ -841,10 +889,45 @@ pub async fn rollout_status(
                 .iter()
                 .all(|p| *p == "promoted" || *p == "rolled_back")
         {
-            if phases.contains(&"rolled_back") {
-                return Err(CliError::refused("rolled back"));
+            // Ended: but did its last change reach every Envoy of its fleet? Wait for those still applying
+            // it; name those that cannot (disconnected, refused).
+            let not_applied: Vec<&Value> = shown
+                .iter()
+                .flat_map(|r| {
+                    at(r, &["fleet", "not_applied"])
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                })
+                .collect();
+            // An Envoy whose stream is open but that applies nothing for this long is as good as cut off.
+            let ended = shown
+                .iter()
+                .map(|r| number(r, &["finished_unix"]) as u64)
+                .max()
+                .unwrap_or_default();
+            let waited = crate::state::now_unix().saturating_sub(ended);
+            let applying = waited < APPLY_GRACE_S
+                && not_applied.iter().any(|m| {
+                    text(m, &["state"]) == "behind" && !text(m, &["why"]).contains("refused")
+                });
+            if !applying {
+                if !not_applied.is_empty() {
+                    let names: Vec<&str> = not_applied.iter().map(|m| text(m, &["why"])).collect();
+                    return Err(CliError {
+                        message: format!(
+                            "{} ended, but its last change did not reach every Envoy of its fleet: {}",
+                            phases.join(", "),
+                            names.join("; ")
+                        ),
+                        exit_code: 3,
+                    });
+                }
+                if phases.contains(&"rolled_back") {
+                    return Err(CliError::refused("rolled back"));
+                }
+                return Ok(());
             }
-            return Ok(());
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         println!();

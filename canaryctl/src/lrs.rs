@@ -22,6 +22,38 @@ use crate::xds::authorise;
 /// How often Envoys report (the analysis ticks every second too).
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 
+/// Each cluster's (requests, errors) in one report, or why it is beyond `max_rate` requests a second for the
+/// interval it covers (as Envoy says, from 1 s to a minute).
+pub fn plausible(
+    report: &LoadStatsRequest,
+    max_rate: u64,
+) -> Result<Vec<(&str, u64, u64)>, String> {
+    let mut counts = Vec::with_capacity(report.cluster_stats.len());
+    for cluster in &report.cluster_stats {
+        let (mut ok, mut errors) = (0u64, 0u64);
+        for locality in &cluster.upstream_locality_stats {
+            ok = ok.saturating_add(locality.total_successful_requests);
+            errors = errors.saturating_add(locality.total_error_requests);
+        }
+        let requests = ok.saturating_add(errors);
+        let seconds = cluster
+            .load_report_interval
+            .as_ref()
+            .map_or(1, |d| d.seconds.saturating_add(i64::from(d.nanos > 0)))
+            .clamp(1, 60) as u64;
+        let bound = max_rate.saturating_mul(seconds);
+        if requests > bound {
+            return Err(format!(
+                "{} requests of {} in {seconds}s",
+                requests,
+                canary_router::text::quote(&cluster.cluster_name)
+            ));
+        }
+        counts.push((cluster.cluster_name.as_str(), requests, errors));
+    }
+    Ok(counts)
+}
+
 pub struct Lrs {
     server: Arc<Server>,
 }
@@ -75,19 +107,19 @@ impl LoadReportingService for Lrs {
                     }
                 }
                 Metrics::bump(&server.metrics.load_reports);
-                for cluster in &report.cluster_stats {
-                    let (mut ok, mut errors) = (0u64, 0u64);
-                    for locality in &cluster.upstream_locality_stats {
-                        ok = ok.saturating_add(locality.total_successful_requests);
-                        errors = errors.saturating_add(locality.total_error_requests);
+                let id = node.as_deref().unwrap_or_default();
+                let counts = match plausible(&report, server.max_report_rate) {
+                    Ok(counts) => counts,
+                    Err(what) => {
+                        // The whole report: one absurd count makes the rest of it suspect too.
+                        server.refuse_report(id, what);
+                        continue;
                     }
-                    if ok > 0 || errors > 0 {
-                        server.report_load(
-                            node.as_deref().unwrap_or_default(),
-                            &cluster.cluster_name,
-                            ok.saturating_add(errors),
-                            errors,
-                        );
+                };
+                server.reported(id, StreamKind::Load);
+                for (cluster, requests, errors) in counts {
+                    if requests > 0 {
+                        server.report_load(id, cluster, requests, errors);
                     }
                 }
             }
@@ -96,5 +128,64 @@ impl LoadReportingService for Lrs {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::endpoint::v3::{ClusterStats, UpstreamLocalityStats};
+
+    fn report(clusters: &[(&str, u64, u64, i64)]) -> LoadStatsRequest {
+        LoadStatsRequest {
+            node: None,
+            cluster_stats: clusters
+                .iter()
+                .map(|(name, ok, errors, seconds)| ClusterStats {
+                    cluster_name: name.to_string(),
+                    upstream_locality_stats: vec![
+                        UpstreamLocalityStats {
+                            total_successful_requests: *ok,
+                            total_error_requests: *errors,
+                            ..Default::default()
+                        },
+                        UpstreamLocalityStats {
+                            total_successful_requests: *ok,
+                            ..Default::default()
+                        },
+                    ],
+                    load_report_interval: Some(envoy_types::pb::google::protobuf::Duration {
+                        seconds: *seconds,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_report_beyond_the_rate_for_its_interval_is_refused_whole_and_sums_never_wrap() {
+        let fine = report(&[("app-v1", 400, 2, 1), ("app-v2", 50, 0, 1)]);
+        assert_eq!(
+            plausible(&fine, 1000).unwrap(),
+            [("app-v1", 802, 2), ("app-v2", 100, 0)]
+        );
+        // 3000 in 5 s is within 1000 a second; in 1 s it is not, and the whole report goes.
+        assert!(plausible(&report(&[("app-v1", 1500, 0, 5)]), 1000).is_ok());
+        let two = report(&[("app-v2", 1, 0, 1), ("app-v1", 1500, 0, 1)]);
+        assert_eq!(
+            plausible(&two, 1000).unwrap_err(),
+            r#"3000 requests of "app-v1" in 1s"#
+        );
+        // Near 2^64 in two localities: saturates, and is refused at any bound but the largest.
+        let absurd = report(&[("app-v1", u64::MAX, u64::MAX, 1)]);
+        assert_eq!(
+            plausible(&absurd, crate::server::DEFAULT_MAX_REPORT_RATE).unwrap_err(),
+            format!(r#"{} requests of "app-v1" in 1s"#, u64::MAX)
+        );
+        assert_eq!(plausible(&absurd, u64::MAX).unwrap()[0].1, u64::MAX);
+        // An interval claimed beyond a minute counts as a minute.
+        assert!(plausible(&report(&[("app-v1", 40_000, 0, 3600)]), 1000).is_err());
     }
 }

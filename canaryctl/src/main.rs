@@ -8,6 +8,7 @@ mod als;
 mod analysis;
 mod availability;
 mod client;
+mod coverage;
 mod findings;
 mod fleet;
 mod identity;
@@ -164,6 +165,10 @@ enum Command {
         /// CA certificates (PEM) trusted for an https --prometheus-url, besides the system's.
         #[arg(long, value_name = "PEM", requires = "prometheus_url")]
         prometheus_ca: Option<PathBuf>,
+        /// Requests a second one Envoy may report for one upstream cluster: a load report or stats reading
+        /// beyond it is refused and counted (canaryctl_reports_refused_total), never summed.
+        #[arg(long, default_value_t = server::DEFAULT_MAX_REPORT_RATE, value_parser = clap::value_parser!(u64).range(1..))]
+        max_report_rate: u64,
     },
     /// Desired config and, per Envoy, the version it applied or refused.
     Status {
@@ -240,7 +245,7 @@ enum RolloutCommand {
         /// The chance of rolling back a canary that is no worse than stable, at most.
         #[arg(long, default_value = "0.05")]
         false_rollback_budget: f64,
-        /// Canary requests a step needs to pass.
+        /// Canary requests a step needs to pass (at least 1), counted from ticks whose evidence was complete.
         #[arg(long, default_value = "200")]
         min_canary_requests: u64,
         /// Envoy's cluster of the stable version (as in its load reports).
@@ -267,6 +272,13 @@ enum RolloutCommand {
         /// enough evidence rolls back).
         #[arg(long)]
         no_rollback_on_findings: bool,
+        /// An Envoy cluster (node cluster) whose Envoys serve this rollout; repeat for more. Default: the
+        /// clusters of the Envoys connected now. Every Envoy of the fleet must apply each step and report.
+        #[arg(long = "fleet-cluster", value_name = "CLUSTER")]
+        fleet_clusters: Vec<String>,
+        /// Let steps pass while Envoys of the fleet are disconnected (they are still named in the status).
+        #[arg(long)]
+        allow_missing_envoys: bool,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -277,7 +289,8 @@ enum RolloutCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Where rollouts are: phase, step, evidence, history. --watch exits 0 when promoted, 1 when rolled back.
+    /// Where rollouts are: phase, step, evidence, fleet, history. --watch exits 0 when promoted, 1 when rolled
+    /// back, 3 when it ended but Envoys of its fleet did not apply its last change (named).
     Status {
         rollout: Option<String>,
         #[arg(long)]
@@ -435,6 +448,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             prometheus_url,
             prometheus_token_file,
             prometheus_ca,
+            max_report_rate,
         } => {
             let prometheus = match prometheus_url {
                 Some(url) => Some(prometheus_source(
@@ -475,6 +489,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     reconnect_grace: *reconnect_grace,
                 },
                 prometheus,
+                max_report_rate: *max_report_rate,
             };
             serve(settings, token).await
         }
@@ -532,6 +547,7 @@ struct ServeSettings {
     filter: FilterSettings,
     fleet: FleetSettings,
     prometheus: Option<prometheus::Prometheus>,
+    max_report_rate: u64,
 }
 
 /// The Prometheus source from `serve`'s flags: the token and CA files are read once, at start.
@@ -657,7 +673,8 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
             token,
             tls.clone(),
         )
-        .with_prometheus(settings.prometheus),
+        .with_prometheus(settings.prometheus)
+        .with_max_report_rate(settings.max_report_rate),
     );
 
     let admin_listener = tokio::net::TcpListener::bind(admin_addr)
@@ -808,6 +825,8 @@ async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliErr
             evidence,
             prometheus_selector,
             no_rollback_on_findings,
+            fleet_clusters,
+            allow_missing_envoys,
             wait,
         } => (
             "/v1/rollouts/start".to_string(),
@@ -826,6 +845,8 @@ async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliErr
                 "evidence": evidence,
                 "prometheus_selector": prometheus_selector,
                 "findings": !no_rollback_on_findings,
+                "fleet_clusters": fleet_clusters,
+                "allow_missing_envoys": allow_missing_envoys,
             }),
             wait.wait(),
         ),

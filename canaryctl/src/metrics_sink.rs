@@ -133,6 +133,12 @@ pub trait FlushReport {
     fn hosts(&self, node: &str, cluster: &str, healthy: u64, total: u64);
     /// Requests one Envoy's filter sent to a rollout's version since its previous flush.
     fn routed(&self, node: &str, rollout: &str, version: &str, requests: u64);
+    /// The largest count one flush can plausibly hold; beyond it a reading is refused.
+    fn max_count(&self) -> u64 {
+        u64::MAX
+    }
+    /// A reading beyond [`FlushReport::max_count`]: refused, counted and logged.
+    fn implausible(&self, _node: &str, _what: String) {}
 }
 
 impl FlushReport for Server {
@@ -144,6 +150,13 @@ impl FlushReport for Server {
     }
     fn routed(&self, node: &str, rollout: &str, version: &str, requests: u64) {
         self.report_routed(node, rollout, version, requests);
+    }
+    fn max_count(&self) -> u64 {
+        // A flush covers at most a minute (Envoy's stats_flush_interval is seconds).
+        self.max_report_rate.saturating_mul(60)
+    }
+    fn implausible(&self, node: &str, what: String) {
+        self.refuse_report(node, what);
     }
 }
 
@@ -181,6 +194,13 @@ pub fn read_flush(
             match reading {
                 Reading::Latency { cluster } => {
                     if let Some(h) = histogram_of(metric) {
+                        if h.count > server.max_count() {
+                            server.implausible(
+                                node,
+                                format!("{name} of {cluster}: {} requests in one flush", h.count),
+                            );
+                            continue;
+                        }
                         server.latency(&cluster, &h);
                     }
                 }
@@ -205,7 +225,15 @@ pub fn read_flush(
                         Some(_) => now,
                         None => 0,
                     };
-                    *routed.entry((rollout, version)).or_default() += since;
+                    if since > server.max_count() {
+                        server.implausible(
+                            node,
+                            format!("{name} of {rollout}/{version}: {since} requests in one flush"),
+                        );
+                        continue;
+                    }
+                    let total = routed.entry((rollout, version)).or_default();
+                    *total = total.saturating_add(since);
                 }
             }
         }
@@ -243,6 +271,8 @@ impl MetricsService for Sink {
                     node = Some(id);
                 }
                 Metrics::bump(&self.server.metrics.stats_flushes);
+                self.server
+                    .reported(node.as_deref().unwrap_or_default(), StreamKind::Stats);
                 self.server.metrics.last_stats_unix.store(
                     crate::state::now_unix(),
                     std::sync::atomic::Ordering::Relaxed,
@@ -488,6 +518,8 @@ mod tests {
                 max_step_s: 600,
                 alpha: 0.05,
                 min_canary_requests: 100,
+                fleet_clusters: Vec::new(),
+                allow_missing_envoys: false,
                 canary_route_cluster: Some("app-v2-or-v1".into()),
                 latency: true,
                 latency_tolerance: crate::rollout::default_latency_tolerance(),
@@ -575,8 +607,9 @@ mod tests {
                     outcome.counted += stable.count + canary.count;
                     outcome.served += served[0] + served[1];
                 }
+                let covered = r.observe_coverage(Vec::new(), now);
                 let action = r
-                    .observe_errors(Some(tick), now)
+                    .observe_errors(Some(tick), covered, now)
                     .or_else(|| {
                         (stable.count + canary.count > 0)
                             .then(|| r.observe_latency(&stable, &canary, now))

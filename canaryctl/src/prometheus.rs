@@ -308,19 +308,30 @@ pub struct ClusterDelta {
 pub struct Deltas {
     pub clusters: BTreeMap<String, ClusterDelta>,
     pub routed: Option<u64>,
+    /// Envoys (their series' labels) that had requests series before and none in this answer: Prometheus did
+    /// not scrape them (a failed scrape makes their series stale at once), so this answer lacks their part.
+    pub silent: Vec<String>,
 }
 
 /// The previous value of each series, to difference the next answer against.
 #[derive(Debug, Default)]
 pub struct Counters {
     last: HashMap<BTreeMap<String, String>, (f64, u64)>,
+    /// Every Envoy (series labels) whose requests series were in an answer since the rollout started.
+    expected: std::collections::BTreeSet<String>,
 }
 
-/// The labels that tell one Envoy's series from another's: all but the metric's own.
+/// The labels that tell one Envoy's series from another's: all but the metric's own (its name, cluster,
+/// bucket, response class, the filter's rollout and version).
 fn instance_of(labels: &BTreeMap<String, String>) -> String {
     labels
         .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "__name__" | CLUSTER))
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "__name__" | CLUSTER | "le" | "envoy_response_code_class" | "rollout" | "version"
+            )
+        })
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
@@ -331,11 +342,15 @@ impl Counters {
     /// they are.
     pub fn advance(&mut self, samples: &[Sample], now: u64) -> Deltas {
         let mut deltas = Deltas::default();
+        let mut present = std::collections::BTreeSet::new();
         for sample in samples {
             let (Some(name), cluster) = (sample.labels.get("__name__"), sample.labels.get(CLUSTER))
             else {
                 continue;
             };
+            if name == COMPLETED {
+                present.insert(instance_of(&sample.labels));
+            }
             // Gauges are current values: never differenced.
             if name == HEALTHY || name == HOSTS {
                 let Some(cluster) = cluster else { continue };
@@ -371,8 +386,12 @@ impl Counters {
                         .get_or_insert(0);
                 }
             }
-            let Some(previous) = previous else {
-                continue; // first seen: a starting point
+            // First seen: a starting point, unless that Envoy's series were seen before: Envoy creates a
+            // counter at its first use (the canary's retries when it begins to fail), so all it holds is new.
+            let previous = match previous {
+                Some(previous) => previous,
+                None if self.expected.contains(&instance_of(&sample.labels)) => 0.0,
+                None => continue,
             };
             // A counter that went down was reset (Envoy restarted): everything it holds is new.
             let increase = if sample.value >= previous {
@@ -393,8 +412,8 @@ impl Counters {
             };
             let delta = deltas.clusters.entry(cluster.clone()).or_default();
             match name.as_str() {
-                COMPLETED => delta.requests += n,
-                RETRIED => delta.bad += n,
+                COMPLETED => delta.requests = delta.requests.saturating_add(n),
+                RETRIED => delta.bad = delta.bad.saturating_add(n),
                 ATTEMPTS => delta.attempts = Some(delta.attempts.unwrap_or(0).saturating_add(n)),
                 BY_CLASS
                     if sample
@@ -402,13 +421,14 @@ impl Counters {
                         .get("envoy_response_code_class")
                         .is_some_and(|c| c == "5") =>
                 {
-                    delta.bad += n;
+                    delta.bad = delta.bad.saturating_add(n);
                 }
                 LATENCY => match sample.labels.get("le").map(String::as_str) {
-                    Some("+Inf") => delta.latency.count += n,
+                    Some("+Inf") => delta.latency.count = delta.latency.count.saturating_add(n),
                     Some(le) => {
                         if let Some(b) = bound_us(le) {
-                            *delta.latency.at_most.entry(b).or_default() += n;
+                            let at = delta.latency.at_most.entry(b).or_default();
+                            *at = at.saturating_add(n);
                         }
                     }
                     None => {}
@@ -418,6 +438,12 @@ impl Counters {
         }
         self.last
             .retain(|_, (_, seen)| now.saturating_sub(*seen) <= FORGET_AFTER_S);
+        deltas.silent = self
+            .expected
+            .difference(&present)
+            .map(|i| format!("{{{i}}}"))
+            .collect();
+        self.expected.extend(present);
         deltas
     }
 }
@@ -770,11 +796,43 @@ mod tests {
         let d = counters.advance(&at(160.0, 8.0, 2.0, 7.0), 13);
         assert_eq!(tick_of(&d, "app-v1", "app-v2-or-v1"), None);
         // A series absent from one answer (a failed scrape) counts its whole increase when it is back.
-        counters.advance(&at(160.0, 8.0, 2.0, 7.0)[..4], 14);
+        let d = counters.advance(&at(160.0, 8.0, 2.0, 7.0)[..4], 14);
+        assert_eq!(
+            d.silent,
+            ["{instance=front-2:9901}"],
+            "that Envoy's part is missing"
+        );
         let d = counters.advance(&at(170.0, 8.0, 2.0, 17.0), 15);
         assert_eq!(d.clusters["app-v2-or-v1"].requests, 20);
+        assert!(d.silent.is_empty());
+        // A counter an Envoy creates at its first use (the canary's first 5xx) counts from zero; a new
+        // Envoy's series are a starting point.
+        let mut later = at(170.0, 8.0, 2.0, 17.0);
+        later.push(sample(
+            BY_CLASS,
+            "app-v2-or-v1",
+            &[
+                ("envoy_response_code_class", "5"),
+                ("instance", "front-2:9901"),
+            ],
+            30.0,
+        ));
+        later.push(sample(
+            COMPLETED,
+            "app-v2-or-v1",
+            &[("instance", "front-3:9901")],
+            500.0,
+        ));
+        let d = counters.advance(&later, 16);
+        assert_eq!(
+            (
+                d.clusters["app-v2-or-v1"].requests,
+                d.clusters["app-v2-or-v1"].bad
+            ),
+            (0, 30)
+        );
         // Series unseen for ten minutes are forgotten.
-        counters.advance(&[], 15 + FORGET_AFTER_S + 1);
+        counters.advance(&[], 16 + FORGET_AFTER_S + 1);
         assert!(counters.last.is_empty());
     }
 

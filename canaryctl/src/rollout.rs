@@ -112,6 +112,14 @@ pub struct Plan {
     /// state files from before findings existed.
     #[serde(default)]
     pub findings: bool,
+    /// The Envoy clusters (node clusters) whose Envoys serve this rollout's config: its fleet. Set at the start
+    /// from the connected Envoys unless named; empty in state files from before fleets existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fleet_clusters: Vec<String>,
+    /// Steps may pass while Envoys of the fleet are disconnected (`--allow-missing-envoys`); they are still
+    /// named. Evidence from the connected ones must still be complete.
+    #[serde(default)]
+    pub allow_missing_envoys: bool,
 }
 
 /// Where a rollout's evidence comes from.
@@ -220,6 +228,12 @@ impl Plan {
         }
         if self.hold_s == 0 {
             return Err("hold: must be at least 1s".to_string());
+        }
+        if self.min_canary_requests == 0 {
+            return Err(
+                "min-canary-requests: 0: a step needs at least 1 canary request to be judged (200 by default)"
+                    .to_string(),
+            );
         }
         if self.max_step_s < self.hold_s {
             return Err(format!(
@@ -379,7 +393,38 @@ pub struct Rollout {
     /// What the last [`RECENT_TICKS`] ticks brought, as the tests saw it (for `rollout status --json`).
     #[serde(default)]
     pub recent: std::collections::VecDeque<TickSeen>,
+    /// The Envoys (node ids) of its fleet: those of its clusters connected at the start, and any that joined.
+    #[serde(default)]
+    pub fleet: std::collections::BTreeSet<String>,
+    /// The desired version that carries the rollout's last change (a step, a rollback, a promotion): an
+    /// Envoy that has not applied it is not serving what the rollout decided.
+    #[serde(default)]
+    pub change_version: Option<u64>,
+    /// A change was made and its version is not known yet (set by [`carry_out`]'s caller when it is saved).
+    #[serde(default)]
+    pub change_pending: bool,
+    /// Seconds of this step whose evidence was complete (see [`Rollout::observe_coverage`]).
+    #[serde(default)]
+    pub step_covered_s: u64,
+    /// While the evidence is incomplete: since when, and what is missing.
+    #[serde(default)]
+    pub gap: Option<Gap>,
+    /// When the last tick after the warm-up was observed.
+    #[serde(default)]
+    pub last_tick_unix: u64,
 }
+
+/// Evidence that is missing: since when, and what (one line each: a silent source, a silent Envoy, an Envoy
+/// that has not applied the rollout's change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gap {
+    pub since_unix: u64,
+    pub missing: Vec<String>,
+}
+
+/// A step passes on at least this many seconds of complete evidence, whatever its hold: never on one tick.
+pub const MIN_COVERED_S: u64 = 2;
 
 /// How many ticks a rollout shows.
 pub const RECENT_TICKS: usize = 30;
@@ -435,6 +480,12 @@ impl Rollout {
             step_latency_requests: 0,
             availability: Watch::default(),
             recent: std::collections::VecDeque::new(),
+            fleet: std::collections::BTreeSet::new(),
+            change_version: None,
+            change_pending: true,
+            step_covered_s: 0,
+            gap: None,
+            last_tick_unix: 0,
         };
         rollout.record(now, format!("started at {}", rollout.step_name()));
         if rollout.plan.latency {
@@ -477,17 +528,68 @@ impl Rollout {
     /// error test, then the step rules (the controller runs the other tests in between).
     #[cfg(test)]
     pub fn tick(&mut self, tick: Option<Tick>, now: u64) -> Option<Action> {
-        self.observe_errors(tick, now).or_else(|| self.advance(now))
+        // The controller ticks every second: the seconds skipped here had complete evidence and no traffic.
+        for quiet in self.last_tick_unix.saturating_add(1).max(self.started_unix)..now {
+            self.observe_coverage(Vec::new(), quiet);
+        }
+        let covered = self.observe_coverage(Vec::new(), now);
+        self.observe_errors(tick, covered, now)
+            .or_else(|| self.advance(now))
+    }
+
+    /// Whether this tick's evidence is complete (`missing` is empty: every source answered, every Envoy of the
+    /// fleet reported and applied the rollout's change). Only complete ticks count toward a step's hold and its
+    /// canary requests; an incomplete one is kept as a gap the status names, with when it began.
+    pub fn observe_coverage(&mut self, missing: Vec<String>, now: u64) -> bool {
+        if self.phase.finished() || now < self.counted_from_unix {
+            return false;
+        }
+        self.last_tick_unix = now;
+        if missing.is_empty() {
+            if let Some(gap) = self.gap.take() {
+                self.record(
+                    now,
+                    format!(
+                        "evidence complete again after {}s",
+                        now.saturating_sub(gap.since_unix)
+                    ),
+                );
+            }
+            self.step_covered_s += 1;
+            return true;
+        }
+        match &mut self.gap {
+            Some(gap) => gap.missing = missing,
+            None => {
+                self.record(now, format!("waiting for evidence: {}", missing.join("; ")));
+                self.gap = Some(Gap {
+                    since_unix: now,
+                    missing,
+                });
+            }
+        }
+        false
     }
 
     /// The error test on one tick (after the warm-up); rolls back when its evidence reaches the threshold.
-    pub fn observe_errors(&mut self, tick: Option<Tick>, now: u64) -> Option<Action> {
+    /// Every tick's errors count (a part of the fleet is still a sample of the canary); its requests count
+    /// toward the step only when the tick's evidence was complete (`covered`).
+    pub fn observe_errors(
+        &mut self,
+        tick: Option<Tick>,
+        covered: bool,
+        now: u64,
+    ) -> Option<Action> {
         if self.phase.finished() {
             return None;
         }
         let tick = tick.filter(|_| now >= self.counted_from_unix)?;
         self.errors.observe(tick);
-        self.step_canary_requests += tick.canary_requests;
+        if covered {
+            self.step_canary_requests = self
+                .step_canary_requests
+                .saturating_add(tick.canary_requests);
+        }
         if self.errors.rejects(self.plan.test_alpha()) {
             let why = self.naming_health(self.rollback_reason());
             return Some(self.finish_rolled_back(now, why));
@@ -523,17 +625,20 @@ impl Rollout {
             }
             Some(Step::Percent(_)) => {
                 let elapsed = now.saturating_sub(self.step_started_unix);
-                // Never while the canary is down anywhere: the requests it served before do not pass a step.
-                if elapsed >= self.plan.hold_s
-                    && self.step_canary_requests >= self.plan.min_canary_requests
+                // The hold and the requests count complete evidence only, and never while the canary is down
+                // anywhere: the requests it served before do not pass a step.
+                if self.gap.is_none()
+                    && self.step_covered_s >= self.plan.hold_s.max(MIN_COVERED_S)
+                    && self.step_canary_requests >= self.plan.min_canary_requests.max(1)
                     && !self.availability.holding()
                 {
                     self.record(
                         now,
                         format!(
-                            "{} passed: {} canary requests in {}s, evidence {:.2}",
+                            "{} passed: {} canary requests in {}s of complete evidence ({}s in all), evidence {:.2}",
                             self.step_name(),
                             self.step_canary_requests,
+                            self.step_covered_s,
                             elapsed,
                             self.errors.e_value()
                         ),
@@ -542,12 +647,28 @@ impl Rollout {
                 }
                 if elapsed >= self.plan.max_step_s {
                     self.phase = Phase::Inconclusive;
+                    let lacking = match &self.gap {
+                        Some(gap) => format!(
+                            "evidence missing since {} ({})",
+                            crate::state::rfc3339(gap.since_unix),
+                            gap.missing.join("; ")
+                        ),
+                        None if self.step_covered_s < self.plan.hold_s.max(MIN_COVERED_S) => {
+                            format!(
+                                "complete evidence for {}s of the {}s hold",
+                                self.step_covered_s, self.plan.hold_s
+                            )
+                        }
+                        None => format!(
+                            "needs {} canary requests to judge",
+                            self.plan.min_canary_requests
+                        ),
+                    };
                     let why = format!(
-                        "{}: {} canary requests in {}s, needs {} to judge: held here; `rollout resume` waits longer, `rollout promote` or `rollout abort` decides",
+                        "{}: {} canary requests in {}s, {lacking}: held here, never promoted without it; `rollout resume` waits longer, `rollout promote` or `rollout abort` decides",
                         self.step_name(),
                         self.step_canary_requests,
                         elapsed,
-                        self.plan.min_canary_requests
                     );
                     self.record(now, format!("inconclusive: {why}"));
                     self.reason = Some(why);
@@ -560,10 +681,12 @@ impl Rollout {
 
     /// Moves past the current step: the next percentage, a gate, or the promotion after the last.
     fn next_step(&mut self, now: u64) -> Action {
+        self.change_pending = true;
         self.step += 1;
         self.step_started_unix = now;
         self.step_canary_requests = 0;
         self.step_latency_requests = 0;
+        self.step_covered_s = 0;
         match self.plan.steps.get(self.step).copied() {
             None => {
                 self.step = self.plan.steps.len() - 1;
@@ -587,6 +710,8 @@ impl Rollout {
     }
 
     fn finish_promoted(&mut self, now: u64, why: String) -> Action {
+        self.change_pending = true;
+        self.gap = None;
         self.phase = Phase::Promoted;
         self.finished_unix = Some(now);
         self.record(now, format!("promoted: {why}"));
@@ -595,6 +720,8 @@ impl Rollout {
     }
 
     fn finish_rolled_back(&mut self, now: u64, why: String) -> Action {
+        self.change_pending = true;
+        self.gap = None;
         self.phase = Phase::RolledBack;
         self.finished_unix = Some(now);
         self.record(now, format!("rolled back: {why}"));
@@ -716,6 +843,7 @@ impl Rollout {
                     self.step_started_unix = now;
                     self.step_canary_requests = 0;
                     self.step_latency_requests = 0;
+                    self.step_covered_s = 0;
                     self.record(
                         now,
                         format!("canary up again: {} starts over", self.step_name()),
@@ -836,6 +964,64 @@ impl Rollout {
         )
     }
 
+    /// The tests whose evidence holds a number that is not finite (a state file saved by an older release).
+    pub fn non_finite(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        if !self.errors.is_finite() {
+            found.push("errors".to_string());
+        }
+        for check in self.latency.iter().filter(|c| !c.evidence.is_finite()) {
+            found.push(format!("latency {}", duration_text(check.bound_us)));
+        }
+        for f in self
+            .findings
+            .signatures
+            .iter()
+            .filter(|f| !f.evidence.is_finite())
+        {
+            found.push(format!("finding {}", f.name()));
+        }
+        found
+    }
+
+    /// A rollout restored with evidence that is not a finite number: that evidence starts over, and a running
+    /// rollout is paused for an operator (it cannot be judged on what was lost). Returns the line to log.
+    pub fn recover_non_finite(&mut self, now: u64) -> Option<String> {
+        let found = self.non_finite();
+        if found.is_empty() {
+            return None;
+        }
+        if !self.errors.is_finite() {
+            self.errors.start_over(1.0);
+        }
+        let tolerance = self.plan.latency_tolerance;
+        for check in self.latency.iter_mut().filter(|c| !c.evidence.is_finite()) {
+            check.evidence.start_over(tolerance);
+        }
+        for f in self
+            .findings
+            .signatures
+            .iter_mut()
+            .filter(|f| !f.evidence.is_finite())
+        {
+            f.evidence.start_over(1.0);
+        }
+        let what = format!(
+            "its {} evidence was not a finite number in the state file, and starts over",
+            found.join(", ")
+        );
+        if !self.phase.finished() {
+            self.phase = Phase::Paused;
+            self.reason = Some(format!(
+                "{}: {what}; `canaryctl rollout resume {}` goes on, `rollout abort` rolls back",
+                self.step_name(),
+                self.plan.rollout
+            ));
+            self.record(now, format!("paused: {what}"));
+        }
+        Some(format!("rollout {}: {what}", self.plan.rollout))
+    }
+
     /// `rollout pause`: hold at the current step (the analysis keeps running).
     pub fn pause(&mut self, now: u64) -> Result<Option<Action>, String> {
         match self.phase {
@@ -869,6 +1055,7 @@ impl Rollout {
                 }
                 // The step's clock starts again; the requests it saw still count.
                 self.step_started_unix = now;
+                self.step_covered_s = 0;
                 Ok(None)
             }
             Phase::Progressing => Ok(None),
@@ -912,11 +1099,11 @@ impl Rollout {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::findings::Origin;
 
-    fn plan(steps: &str) -> Plan {
+    pub(crate) fn plan(steps: &str) -> Plan {
         Plan {
             rollout: "web".into(),
             canary: "v2".into(),
@@ -928,6 +1115,8 @@ mod tests {
             max_step_s: 60,
             alpha: 0.05,
             min_canary_requests: 100,
+            fleet_clusters: Vec::new(),
+            allow_missing_envoys: false,
             canary_route_cluster: None,
             latency: false,
             latency_tolerance: 1.5,
@@ -1003,19 +1192,22 @@ mod tests {
         let (mut r, first) = Rollout::start_plain(plan("1,5,100"), 0).unwrap();
         assert_eq!(first, Action::SetPercent(pct("1")));
         // Enough requests but the hold is not over: stay.
+        // The hold counts seconds of evidence: the warm-up's three are not.
         assert_eq!(r.tick(tick(9900, 100, 10, 0), 5), None);
+        assert_eq!(r.tick(tick(9900, 100, 10, 1), 11), None);
         assert_eq!(
-            r.tick(tick(9900, 100, 10, 1), 10),
+            r.tick(tick(9900, 100, 10, 1), 12),
             Some(Action::SetPercent(pct("5")))
         );
         assert_eq!(r.step, 1);
+        assert_eq!(r.step_covered_s, 0);
         assert_eq!(
-            r.tick(tick(9500, 500, 10, 1), 20),
+            r.tick(tick(9500, 500, 10, 1), 22),
             Some(Action::SetPercent(pct("100")))
         );
         // The last step holds too; passing it promotes.
-        assert_eq!(r.tick(tick(0, 50, 0, 0), 25), None);
-        assert_eq!(r.tick(tick(0, 50, 0, 0), 30), Some(Action::Promote));
+        assert_eq!(r.tick(tick(0, 50, 0, 0), 27), None);
+        assert_eq!(r.tick(tick(0, 50, 0, 0), 32), Some(Action::Promote));
         assert_eq!(r.phase, Phase::Promoted);
         assert_eq!(
             r.tick(tick(0, 10000, 0, 10000), 30),
@@ -1078,15 +1270,88 @@ mod tests {
     }
 
     #[test]
+    fn a_step_passes_only_on_its_hold_of_complete_evidence_and_never_while_evidence_is_missing() {
+        let (mut r, _) = Rollout::start_plain(plan("5,100"), 0).unwrap();
+        let silent = || {
+            vec![r#""front-2" (edge): no load report, none since 1970-01-01T00:00:04Z"#.to_string()]
+        };
+        // Four seconds of complete evidence, then the reports stop for an hour while traffic "goes on": the
+        // requests and errors that arrive from the rest of the fleet are judged, but the hold does not move.
+        for t in 3..=6 {
+            assert!(r.observe_coverage(Vec::new(), t));
+            assert_eq!(r.observe_errors(tick(950, 50, 0, 0), true, t), None);
+        }
+        for t in 7..=59 {
+            assert!(!r.observe_coverage(silent(), t));
+            assert_eq!(r.observe_errors(tick(950, 50, 0, 0), false, t), None);
+            assert_eq!(r.advance(t), None, "passed on missing evidence at {t}");
+        }
+        assert_eq!((r.step_covered_s, r.step_canary_requests), (4, 200));
+        assert_eq!(r.errors.canary_requests, 50 * 57);
+        assert_eq!(r.gap.as_ref().unwrap().since_unix, 7);
+        // Out of time with the evidence still missing: inconclusive, saying what is missing since when.
+        r.observe_coverage(silent(), 60);
+        assert_eq!(r.advance(60), None);
+        assert_eq!(r.phase, Phase::Inconclusive);
+        let why = r.reason.clone().unwrap();
+        assert!(
+            why.contains(
+                "evidence missing since 1970-01-01T00:00:07Z (\"front-2\" (edge): no load report"
+            ) && why.contains("never promoted without it"),
+            "{why}"
+        );
+        assert!(r
+            .history
+            .iter()
+            .any(|e| e.what.starts_with("waiting for evidence: \"front-2\"")));
+        // Resumed and complete again: the hold counts from the resume, whatever the requests seen before.
+        r.resume(61).unwrap();
+        for t in 62..=70 {
+            r.observe_coverage(Vec::new(), t);
+            assert_eq!(r.observe_errors(tick(950, 50, 0, 0), true, t), None);
+            assert_eq!(r.advance(t), None, "passed at {t}");
+        }
+        assert!(r
+            .history
+            .iter()
+            .any(|e| e.what == "evidence complete again after 55s"));
+        r.observe_coverage(Vec::new(), 71);
+        assert_eq!(r.advance(71), Some(Action::SetPercent(pct("100"))));
+    }
+
+    #[test]
+    fn no_step_passes_on_one_tick_and_a_step_needs_a_canary_request() {
+        let mut p = plan("5,100");
+        p.hold_s = 1;
+        p.min_canary_requests = 1;
+        let (mut r, _) = Rollout::start_plain(p.clone(), 0).unwrap();
+        assert_eq!(r.tick(tick(950, 50, 0, 0), 3), None, "one tick of evidence");
+        assert_eq!(
+            r.tick(tick(950, 50, 0, 0), 4),
+            Some(Action::SetPercent(pct("100")))
+        );
+        // Ticks without canary requests pass nothing, however long.
+        let (mut r, _) = Rollout::start_plain(p.clone(), 0).unwrap();
+        for t in 3..59 {
+            assert_eq!(r.tick(None, t), None);
+        }
+        p.min_canary_requests = 0;
+        assert!(p
+            .check()
+            .unwrap_err()
+            .starts_with("min-canary-requests: 0: a step needs at least 1"));
+    }
+
+    #[test]
     fn a_gate_holds_until_resumed_and_a_paused_rollout_stays_paused() {
         let (mut r, _) = Rollout::start_plain(plan("1,pause,50,100"), 0).unwrap();
         assert_eq!(
-            r.tick(tick(9900, 100, 0, 0), 10),
+            r.tick(tick(9900, 100, 0, 0), 13),
             Some(Action::SetPercent(pct("1")))
         );
         assert_eq!(r.phase, Phase::Paused);
         assert_eq!(r.percent(), pct("1"));
-        for t in 11..500 {
+        for t in 14..500 {
             assert_eq!(r.tick(tick(9900, 100, 0, 0), t), None);
         }
         assert_eq!(r.phase, Phase::Paused);

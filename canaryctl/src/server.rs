@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::analysis::{either_reported, Histogram, Tick};
 use crate::availability::{Availability, Hosts};
+use crate::coverage::LastReports;
 use crate::findings::{Events, Signature};
 use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, RefusedPeer, RefusedPeers};
 use crate::prometheus::{Counters, Prometheus};
@@ -57,7 +58,13 @@ pub struct Metrics {
     pub app_log_lines: AtomicU64,
     /// Failures not kept because a tick already held [`MAX_FAILURE_KEYS`] distinct signatures.
     pub failures_dropped: AtomicU64,
+    /// Load reports and stats readings refused as beyond a plausible rate (see `serve --max-report-rate`).
+    pub reports_implausible: AtomicU64,
 }
+
+/// The default bound on what one Envoy may report for one cluster: requests per second. Far beyond any one
+/// proxy (Envoy serves in the order of 10^4 to 10^5 a second a core), far below the counts that break sums.
+pub const DEFAULT_MAX_REPORT_RATE: u64 = 1_000_000;
 
 /// Whose failure it is: an upstream cluster's (from Envoy's access logs), or a version's (an application's log
 /// line, for one rollout or for any rollout with that version).
@@ -129,6 +136,8 @@ pub struct Server {
     load_paired: Mutex<BTreeMap<String, u64>>,
     /// Open load and stats streams per node.
     streams: Mutex<BTreeMap<String, [u32; 2]>>,
+    /// When each node last sent a load report and a stats flush.
+    last_reports: Mutex<LastReports>,
     /// The latency of the last [`LATENCY_WINDOW_S`] seconds per cluster: a rollout's stable baseline.
     recent_latency: Mutex<BTreeMap<String, std::collections::VecDeque<(u64, Histogram)>>>,
     next_stream: AtomicU64,
@@ -140,6 +149,10 @@ pub struct Server {
     prometheus_counters: Mutex<BTreeMap<String, Counters>>,
     /// The last Prometheus failure logged, and when (a failing server is logged once a minute).
     prometheus_logged: Mutex<(String, u64)>,
+    /// Requests a second one Envoy may report for one cluster; beyond it a report is refused.
+    pub max_report_rate: u64,
+    /// When a refused report of each node was last logged (once a minute per node).
+    refused_logged: Mutex<BTreeMap<String, u64>>,
 }
 
 /// What a rollout's analysis gets in one tick: errors, latency of stable and the canary, and whether the
@@ -149,6 +162,8 @@ struct Inputs {
     tick: Option<Tick>,
     latency: Option<(Histogram, Histogram)>,
     availability: Availability,
+    /// What the source lacks this tick (Prometheus did not answer, or did not scrape an Envoy).
+    missing: Vec<String>,
 }
 
 /// The two report streams an Envoy opens besides ADS.
@@ -200,11 +215,37 @@ impl Server {
             routed: Mutex::new(BTreeMap::new()),
             load_paired: Mutex::new(BTreeMap::new()),
             streams: Mutex::new(BTreeMap::new()),
+            last_reports: Mutex::new(BTreeMap::new()),
             next_stream: AtomicU64::new(1),
             tls,
             prometheus: None,
             prometheus_counters: Mutex::new(BTreeMap::new()),
             prometheus_logged: Mutex::new((String::new(), 0)),
+            max_report_rate: DEFAULT_MAX_REPORT_RATE,
+            refused_logged: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Reports beyond `rate` requests a second per Envoy and cluster are refused.
+    pub fn with_max_report_rate(mut self, rate: u64) -> Self {
+        self.max_report_rate = rate;
+        self
+    }
+
+    /// A report (or a reading of one) refused as implausible: counted for /metrics, and logged once a minute
+    /// per node.
+    pub fn refuse_report(&self, node: &str, what: String) {
+        Metrics::bump(&self.metrics.reports_implausible);
+        let now = now_unix();
+        let mut logged = lock(&self.refused_logged);
+        let last = logged.entry(node.to_string()).or_default();
+        if *last == 0 || now.saturating_sub(*last) >= 60 {
+            *last = now;
+            eprintln!(
+                "canaryctl: refused a report of {}: {what}, beyond {} requests a second (--max-report-rate)",
+                canary_router::text::quote(node),
+                self.max_report_rate
+            );
         }
     }
 
@@ -271,6 +312,7 @@ impl Server {
                         .copied(),
                     served: load_paired.get(&plan.canary_cluster).copied(),
                 },
+                missing: Vec::new(),
             },
             Source::Prometheus => {
                 let wanted = crate::prometheus::Wanted {
@@ -283,8 +325,18 @@ impl Server {
                 let query = crate::prometheus::counters_query(&wanted, &plan.prometheus_selector);
                 // No tick without an answer: the counters stay where they were, and the next answer's
                 // differences cover the gap.
-                let Ok(samples) = self.prometheus_query(&query).await else {
-                    return Inputs::default();
+                let samples = match self.prometheus_query(&query).await {
+                    Ok(samples) => samples,
+                    Err(err) => {
+                        return Inputs {
+                            // Its cause, without the query's URL: "operation timed out".
+                            missing: vec![format!(
+                                "Prometheus: no answer ({})",
+                                err.rsplit(": ").next().unwrap_or(&err)
+                            )],
+                            ..Inputs::default()
+                        };
+                    }
                 };
                 let deltas = lock(&self.prometheus_counters)
                     .entry(plan.rollout.clone())
@@ -299,6 +351,11 @@ impl Server {
                     latency: (moved(&stable) || moved(&canary))
                         .then(|| (stable.unwrap_or_default(), canary.unwrap_or_default())),
                     availability: crate::prometheus::availability_of(&deltas, &wanted),
+                    missing: deltas
+                        .silent
+                        .iter()
+                        .map(|envoy| format!("Prometheus: no series from {envoy} (not scraped)"))
+                        .collect(),
                 }
             }
         }
@@ -361,6 +418,11 @@ impl Server {
         } else {
             (*current).clone()
         };
+        // The rollouts' changes are carried by this version: their Envoys are judged against it.
+        for rollout in rollouts.values_mut().filter(|r| r.change_pending) {
+            rollout.change_pending = false;
+            rollout.change_version = Some(next.version);
+        }
         let known = self.fleet().known(now_unix());
         let saved_rollouts: Vec<Rollout> = rollouts.values().cloned().collect();
         self.state_file.save(&next, &known, &saved_rollouts)?;
@@ -415,6 +477,18 @@ impl Server {
             if open.iter().all(|n| *n == 0) {
                 streams.remove(node);
             }
+        }
+    }
+
+    /// A load report or stats flush arrived from `node`: its evidence for this second is in.
+    pub fn reported(&self, node: &str, kind: StreamKind) {
+        let mut last = lock(&self.last_reports);
+        if let Some(at) = last
+            .entry(node.to_string())
+            .or_default()
+            .get_mut(kind as usize)
+        {
+            *at = now_unix();
         }
     }
 
@@ -534,6 +608,8 @@ impl Server {
                 .filter(|r| !r.phase.finished())
                 .cloned()
                 .collect();
+            let envoys = self.envoys();
+            let reports = lock(&self.last_reports).clone();
             for current in active {
                 let name = current.plan.rollout.clone();
                 let inputs = self
@@ -545,6 +621,11 @@ impl Server {
                         let Some(rollout) = rollouts.get_mut(&name) else {
                             return Ok((config.clone(), Vec::new()));
                         };
+                        crate::coverage::join(rollout, &envoys);
+                        let mut missing = inputs.missing.clone();
+                        missing
+                            .extend(crate::coverage::fleet_gaps(rollout, &envoys, &reports, now));
+                        let covered = rollout.observe_coverage(missing, now);
                         rollout.note_tick(
                             now,
                             inputs.tick.as_ref(),
@@ -555,7 +636,7 @@ impl Server {
                         // then the step rules run.
                         let action = rollout
                             .observe_availability(&inputs.availability, now)
-                            .or_else(|| rollout.observe_errors(inputs.tick, now))
+                            .or_else(|| rollout.observe_errors(inputs.tick, covered, now))
                             .or_else(|| {
                                 let (stable, canary) = inputs.latency.as_ref()?;
                                 rollout.observe_latency(stable, canary, now)

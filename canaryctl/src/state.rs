@@ -66,6 +66,12 @@ impl fmt::Display for StateError {
 
 impl std::error::Error for StateError {}
 
+/// A unix time as people read it in a status line: "2026-12-06T20:31:02Z".
+pub fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
+        .to_string()
+}
+
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -181,6 +187,12 @@ impl StateFile {
         }
         let config = config::from_value(loaded_config).map_err(|err| refused(err.to_string()))?;
         config.validate().map_err(|err| refused(err.to_string()))?;
+        let mut rollouts = loaded.rollouts;
+        for rollout in &mut rollouts {
+            if let Some(line) = rollout.recover_non_finite(now_unix()) {
+                eprintln!("canaryctl: {}: {line}", self.shown());
+            }
+        }
         Ok(Some(Saved {
             desired: Desired {
                 version: loaded.version,
@@ -188,7 +200,7 @@ impl StateFile {
                 config,
             },
             fleet: loaded.fleet,
-            rollouts: loaded.rollouts,
+            rollouts,
         }))
     }
 
@@ -269,6 +281,18 @@ impl StateFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "state".to_string());
+        // JSON has no such numbers (they would be saved as null): never write a state it cannot restart from.
+        if let Some((rollout, found)) = rollouts
+            .iter()
+            .map(|r| (r, r.non_finite()))
+            .find(|(_, found)| !found.is_empty())
+        {
+            return Err(StateError::Io(format!(
+                "cannot save the state: rollout {}: {} evidence is not a finite number",
+                rollout.plan.rollout,
+                found.join(", ")
+            )));
+        }
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         let stored = Stored {
             version: desired.version,

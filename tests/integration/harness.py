@@ -266,3 +266,69 @@ def raw_exchange(port: int, request: bytes, timeout: float = 10.0) -> tuple[int,
 def raw_request(port: int, request: bytes, timeout: float = 10.0) -> int:
     """Send raw bytes; return the status code (0: none)."""
     return raw_exchange(port, request, timeout)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# A network between an Envoy and canaryctl that a test can partition.
+# --------------------------------------------------------------------------------------------------
+
+class Relay:
+    """A TCP relay from a local port to `target_port`: an Envoy pointed at it reaches canaryctl through it.
+    `partition()` stops carrying bytes both ways while every connection stays open (a network that drops
+    packets, not one that resets: canaryctl still sees the streams as open, and Envoy does not reconnect);
+    `heal()` carries on, with what was held back."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket):
+        try:
+            while True:
+                self.flowing.wait()
+                data = src.recv(65536)
+                if not data:
+                    break
+                self.flowing.wait()  # bytes read just before a partition are held back too
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def partition(self):
+        self.flowing.clear()
+
+    def heal(self):
+        self.flowing.set()
+
+    def close(self):
+        self.closed = True
+        self.flowing.set()
+        self.listener.close()
