@@ -238,6 +238,13 @@ impl Server {
         Metrics::bump(&self.metrics.reports_implausible);
         let now = now_unix();
         let mut logged = lock(&self.refused_logged);
+        // Node ids are the peer's word: however many it claims, only the last minute's are remembered.
+        if logged.len() >= 1024 {
+            logged.retain(|_, at| now.saturating_sub(*at) < 60);
+            if logged.len() >= 1024 && !logged.contains_key(node) {
+                return; // counted; the log already names a thousand peers this minute
+            }
+        }
         let last = logged.entry(node.to_string()).or_default();
         if *last == 0 || now.saturating_sub(*last) >= 60 {
             *last = now;
