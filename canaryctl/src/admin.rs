@@ -931,14 +931,17 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
 /// Each Envoy of a rollout's fleet against the rollout's last change.
 fn fleet_view(r: &Rollout, envoys: &[crate::fleet::EnvoyStatus]) -> serde_json::Value {
     use crate::coverage::{standing, Standing};
+    let by_node: std::collections::BTreeMap<&str, &crate::fleet::EnvoyStatus> =
+        envoys.iter().map(|e| (e.node_id.as_str(), e)).collect();
     let members: Vec<serde_json::Value> = r
         .fleet
         .iter()
         .map(|node| {
-            let envoy = envoys.iter().find(|e| e.node_id == *node);
+            let envoy = by_node.get(node.as_str()).copied();
             let (state, line) = match standing(r, node, envoy) {
                 Standing::Applied => ("applied", None),
                 Standing::Behind(line) => ("behind", Some(line)),
+                Standing::Refused(line) => ("refused", Some(line)),
                 Standing::Missing(line) => ("missing", Some(line)),
             };
             json!({

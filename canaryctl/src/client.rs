@@ -908,9 +908,7 @@ pub async fn rollout_status(
                 .unwrap_or_default();
             let waited = crate::state::now_unix().saturating_sub(ended);
             let applying = waited < APPLY_GRACE_S
-                && not_applied.iter().any(|m| {
-                    text(m, &["state"]) == "behind" && !text(m, &["why"]).contains("refused")
-                });
+                && not_applied.iter().any(|m| text(m, &["state"]) == "behind");
             if !applying {
                 if !not_applied.is_empty() {
                     let names: Vec<&str> = not_applied.iter().map(|m| text(m, &["why"])).collect();

@@ -90,8 +90,10 @@ fn since(unix: u64) -> String {
 pub enum Standing {
     /// Connected and serving the change.
     Applied,
-    /// Not serving it yet, or refused it: the line says which.
+    /// Connected, not serving it yet (still applying it).
     Behind(String),
+    /// Connected, and refused it (a NACK): it keeps serving an older version.
+    Refused(String),
     /// Not connected (since when).
     Missing(String),
 }
@@ -127,18 +129,18 @@ pub fn standing(rollout: &Rollout, node: &str, envoy: Option<&EnvoyStatus>) -> S
     let serving = envoy
         .acked_version
         .map_or("none".to_string(), |v| v.to_string());
-    Standing::Behind(match &envoy.nack {
-        Some(nack) if nack.version >= version => format!(
+    match &envoy.nack {
+        Some(nack) if nack.version >= version => Standing::Refused(format!(
             "{}: refused version {} ({}), serves version {serving}",
             named(envoy),
             nack.version,
             nack.message
-        ),
-        _ => format!(
+        )),
+        _ => Standing::Behind(format!(
             "{}: has not applied version {version} yet (serves version {serving})",
             named(envoy)
-        ),
-    })
+        )),
+    }
 }
 
 /// What this tick's evidence lacks from the fleet, one line each (empty: complete). An Envoy that is not
@@ -164,7 +166,7 @@ pub fn fleet_gaps(
                 }
                 continue;
             }
-            Standing::Behind(line) => gaps.push(line),
+            Standing::Behind(line) | Standing::Refused(line) => gaps.push(line),
             Standing::Applied => {}
         }
         connected += 1;

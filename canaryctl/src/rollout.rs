@@ -680,13 +680,18 @@ impl Rollout {
     }
 
     /// Moves past the current step: the next percentage, a gate, or the promotion after the last.
-    fn next_step(&mut self, now: u64) -> Action {
-        self.change_pending = true;
-        self.step += 1;
+    /// The current step's clock and counts start from zero at `now`.
+    fn start_step_over(&mut self, now: u64) {
         self.step_started_unix = now;
         self.step_canary_requests = 0;
         self.step_latency_requests = 0;
         self.step_covered_s = 0;
+    }
+
+    fn next_step(&mut self, now: u64) -> Action {
+        self.change_pending = true;
+        self.step += 1;
+        self.start_step_over(now);
         match self.plan.steps.get(self.step).copied() {
             None => {
                 self.step = self.plan.steps.len() - 1;
@@ -840,10 +845,7 @@ impl Rollout {
         match self.availability.observe(a, &self.plan.canary, now) {
             Verdict::Up => {
                 if was_holding {
-                    self.step_started_unix = now;
-                    self.step_canary_requests = 0;
-                    self.step_latency_requests = 0;
-                    self.step_covered_s = 0;
+                    self.start_step_over(now);
                     self.record(
                         now,
                         format!("canary up again: {} starts over", self.step_name()),

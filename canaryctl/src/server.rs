@@ -615,6 +615,9 @@ impl Server {
                 .filter(|r| !r.phase.finished())
                 .cloned()
                 .collect();
+            if active.is_empty() {
+                continue;
+            }
             let envoys = self.envoys();
             let reports = lock(&self.last_reports).clone();
             for current in active {
