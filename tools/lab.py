@@ -434,12 +434,19 @@ class Canaryctl(ManagedProcess):
     def __init__(self, workdir: str, wasm_path: str = WASM, init_config: str | None = None,
                  token: str | None = None, xds_port: int = 0, admin_port: int = 0,
                  native_module: str | None = None, extra_args: list[str] | None = None,
-                 tls: dict[str, str] | None = None):
+                 tls: dict[str, str] | None = None, state_fs_bytes: int | None = None):
         super().__init__("canaryctl", os.path.join(workdir, "canaryctl.log"))
         self.workdir = workdir
         self.xds_port = xds_port
         self.admin_port = admin_port
         self.state_path = os.path.join(workdir, "canaryctl-state.json")
+        # The state on a filesystem of its own, this small (a tmpfs in a private mount namespace, made by
+        # `unshare`), so that a test can fill it up for real: fill_state_fs(), free_state_fs().
+        self.state_fs_bytes = state_fs_bytes
+        if state_fs_bytes is not None:
+            self.state_dir = os.path.join(workdir, "state-fs")
+            os.makedirs(self.state_dir, exist_ok=True)
+            self.state_path = os.path.join(self.state_dir, "canaryctl-state.json")
         self.wasm_path = wasm_path
         self.native_module = native_module
         self.extra_args = extra_args or []
@@ -474,7 +481,30 @@ class Canaryctl(ManagedProcess):
         if self.tls:
             args += ["--xds-tls-cert", self.tls["cert"], "--xds-tls-key", self.tls["key"],
                      "--xds-client-ca", self.tls["client_ca"]]
-        return args + self.extra_args
+        args += self.extra_args
+        if self.state_fs_bytes is not None:
+            # unshare and sh exec: the pid is canaryctl's, and /proc/<pid>/root shows its filesystem.
+            args = ["unshare", "--map-root-user", "--mount", "sh", "-c",
+                    'mount -t tmpfs -o "size=$1" tmpfs "$2" && shift 2 && exec "$@"', "sh",
+                    str(self.state_fs_bytes), self.state_dir, *args]
+        return args
+
+    def state_fs(self, name: str) -> str:
+        """A path on the state's own filesystem, as this process sees it."""
+        return f"/proc/{self.process.pid}/root{self.state_dir}/{name}"
+
+    def fill_state_fs(self):
+        """Fills the state's filesystem: every write to it fails with ENOSPC until free_state_fs()."""
+        with open(self.state_fs("filler"), "ab", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)  # a tmpfs allocates pages: none is left half used
+            except OSError as err:
+                if err.errno != 28:  # ENOSPC
+                    raise
+
+    def free_state_fs(self):
+        os.remove(self.state_fs("filler"))
 
     def start(self, deadline_s: float = 15.0) -> "Canaryctl":
         env = {k: v for k, v in os.environ.items() if not k.startswith("CANARYCTL_")}

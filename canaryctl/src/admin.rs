@@ -37,7 +37,7 @@ use crate::findings::Class;
 use crate::fleet::Link;
 use crate::rollout::{Phase, Plan, Rollout, Source, Step};
 use crate::server::carry_out;
-use crate::server::{Metrics, Server};
+use crate::server::{Metrics, Server, Writer};
 use crate::state::{self, StateError};
 use crate::tls::Refused;
 
@@ -141,8 +141,29 @@ async fn status(State(server): State<Arc<Server>>) -> Response {
         "envoys": server.envoys(),
         "xds": xds_security(&server),
         "refused": server.refused_peers(),
+        "state": state_view(&server),
+        "hold": server.fleet_ahead().map(|ahead| {
+            let line = ahead.line();
+            let mut view = json!(ahead);
+            if let Some(object) = view.as_object_mut() {
+                object.insert("line".to_string(), json!(line));
+            }
+            view
+        }),
     }))
     .into_response()
+}
+
+/// Whether the state file holds what is served, for the status.
+fn state_view(server: &Server) -> serde_json::Value {
+    let durability = server.durability();
+    json!({
+        "saved": durability.unsaved_since_unix.is_none(),
+        "unsaved_since_unix": durability.unsaved_since_unix,
+        "reason": durability.unsaved_since_unix.map(|_| durability.reason.clone()),
+        "line": durability.line(),
+        "save_failures": durability.failures,
+    })
 }
 
 /// How the gRPC port is protected, for the status.
@@ -197,7 +218,9 @@ async fn write<B: DeserializeOwned>(server: &Server, body: &Bytes, edit: Edit<B>
 
 async fn write_parsed<B>(server: &Server, request: B, edit: Edit<B>) -> Response {
     match server
-        .change(|config, rollouts| edit(request, config, rollouts))
+        .change(Writer::Operator, |config, rollouts| {
+            edit(request, config, rollouts)
+        })
         .await
     {
         Ok(outcome) => Json(outcome).into_response(),
@@ -205,10 +228,12 @@ async fn write_parsed<B>(server: &Server, request: B, edit: Edit<B>) -> Response
     }
 }
 
-/// A write that did not happen: 500 when the state file could not be written, else 400 (refused).
+/// A write that did not happen: 500 when the state file could not be written, 503 while it cannot be
+/// saved and the change would add canary traffic, else 400 (refused).
 fn refused(err: StateError) -> Response {
     match err {
         StateError::Io(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+        StateError::Unsaved(message) => error(StatusCode::SERVICE_UNAVAILABLE, message),
         err => error(StatusCode::BAD_REQUEST, err.to_string()),
     }
 }
@@ -326,6 +351,39 @@ pub fn unique_keys(text: &[u8]) -> Result<(), String> {
 /// Application log lines in one POST, at most.
 const MAX_LOG_LINES: usize = 10_000;
 
+/// The longest `version` and `rollout` of a posted line: the filter's own bound on names.
+const MAX_LOG_NAME_BYTES: usize = 128;
+/// The longest `level` of a posted line.
+const MAX_LOG_LEVEL_BYTES: usize = 32;
+/// The longest `message` of a posted line (its signature keeps 160 characters, its example 240).
+const MAX_LOG_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// A posted line's fields within their bounds, or the one-line refusal naming the line, field and size.
+fn check_log_line(number: usize, line: &AppLine) -> Result<(), String> {
+    let fields = [
+        ("version", Some(line.version.as_str()), MAX_LOG_NAME_BYTES),
+        ("rollout", line.rollout.as_deref(), MAX_LOG_NAME_BYTES),
+        ("level", line.level.as_deref(), MAX_LOG_LEVEL_BYTES),
+        (
+            "message",
+            Some(line.message.as_str()),
+            MAX_LOG_MESSAGE_BYTES,
+        ),
+    ];
+    for (field, value, max) in fields {
+        if let Some(value) = value.filter(|v| v.len() > max) {
+            return Err(format!(
+                "logs: line {number}: {field}: {} bytes, at most {max}",
+                value.len()
+            ));
+        }
+    }
+    if line.version.trim().is_empty() {
+        return Err(format!("logs: line {number}: version: empty"));
+    }
+    Ok(())
+}
+
 /// Levels of lines that are not errors: a shipper that sends every line has those skipped.
 const NOT_ERRORS: [&str; 7] = ["trace", "debug", "info", "notice", "warn", "warning", "ok"];
 
@@ -410,11 +468,8 @@ async fn app_logs(State(server): State<Arc<Server>>, body: Bytes) -> Response {
                 );
             }
         };
-        if line.version.trim().is_empty() {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("logs: line {number}: version: empty"),
-            );
+        if let Err(message) = check_log_line(number, &line) {
+            return error(StatusCode::BAD_REQUEST, message);
         }
         lines.push(line);
     }
@@ -718,6 +773,34 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
             Metrics::get(&m.reports_implausible),
         )],
     );
+    let durability = server.durability();
+    metric(
+        "canaryctl_state_saved",
+        "gauge",
+        "1 when the state file holds what is served; 0 while saves fail (retried each second).",
+        &[(
+            String::new(),
+            u64::from(durability.unsaved_since_unix.is_none()),
+        )],
+    );
+    metric(
+        "canaryctl_state_unsaved_since_seconds",
+        "gauge",
+        "When the state was last found unsaveable, unix seconds, while it is (0 when saved).",
+        &[(String::new(), durability.unsaved_since_unix.unwrap_or(0))],
+    );
+    metric(
+        "canaryctl_state_save_failures_total",
+        "counter",
+        "Saves of the state file that failed (full or read-only disk, ...).",
+        &[(String::new(), durability.failures)],
+    );
+    metric(
+        "canaryctl_fleet_ahead",
+        "gauge",
+        "1 while an Envoy serves a version newer than the state's and pushes are held for an operator's write.",
+        &[(String::new(), u64::from(server.holding()))],
+    );
     metric(
         "canaryctl_prometheus_queries_total",
         "counter",
@@ -857,12 +940,9 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         .iter()
         .flat_map(|r| {
             let threshold = 1.0 / r.plan.test_alpha();
-            let findings = (
-                r,
-                "findings".to_string(),
-                r.findings.max_e_value(),
-                1.0 / r.plan.signature_alpha(),
-            );
+            // The signature nearest its own threshold (each has its α by order of arrival).
+            let (nearest, nearest_threshold) = r.findings.nearest(r.plan.findings_alpha());
+            let findings = (r, "findings".to_string(), nearest, nearest_threshold);
             std::iter::once((r, "errors".to_string(), r.errors.e_value(), threshold))
                 .chain(r.latency.iter().map(move |c| {
                     (
@@ -900,13 +980,13 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
     }
     let mut classes = Vec::new();
     for r in &rollouts {
-        let alpha = r.plan.signature_alpha();
+        let alpha = r.plan.findings_alpha();
         for class in [Class::New, Class::Worse, Class::Known] {
             let n = r
                 .findings
                 .signatures
                 .iter()
-                .filter(|f| f.class(alpha) == class)
+                .filter(|f| f.class(f.alpha(alpha)) == class)
                 .count();
             classes.push((
                 format!(
@@ -1044,7 +1124,7 @@ pub fn rollout_view(r: &Rollout, envoys: &[crate::fleet::EnvoyStatus]) -> serde_
 
 /// A rollout's error signatures, the most evident first.
 fn findings_view(r: &Rollout) -> serde_json::Value {
-    let alpha = r.plan.signature_alpha();
+    let alpha = r.plan.findings_alpha();
     let f = &r.findings;
     let mut signatures: Vec<_> = f.signatures.iter().collect();
     signatures.sort_by(|a, b| {
@@ -1055,17 +1135,23 @@ fn findings_view(r: &Rollout) -> serde_json::Value {
     });
     json!({
         "roll_back": r.plan.findings,
-        "threshold": 1.0 / alpha,
+        "alpha": alpha,
         "canary_requests": f.canary_requests,
         "stable_requests": f.stable_requests,
         "untracked": f.untracked,
+        "set_aside": f.set_aside,
+        "bytes": f.bytes(),
+        "max_bytes": crate::findings::MAX_FINDINGS_BYTES,
         "signatures": signatures.iter().map(|s| {
             let (canary_rate, stable_rate) = f.rates(s);
+            let own = s.alpha(alpha);
             json!({
                 "origin": s.origin.label(),
                 "signature": s.signature,
-                "class": s.class(alpha).label(),
-                "rolls_back": r.plan.findings && s.rolls_back(alpha),
+                "arrival": s.arrival,
+                "threshold": 1.0 / own,
+                "class": s.class(own).label(),
+                "rolls_back": r.plan.findings && s.rolls_back(own),
                 "canary": s.canary,
                 "canary_rate": canary_rate,
                 "stable": s.stable,
@@ -1080,10 +1166,24 @@ fn findings_view(r: &Rollout) -> serde_json::Value {
 
 async fn rollouts(State(server): State<Arc<Server>>) -> Response {
     let envoys = server.envoys();
+    // Why an active rollout cannot move now, besides its own evidence.
+    let held = server.fleet_ahead().map(|ahead| ahead.line()).or_else(|| {
+        server.unsaved().map(|line| {
+            format!("{line}: steps wait until it is saved; a rollback is still applied")
+        })
+    });
     let views: Vec<_> = server
         .rollouts()
         .iter()
-        .map(|r| rollout_view(r, &envoys))
+        .map(|r| {
+            let mut view = rollout_view(r, &envoys);
+            if let (Some(line), Some(object)) = (&held, view.as_object_mut()) {
+                if !r.phase.finished() {
+                    object.insert("held".to_string(), json!(line));
+                }
+            }
+            view
+        })
         .collect();
     Json(json!({ "rollouts": views })).into_response()
 }
@@ -1149,13 +1249,14 @@ struct RolloutRequest {
 /// A rollout operation's answer: the write's outcome and the rollout after it.
 async fn rollout_write(
     server: &Server,
+    by: Writer,
     name: String,
     edit: impl FnOnce(
         &canary_router::config::RawConfig,
         &mut std::collections::BTreeMap<String, Rollout>,
     ) -> Result<(canary_router::config::RawConfig, state::Changes), StateError>,
 ) -> Response {
-    match server.change(edit).await {
+    match server.change(by, edit).await {
         Ok(outcome) => {
             let view = server
                 .rollouts()
@@ -1166,6 +1267,8 @@ async fn rollout_write(
                 "version": outcome.version,
                 "changed": outcome.changed,
                 "changes": outcome.changes,
+                "durable": outcome.durable,
+                "warning": outcome.warning,
                 "rollout": view,
             }))
             .into_response()
@@ -1251,6 +1354,9 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
         Ok(req) => req,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
+    if let Some(refusal) = refuse_more_canary_traffic(&server, "start a rollout") {
+        return refusal;
+    }
     let name = req.rollout.clone();
     // Refused after the plan's own checks (below), so that a bad plan is named first.
     let fleet = crate::coverage::fleet_at_start(&req.fleet_clusters, &server.envoys());
@@ -1264,7 +1370,7 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
             Err((status, message)) => return error(status, message),
         },
     };
-    rollout_write(&server, name, move |config, rollouts| {
+    rollout_write(&server, Writer::Rollout, name, move |config, rollouts| {
         if let Some(running) = rollouts.get(&req.rollout).filter(|r| !r.phase.finished()) {
             return Err(StateError::Edit(format!(
                 "rollout {}: {} is already {} at {}: pause, abort or promote it first",
@@ -1336,9 +1442,26 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
     .await
 }
 
+/// While the state cannot be saved, or the fleet is ahead of it, what would later add canary traffic (a
+/// rollout's start or resume) is refused with the reason (503).
+fn refuse_more_canary_traffic(server: &Server, what: &str) -> Option<Response> {
+    if let Some(line) = server.unsaved() {
+        return Some(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{line}: cannot {what} until the state is saved (retried each second)"),
+        ));
+    }
+    let ahead = server.fleet_ahead()?;
+    Some(error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("cannot {what}: {}", ahead.line()),
+    ))
+}
+
 /// pause, resume, abort, promote: an operation on a rollout that may move the config.
 async fn rollout_operation(
     server: &Server,
+    by: Writer,
     body: &Bytes,
     op: fn(&mut Rollout, u64) -> Result<Option<crate::rollout::Action>, String>,
 ) -> Response {
@@ -1347,7 +1470,7 @@ async fn rollout_operation(
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let name = req.rollout.clone();
-    rollout_write(server, name, move |config, rollouts| {
+    rollout_write(server, by, name, move |config, rollouts| {
         let rollout = rollouts.get_mut(&req.rollout).ok_or_else(|| {
             StateError::Edit(format!(
                 "rollout: no progressive rollout of {} (start one with `canaryctl rollout start`)",
@@ -1378,19 +1501,28 @@ async fn rollout_operation(
 }
 
 async fn rollout_pause(State(server): State<Arc<Server>>, body: Bytes) -> Response {
-    rollout_operation(&server, &body, Rollout::pause).await
+    rollout_operation(&server, Writer::Rollout, &body, Rollout::pause).await
 }
 
 async fn rollout_resume(State(server): State<Arc<Server>>, body: Bytes) -> Response {
-    rollout_operation(&server, &body, Rollout::resume).await
+    if let Some(refusal) = refuse_more_canary_traffic(&server, "resume a rollout") {
+        return refusal;
+    }
+    rollout_operation(&server, Writer::Rollout, &body, Rollout::resume).await
 }
 
 async fn rollout_abort(State(server): State<Arc<Server>>, body: Bytes) -> Response {
-    rollout_operation(&server, &body, |r, now| r.abort(now).map(Some)).await
+    rollout_operation(&server, Writer::Operator, &body, |r, now| {
+        r.abort(now).map(Some)
+    })
+    .await
 }
 
 async fn rollout_promote(State(server): State<Arc<Server>>, body: Bytes) -> Response {
-    rollout_operation(&server, &body, |r, now| r.promote(now).map(Some)).await
+    rollout_operation(&server, Writer::Operator, &body, |r, now| {
+        r.promote(now).map(Some)
+    })
+    .await
 }
 
 #[cfg(test)]

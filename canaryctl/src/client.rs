@@ -3,7 +3,8 @@
 //!
 //! Exit codes: 0 done; 1 refused (by canaryctl, or an Envoy NACKed it), or the wait timed out; 2 canaryctl
 //! could not be reached or answered nonsense; 3 saved and applied by every connected Envoy, but some
-//! Envoys of the fleet are disconnected and did not get it (`--allow-disconnected` makes that 0).
+//! Envoys of the fleet are disconnected and did not get it (`--allow-disconnected` makes that 0); 4 pushed
+//! (a change that takes canary traffic away) but not saved: canaryctl cannot write its state.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -18,6 +19,9 @@ use crate::server::WriteOutcome;
 /// Exit code of a write that some Envoys of the fleet did not apply because they are disconnected.
 pub const EXIT_DISCONNECTED: u8 = 3;
 
+/// Exit code of a write that was pushed (a rollback) but could not be saved.
+pub const EXIT_NOT_SAVED: u8 = 4;
+
 /// `GET /v1/status`, as the CLI reads it.
 #[derive(Deserialize)]
 struct StatusBody {
@@ -28,6 +32,21 @@ struct StatusBody {
     xds: XdsBody,
     #[serde(default)]
     refused: Vec<RefusedPeer>,
+    #[serde(default)]
+    state: StateBody,
+    #[serde(default)]
+    hold: Option<HoldBody>,
+}
+
+#[derive(Deserialize, Default)]
+struct StateBody {
+    #[serde(default)]
+    line: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HoldBody {
+    line: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -214,6 +233,12 @@ pub async fn status(client: &Client, as_json: bool) -> Result<(), CliError> {
         (true, None) => println!("xds: mTLS (TLS 1.3)"),
         (false, _) => println!("xds: plaintext (loopback or --insecure-xds)"),
     }
+    if let Some(line) = &status.state.line {
+        println!("{line}: retrying each second; changes that add canary traffic are refused");
+    }
+    if let Some(hold) = &status.hold {
+        println!("{}", hold.line);
+    }
     if status.envoys.is_empty() {
         println!("no Envoy has connected");
     } else {
@@ -374,11 +399,32 @@ pub async fn write(client: &Client, path: &str, body: Value, wait: &Wait) -> Res
     for change in &outcome.changes {
         println!("{change}");
     }
-    println!("saved as version {}", outcome.version);
+    if let Some(warning) = outcome.warning.as_deref().filter(|_| !outcome.durable) {
+        println!(
+            "pushed as version {}, NOT saved: {warning}; a restart before it is saved would not know it",
+            outcome.version
+        );
+    } else {
+        println!("saved as version {}", outcome.version);
+    }
     if wait.enabled {
         wait_for_fleet(client, outcome.version, wait).await?;
     }
-    Ok(())
+    not_durable(outcome.durable, outcome.warning.as_deref())
+}
+
+/// A change applied but not saved: exit 4, once the fleet has it.
+fn not_durable(durable: bool, warning: Option<&str>) -> Result<(), CliError> {
+    if durable {
+        return Ok(());
+    }
+    Err(CliError {
+        message: format!(
+            "applied, but not durable: {}",
+            warning.unwrap_or("the state could not be saved")
+        ),
+        exit_code: EXIT_NOT_SAVED,
+    })
 }
 
 fn names(envoys: &[&EnvoyStatus]) -> String {
@@ -604,6 +650,14 @@ struct RolloutOutcome {
     changed: bool,
     changes: Vec<String>,
     rollout: Option<Value>,
+    #[serde(default = "yes")]
+    durable: bool,
+    #[serde(default)]
+    warning: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `rollout start|pause|resume|abort|promote`: what changed, where the rollout is, and (when the config
@@ -622,12 +676,18 @@ pub async fn rollout_write(
         println!("{}", rollout_headline(rollout));
     }
     if outcome.changed {
-        println!("saved as version {}", outcome.version);
+        match outcome.warning.as_deref().filter(|_| !outcome.durable) {
+            Some(warning) => println!(
+                "pushed as version {}, NOT saved: {warning}; a restart before it is saved would not know it",
+                outcome.version
+            ),
+            None => println!("saved as version {}", outcome.version),
+        }
         if wait.enabled {
             wait_for_fleet(client, outcome.version, wait).await?;
         }
     }
-    Ok(())
+    not_durable(outcome.durable, outcome.warning.as_deref())
 }
 
 fn at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
@@ -674,6 +734,9 @@ fn versus(r: &Value, test: &Value, bad: &str, decimals: usize) -> String {
 
 fn print_rollout(r: &Value) {
     println!("{}", rollout_headline(r));
+    if let Some(held) = r.get("held").and_then(Value::as_str) {
+        println!("  held: {held}");
+    }
     let steps: Vec<&str> = r
         .get("steps")
         .and_then(Value::as_array)
@@ -951,10 +1014,10 @@ pub async fn rollout_findings(client: &Client, name: &str, as_json: bool) -> Res
     println!("{}", rollout_headline(rollout));
     let (canary, stable) = (text(rollout, &["canary"]), text(rollout, &["stable"]));
     println!(
-        "  {} requests on {canary}, {} on {stable} · a signature rolls back at evidence {:.0}{}",
+        "  {} requests on {canary}, {} on {stable} · the k-th signature to arrive rolls back at evidence k(k+1)/{}{}",
         number(&findings, &["canary_requests"]),
         number(&findings, &["stable_requests"]),
-        number(&findings, &["threshold"]),
+        number(&findings, &["alpha"]),
         if findings.get("roll_back").and_then(Value::as_bool) == Some(false) {
             " (off: --no-rollback-on-findings)"
         } else {
@@ -970,11 +1033,12 @@ pub async fn rollout_findings(client: &Client, name: &str, as_json: bool) -> Res
         println!("  no error signature yet");
         return Ok(());
     }
-    let mut rows: Vec<[String; 5]> = vec![[
+    let mut rows: Vec<[String; 6]> = vec![[
         "CLASS".to_string(),
         format!("{canary} (CANARY)"),
         format!("{stable} (STABLE)"),
         "EVIDENCE".to_string(),
+        "THRESHOLD".to_string(),
         "SIGNATURE".to_string(),
     ]];
     rows.extend(signatures.iter().map(|s| {
@@ -993,6 +1057,7 @@ pub async fn rollout_findings(client: &Client, name: &str, as_json: bool) -> Res
             count("canary", "canary_rate"),
             count("stable", "stable_rate"),
             crate::rollout::evidence_text(number(s, &["e_value"])),
+            format!("{:.0}", number(s, &["threshold"])),
             format!("{} {}", text(s, &["origin"]), text(s, &["signature"])),
         ]
     }));
@@ -1004,11 +1069,18 @@ pub async fn rollout_findings(client: &Client, name: &str, as_json: bool) -> Res
         println!("  {line}");
         println!("      e.g. {}", text(s, &["example"]));
     }
+    if number(&findings, &["set_aside"]) > 0.0 {
+        println!(
+            "  {} signatures seen only on {stable} set aside to make room (findings keep at most {} bytes a rollout)",
+            number(&findings, &["set_aside"]),
+            number(&findings, &["max_bytes"])
+        );
+    }
     if number(&findings, &["untracked"]) > 0.0 {
         println!(
-            "  and {} failures of further signatures (not tested: at most {} signatures a rollout)",
+            "  and {} failures that found no room (not tested: findings keep at most {} bytes a rollout)",
             number(&findings, &["untracked"]),
-            crate::findings::MAX_SIGNATURES
+            number(&findings, &["max_bytes"])
         );
     }
     Ok(())

@@ -10,9 +10,13 @@
 //!   template. Templates mask what changes from one call to the next (numbers, uuids, hex and long ids, quoted
 //!   values), so the same code path gives the same signature.
 //! - **The test.** The rollout's error test, per signature: each tick, the signature's events on stable and on
-//!   the canary against each version's requests in that tick ([`Evidence`]). The findings' share of the
-//!   false-rollback budget is split evenly over [`MAX_SIGNATURES`] signatures, so all of them together stay
-//!   within it. Later signatures are counted as untracked, not tested.
+//!   the canary against each version's requests in that tick ([`Evidence`]). The findings' share α of the
+//!   false-rollback budget is spent over signatures in their order of arrival: the k-th gets α / (k (k+1)),
+//!   and these add up to α however many come, so every signature is tested and none needs a slot. A flood of
+//!   junk signatures before a real failure raises the real one's threshold (by k², not by a cap).
+//! - **Memory** is bounded in bytes ([`MAX_FINDINGS_BYTES`] a rollout, each signature and example cut). When it
+//!   is full, signatures the canary has never had (stable's alone: they cannot roll back) make room for new
+//!   ones; only when none is left are events counted as untracked.
 //! - **Classes.** `new`: seen on the canary, never on stable. `worse`: on both, the canary's rate significantly
 //!   higher (its evidence reached the threshold). `known`: stable has it too, not significantly less often.
 //!   A `new` or `worse` signature whose evidence reached the threshold is a rollback reason.
@@ -24,8 +28,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::{Evidence, Tick};
 
-/// Signatures tested per rollout; the findings' budget is split evenly over them.
-pub const MAX_SIGNATURES: usize = 32;
+/// What a rollout's findings may hold, signatures and examples, in bytes.
+pub const MAX_FINDINGS_BYTES: usize = 512 * 1024;
+/// What one kept signature costs besides its text and example (counts, evidence, the map's node).
+const FINDING_OVERHEAD: usize = 160;
 /// Templates are cut to this many characters.
 const TEMPLATE_CHARS: usize = 160;
 /// Examples are cut to this many characters.
@@ -266,6 +272,10 @@ pub struct Finding {
     pub evidence: Evidence,
     pub example: String,
     pub first_seen_unix: u64,
+    /// Its place in the order of arrival, from 1: its α is the findings' α / (k (k+1)). 0 in a state saved
+    /// before this existed (its place in the list is used).
+    #[serde(default)]
+    pub arrival: u64,
 }
 
 /// How a signature compares, canary against stable.
@@ -307,16 +317,37 @@ impl Finding {
     pub fn rolls_back(&self, alpha: f64) -> bool {
         self.canary > 0 && self.evidence.rejects(alpha)
     }
+
+    /// The α of this signature, given the findings' share of the budget.
+    pub fn alpha(&self, findings_alpha: f64) -> f64 {
+        arrival_alpha(findings_alpha, self.arrival)
+    }
+
+    fn bytes(&self) -> usize {
+        self.signature.len() + self.example.len() + FINDING_OVERHEAD
+    }
+}
+
+/// The α of the k-th signature to arrive (from 1): α / (k (k+1)). The sum over every k is α.
+pub fn arrival_alpha(findings_alpha: f64, k: u64) -> f64 {
+    let k = k.max(1) as f64;
+    findings_alpha / (k * (k + 1.0))
 }
 
 /// A rollout's findings, saved with it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Findings {
-    /// By first appearance, at most [`MAX_SIGNATURES`].
+    /// By first appearance.
     pub signatures: Vec<Finding>,
-    /// Events of signatures beyond [`MAX_SIGNATURES`]: counted, not tested.
+    /// Events that found no room within [`MAX_FINDINGS_BYTES`]: counted, not tested.
     pub untracked: u64,
+    /// Signatures that have arrived (the next one is the k-th + 1), those set aside included.
+    #[serde(default)]
+    pub arrivals: u64,
+    /// Stable-only signatures set aside to make room for new ones.
+    #[serde(default)]
+    pub set_aside: u64,
     /// Requests of each version over the ticks observed: what the rates are of.
     pub stable_requests: u64,
     pub canary_requests: u64,
@@ -330,18 +361,26 @@ pub struct Findings {
 impl Findings {
     /// One tick: the failures seen since the previous one, and the requests of each version.
     pub fn observe(&mut self, events: BTreeMap<Signature, Events>, tick: Option<Tick>, now: u64) {
+        self.number_legacy();
+        let mut used = self.bytes();
         for (signature, e) in events {
             let key = signature.to_string();
-            let known = self.pending.len() < MAX_SIGNATURES || self.pending.contains_key(&key);
-            if !known {
-                self.untracked = self.untracked.saturating_add(e.stable + e.canary);
+            if let Some(pending) = self.pending.get_mut(&key) {
+                pending.2.add(&e);
                 continue;
             }
+            let cost = key.len() + signature.text.len() + e.example.len() + FINDING_OVERHEAD;
+            if used + cost > MAX_FINDINGS_BYTES && !self.make_room(&mut used, cost) {
+                self.untracked = self
+                    .untracked
+                    .saturating_add(e.stable.saturating_add(e.canary));
+                continue;
+            }
+            used += cost;
+            let mut first = Events::default();
+            first.add(&e);
             self.pending
-                .entry(key)
-                .or_insert_with(|| (signature.origin, signature.text, Events::default()))
-                .2
-                .add(&e);
+                .insert(key, (signature.origin, signature.text, first));
         }
         let Some(tick) = tick else { return };
         self.stable_requests = self.stable_requests.saturating_add(tick.stable_requests);
@@ -356,7 +395,9 @@ impl Findings {
                 .position(|f| f.origin == origin && f.signature == text);
             let index = match found {
                 Some(i) => i,
-                None if self.signatures.len() < MAX_SIGNATURES => {
+                None => {
+                    // Its place in the order of arrival fixes its α before any of its evidence is counted.
+                    self.arrivals = self.arrivals.saturating_add(1);
                     self.signatures.push(Finding {
                         origin,
                         signature: text,
@@ -365,12 +406,9 @@ impl Findings {
                         evidence: Evidence::default(),
                         example: e.example.clone(),
                         first_seen_unix: now,
+                        arrival: self.arrivals,
                     });
                     self.signatures.len() - 1
-                }
-                None => {
-                    self.untracked = self.untracked.saturating_add(e.stable + e.canary);
-                    continue;
                 }
             };
             let Some(finding) = self.signatures.get_mut(index) else {
@@ -387,17 +425,54 @@ impl Findings {
         }
     }
 
-    /// The α of one signature, given the findings' share of the budget.
-    pub fn signature_alpha(findings_alpha: f64) -> f64 {
-        findings_alpha / MAX_SIGNATURES as f64
+    /// What the signatures and the events waiting for a tick hold, in bytes (as counted for the bound).
+    pub fn bytes(&self) -> usize {
+        let kept: usize = self.signatures.iter().map(Finding::bytes).sum();
+        let pending: usize = self
+            .pending
+            .iter()
+            .map(|(key, (_, text, e))| key.len() + text.len() + e.example.len() + FINDING_OVERHEAD)
+            .sum();
+        kept + pending
     }
 
-    /// The signature with the most evidence among those that roll back.
+    /// Sets aside stable-only signatures (the canary never had them: they cannot roll back), those seen least
+    /// first, until `cost` more bytes fit. False when they do not.
+    fn make_room(&mut self, used: &mut usize, cost: usize) -> bool {
+        while *used + cost > MAX_FINDINGS_BYTES {
+            let weakest = self
+                .signatures
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.canary == 0)
+                .min_by_key(|(_, f)| (f.stable, f.arrival))
+                .map(|(i, _)| i);
+            let Some(i) = weakest else {
+                return false;
+            };
+            let gone = self.signatures.remove(i);
+            *used = used.saturating_sub(gone.bytes());
+            self.set_aside = self.set_aside.saturating_add(1);
+        }
+        true
+    }
+
+    /// A state saved before signatures had their place in the order of arrival: their place in the list.
+    pub fn number_legacy(&mut self) {
+        if self.signatures.iter().all(|f| f.arrival != 0) {
+            return;
+        }
+        for (i, f) in self.signatures.iter_mut().enumerate() {
+            f.arrival = i as u64 + 1;
+        }
+        self.arrivals = self.arrivals.max(self.signatures.len() as u64);
+    }
+
+    /// The signature with the most evidence among those that roll back, each at its own α.
     pub fn rollback_reason(&self, findings_alpha: f64) -> Option<&Finding> {
-        let alpha = Self::signature_alpha(findings_alpha);
         self.signatures
             .iter()
-            .filter(|f| f.rolls_back(alpha))
+            .filter(|f| f.rolls_back(f.alpha(findings_alpha)))
             .max_by(|a, b| {
                 a.evidence
                     .log_e_value()
@@ -405,12 +480,14 @@ impl Findings {
             })
     }
 
-    /// The largest evidence of any signature (1 without any).
-    pub fn max_e_value(&self) -> f64 {
+    /// The signature nearest its threshold: its evidence and threshold (1 and the first signature's threshold
+    /// without any).
+    pub fn nearest(&self, findings_alpha: f64) -> (f64, f64) {
         self.signatures
             .iter()
-            .map(|f| f.evidence.e_value())
-            .fold(1.0, f64::max)
+            .map(|f| (f.evidence.e_value(), 1.0 / f.alpha(findings_alpha)))
+            .max_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)))
+            .unwrap_or((1.0, 1.0 / arrival_alpha(findings_alpha, 1)))
     }
 
     /// Each version's rate of a signature: events over that version's requests.
@@ -554,11 +631,15 @@ mod tests {
         }
         let reason = findings.rollback_reason(alpha).unwrap();
         assert_eq!(reason.signature, "POST /checkout 503");
-        let a = Findings::signature_alpha(alpha);
+        // GET /flaky arrived first (1/α = 200), POST /checkout second (1/α = 600).
+        assert_eq!(reason.arrival, 2);
+        let a = reason.alpha(alpha);
+        assert!((1.0 / a - 600.0).abs() < 1e-9);
         assert_eq!(reason.class(a), Class::New);
-        // With 1/α = 3200 per signature and π = 0.05, a handful of events suffice.
+        // With π = 0.05, a handful of events suffice.
         assert!(rolled_at.unwrap() <= 6, "{rolled_at:?}");
         let flaky = &findings.signatures[0];
+        let a = flaky.alpha(alpha);
         assert_eq!(flaky.class(a), Class::Known);
         assert!(!flaky.rolls_back(a));
         let (canary, stable) = findings.rates(flaky);
@@ -608,7 +689,7 @@ mod tests {
     }
 
     #[test]
-    fn events_wait_for_a_tick_with_both_versions_and_signatures_are_capped() {
+    fn events_wait_for_a_tick_with_both_versions() {
         let mut findings = Findings::default();
         findings.observe(events(&[("A", 0, 1)]), None, 1);
         findings.observe(events(&[("A", 0, 1)]), tick(100, 0), 2);
@@ -616,15 +697,93 @@ mod tests {
         findings.observe(BTreeMap::new(), tick(100, 10), 3);
         assert_eq!(findings.signatures.len(), 1);
         assert_eq!(findings.signatures[0].canary, 2);
+        assert_eq!(findings.signatures[0].arrival, 1);
         assert!(findings.pending.is_empty());
-        let many: Vec<(String, u64, u64)> = (0..MAX_SIGNATURES + 5)
-            .map(|i| (format!("S{i}"), 1, 1))
+    }
+
+    #[test]
+    fn the_alphas_of_every_signature_add_up_to_the_findings_share_however_many_arrive() {
+        let sum: f64 = (1..=1_000_000).map(|k| arrival_alpha(0.01, k)).sum();
+        assert!(sum <= 0.01 && sum > 0.01 * 0.99999, "{sum}");
+        assert_eq!(arrival_alpha(0.01, 1), 0.005);
+    }
+
+    #[test]
+    fn a_flood_of_junk_signatures_first_neither_crowds_out_a_real_failure_nor_grows_memory() {
+        let alpha = 0.01;
+        let mut findings = Findings::default();
+        // 20,000 distinct junk signatures charged to stable, 2,000 a tick, each with a long example: far more
+        // than the bytes findings keep.
+        let junk: Vec<String> = (0..20_000)
+            .map(|i| format!("junk {i} {}", "x".repeat(100)))
             .collect();
-        let borrowed: Vec<(&str, u64, u64)> =
-            many.iter().map(|(s, a, b)| (s.as_str(), *a, *b)).collect();
-        findings.observe(events(&borrowed), tick(100, 10), 4);
-        assert_eq!(findings.signatures.len(), MAX_SIGNATURES);
-        assert!(findings.untracked >= 2 * 5, "{}", findings.untracked);
+        for (t, chunk) in junk.chunks(2_000).enumerate() {
+            let mut ev = BTreeMap::new();
+            for text in chunk {
+                ev.insert(
+                    Signature {
+                        origin: Origin::App,
+                        text: text.clone(),
+                    },
+                    Events {
+                        stable: 1,
+                        canary: 0,
+                        example: "y".repeat(EXAMPLE_CHARS),
+                    },
+                );
+            }
+            findings.observe(ev, tick(950, 50), t as u64);
+            assert!(
+                findings.bytes() <= MAX_FINDINGS_BYTES,
+                "{}",
+                findings.bytes()
+            );
+        }
+        // Junk beyond what fits in one tick is counted untracked; what was kept is set aside as more comes.
+        assert!(findings.set_aside > 5_000, "{}", findings.set_aside);
+        let junk_kept = findings.arrivals;
+        // Then the canary's real failure: one request in 50 of POST /checkout.
+        let mut rolled_at = None;
+        for t in 10..70 {
+            findings.observe(events(&[("POST /checkout 503", 0, 1)]), tick(950, 50), t);
+            if findings.rollback_reason(alpha).is_some() {
+                rolled_at = Some(t - 10);
+                break;
+            }
+            assert!(findings.bytes() <= MAX_FINDINGS_BYTES);
+        }
+        let reason = findings.rollback_reason(alpha).unwrap();
+        assert_eq!(reason.signature, "POST /checkout 503");
+        assert_eq!(reason.arrival, junk_kept + 1);
+        // Its threshold is about 6·10^9 (k² / α), still only a few events more at π = 0.05.
+        assert!(rolled_at.unwrap() <= 12, "{rolled_at:?}");
+    }
+
+    #[test]
+    fn when_every_kept_signature_is_the_canary_s_new_ones_are_counted_untracked() {
+        let mut findings = Findings::default();
+        let mut t = 0;
+        while findings.untracked == 0 {
+            let mut ev = BTreeMap::new();
+            for i in 0..500 {
+                ev.insert(
+                    Signature {
+                        origin: Origin::App,
+                        text: format!("canary {t} {i} {}", "x".repeat(100)),
+                    },
+                    Events {
+                        stable: 0,
+                        canary: 1,
+                        example: String::new(),
+                    },
+                );
+            }
+            findings.observe(ev, tick(950, 50), t);
+            t += 1;
+            assert!(findings.bytes() <= MAX_FINDINGS_BYTES);
+            assert!(t < 100);
+        }
+        assert_eq!(findings.set_aside, 0);
     }
 
     #[test]

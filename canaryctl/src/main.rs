@@ -9,6 +9,7 @@ mod analysis;
 mod availability;
 mod client;
 mod coverage;
+mod durability;
 mod findings;
 mod fleet;
 mod identity;

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 use crate::analysis::{Evidence, Histogram, Tick};
 use crate::availability::{Availability, Verdict, Watch};
-use crate::findings::{Events, Findings, Signature, MAX_SIGNATURES};
+use crate::findings::{arrival_alpha, Events, Findings, Signature};
 
 /// One step of a plan: a percentage for the canary, or a manual gate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,11 +190,10 @@ impl Plan {
         self.alpha / self.tests() as f64
     }
 
-    /// The α of one error signature: the findings' share of the budget (what it would be, when findings do not
-    /// roll back) split over the signatures.
-    pub fn signature_alpha(&self) -> f64 {
-        let share = self.alpha / (self.tests() + usize::from(!self.findings)) as f64;
-        Findings::signature_alpha(share)
+    /// The findings' share of the budget (what it would be, when findings do not roll back), spent over the
+    /// signatures in their order of arrival.
+    pub fn findings_alpha(&self) -> f64 {
+        self.alpha / (self.tests() + usize::from(!self.findings)) as f64
     }
 
     /// Where the canary's latency is read.
@@ -257,10 +256,10 @@ impl Plan {
             // Each error signature's threshold is 1/α times the tests and the signatures: far beyond any
             // evidence a rollout gathers, so such a budget could never roll back.
             return Err(format!(
-                "false-rollback-budget: {:e} is below {MIN_ALPHA}: its thresholds (up to {:.1e} for an error \
-                 signature) could never be reached, so nothing would ever roll back",
+                "false-rollback-budget: {:e} is below {MIN_ALPHA}: its thresholds ({:.1e} for the first error \
+                 signature, more for later ones) could never be reached, so nothing would ever roll back",
                 self.alpha,
-                1.0 / self.signature_alpha()
+                1.0 / arrival_alpha(self.findings_alpha(), 1)
             ));
         }
         if self.evidence == Source::Prometheus {
@@ -921,10 +920,10 @@ impl Rollout {
         }
         let alpha = self.plan.test_alpha();
         let worst = self.findings.rollback_reason(alpha)?;
-        let signature_alpha = Findings::signature_alpha(alpha);
+        let signature_alpha = worst.alpha(alpha);
         let (canary_rate, stable_rate) = self.findings.rates(worst);
         let why = format!(
-            "finding {} on {}: {} {} vs {} on {} ({:.2}% of {} requests vs {:.2}% of {}), evidence {} ≥ {:.0} ({}, over {} signatures) at {}",
+            "finding {} on {}: {} {} vs {} on {} ({:.2}% of {} requests vs {:.2}% of {}), evidence {} ≥ {:.0} ({}, ÷ k(k+1) = {} for signature k = {} in order of arrival) at {}",
             worst.class(signature_alpha).label(),
             self.plan.canary,
             worst.name(),
@@ -938,7 +937,8 @@ impl Rollout {
             evidence_text(worst.evidence.e_value()),
             1.0 / signature_alpha,
             self.alpha_text(),
-            MAX_SIGNATURES,
+            worst.arrival.saturating_mul(worst.arrival.saturating_add(1)),
+            worst.arrival,
             self.step_name()
         );
         let why = self.naming_health(why);
@@ -1474,7 +1474,10 @@ pub(crate) mod tests {
         p.findings = true;
         assert_eq!(p.tests(), 5);
         assert_eq!(p.test_alpha(), 0.01);
-        assert!((1.0 / p.signature_alpha() - 3200.0).abs() < 1e-6);
+        // The findings' 0.01, spent over signatures in order of arrival: 1/200 for the first, 1/600 for the next.
+        assert_eq!(p.findings_alpha(), 0.01);
+        assert!((1.0 / arrival_alpha(p.findings_alpha(), 1) - 200.0).abs() < 1e-9);
+        assert!((1.0 / arrival_alpha(p.findings_alpha(), 2) - 600.0).abs() < 1e-9);
         let (mut r, _) = Rollout::start_plain(p, 0).unwrap();
         let tick = Some(Tick {
             stable_requests: 800,
@@ -1512,7 +1515,7 @@ pub(crate) mod tests {
         );
         assert!(
             why.contains(
-                "≥ 3200 (1/α, α = 0.01: 0.05 over 5 tests, over 32 signatures) at step 1/2 (20%)"
+                "≥ 200 (1/α, α = 0.01: 0.05 over 5 tests, ÷ k(k+1) = 2 for signature k = 1 in order of arrival) at step 1/2 (20%)"
             ),
             "{why}"
         );
@@ -1525,7 +1528,8 @@ pub(crate) mod tests {
             assert_eq!(r.observe_findings(one(&checkout), tick, t), None);
         }
         assert_eq!(r.findings.signatures[0].canary, 40);
-        assert!(r.findings.signatures[0].rolls_back(r.plan.signature_alpha()));
+        let first = &r.findings.signatures[0];
+        assert!(first.rolls_back(first.alpha(r.plan.findings_alpha())));
     }
 
     #[test]

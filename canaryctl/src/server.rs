@@ -60,6 +60,8 @@ pub struct Metrics {
     pub failures_dropped: AtomicU64,
     /// Load reports and stats readings refused as beyond a plausible rate (see `serve --max-report-rate`).
     pub reports_implausible: AtomicU64,
+    /// Saves of the state file that failed.
+    pub save_failures: AtomicU64,
 }
 
 /// The default bound on what one Envoy may report for one cluster: requests per second. Far beyond any one
@@ -77,7 +79,12 @@ pub enum Owner {
     },
 }
 
-/// Distinct (owner, signature) pairs kept between two ticks: hostile or runaway logs cannot grow memory.
+/// The longest cluster, version or rollout name a failure may be charged to. Envoy cluster names can be
+/// longer than the filter's 128-byte names; none of a rollout's is longer than this.
+pub const MAX_OWNER_BYTES: usize = 512;
+
+/// Distinct (owner, signature) pairs kept between two ticks: hostile or runaway logs cannot grow memory (each
+/// pair's texts are bounded: the owner by MAX_OWNER_BYTES, the signature and example cut).
 pub const MAX_FAILURE_KEYS: usize = 4096;
 
 /// One kind of failure since the last tick: how many, and the first example.
@@ -106,6 +113,24 @@ pub struct WriteOutcome {
     pub version: u64,
     pub changed: bool,
     pub changes: Changes,
+    /// False when the change was pushed but the state could not be saved (a restart would not know it).
+    #[serde(default = "durable_by_default")]
+    pub durable: bool,
+    /// `state not saved since … (reason)` when not durable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+fn durable_by_default() -> bool {
+    true
+}
+
+/// Who makes a change: an operator's config write (`set`, `apply`, `rollback`, `promote`, a rollout's abort or
+/// promote) is the word that ends a hold on a fleet ahead of the state; a rollout's own tick is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    Operator,
+    Rollout,
 }
 
 pub struct Server {
@@ -117,6 +142,10 @@ pub struct Server {
     desired: watch::Sender<Arc<Desired>>,
     /// Serialises writes of the state file, so two operators cannot both edit version N.
     write_lock: tokio::sync::Mutex<()>,
+    /// Whether the state file holds what is served; when not, since when and why.
+    durability: Mutex<crate::durability::Durability>,
+    /// An Envoy applied a newer version than the state's (found on restart): pushes are held.
+    ahead: Mutex<Option<crate::durability::FleetAhead>>,
     fleet: Mutex<Fleet>,
     refused: Mutex<RefusedPeers>,
     /// Progressive rollouts by rollout name (the latest of each, finished ones kept for `rollout status`).
@@ -199,6 +228,8 @@ impl Server {
             state_file,
             desired,
             write_lock: tokio::sync::Mutex::new(()),
+            durability: Mutex::new(Default::default()),
+            ahead: Mutex::new(None),
             fleet: Mutex::new(Fleet::restore(known, now_unix())),
             refused: Mutex::new(RefusedPeers::default()),
             rollouts: Mutex::new(
@@ -389,8 +420,14 @@ impl Server {
     /// Apply an edit to the desired config and the rollouts together: validated by the edit, saved durably
     /// in one write (so a restart never finds a rollout at one step and the config at another), then pushed to
     /// every subscribed Envoy. Nothing is saved or pushed when the edit is refused or changes nothing.
+    ///
+    /// When the state cannot be saved, a change that only takes canary traffic away (a rollback) is still
+    /// pushed and answered as not durable; one that may add canary traffic is refused until it can be saved.
+    /// While the fleet is ahead of the state, an operator's write is pushed as a version past the fleet's (even
+    /// when the config is unchanged) and ends the hold.
     pub async fn change(
         &self,
+        by: Writer,
         edit: impl FnOnce(
             &RawConfig,
             &mut BTreeMap<String, Rollout>,
@@ -399,14 +436,16 @@ impl Server {
         let _guard = self.write_lock.lock().await;
         let current = self.desired();
         let mut rollouts = lock(&self.rollouts).clone();
-        let (config, changes) = match edit(&current.config, &mut rollouts) {
+        let (config, mut changes) = match edit(&current.config, &mut rollouts) {
             Ok(result) => result,
             Err(err) => {
                 Metrics::bump(&self.metrics.writes_refused);
                 return Err(err);
             }
         };
-        let config_changed = config != current.config;
+        let ahead = lock(&self.ahead).clone();
+        let ends_hold = by == Writer::Operator && ahead.is_some();
+        let config_changed = config != current.config || ends_hold;
         let rollouts_changed = rollouts != *lock(&self.rollouts);
         if !config_changed && !rollouts_changed {
             Metrics::bump(&self.metrics.writes_unchanged);
@@ -414,17 +453,27 @@ impl Server {
                 version: current.version,
                 changed: false,
                 changes: Vec::new(),
+                durable: true,
+                warning: None,
             });
         }
         let next = if config_changed {
+            let past = ahead.as_ref().map_or(0, |a| a.fleet_version);
             Desired {
-                version: current.version + 1,
+                version: current.version.max(past) + 1,
                 updated_at_unix: now_unix(),
                 config,
             }
         } else {
             (*current).clone()
         };
+        if ends_hold && changes.is_empty() {
+            changes.push(format!(
+                "the state's config pushed as version {} (the fleet served version {})",
+                next.version,
+                ahead.as_ref().map_or(0, |a| a.fleet_version)
+            ));
+        }
         // The rollouts' changes are carried by this version: their Envoys are judged against it.
         for rollout in rollouts.values_mut().filter(|r| r.change_pending) {
             rollout.change_pending = false;
@@ -432,10 +481,31 @@ impl Server {
         }
         let known = self.fleet().known(now_unix());
         let saved_rollouts: Vec<Rollout> = rollouts.values().cloned().collect();
-        self.state_file.save(&next, &known, &saved_rollouts)?;
+        let warning = match self.persist(&next, &known, &saved_rollouts) {
+            Ok(()) => None,
+            Err(err) => {
+                let line = self.unsaved().unwrap_or_else(|| err.to_string());
+                let adds_traffic = config_changed
+                    && !crate::durability::only_lowers_canaries(&current.config, &next.config);
+                if adds_traffic {
+                    Metrics::bump(&self.metrics.writes_refused);
+                    return Err(StateError::Unsaved(format!(
+                        "{line}: refused a change that may add canary traffic until the state is saved \
+                         (retried each second); a rollback or a lower percent is still applied"
+                    )));
+                }
+                Some(line)
+            }
+        };
         *lock(&self.rollouts) = rollouts;
         let version = next.version;
         if config_changed {
+            if ends_hold {
+                *lock(&self.ahead) = None;
+                eprintln!(
+                    "canaryctl: hold ended by an operator's write: version {version} is pushed to the fleet"
+                );
+            }
             self.desired.send_replace(Arc::new(next));
             Metrics::bump(&self.metrics.writes_applied);
         }
@@ -443,7 +513,76 @@ impl Server {
             version,
             changed: config_changed,
             changes,
+            durable: warning.is_none(),
+            warning,
         })
+    }
+
+    /// Saves the state, keeping track of whether the file holds what is served (logged, and shown in
+    /// `status` and `/metrics`).
+    fn persist(
+        &self,
+        desired: &Desired,
+        known: &[crate::fleet::KnownEnvoy],
+        rollouts: &[Rollout],
+    ) -> Result<(), StateError> {
+        let now = now_unix();
+        match self.state_file.save(desired, known, rollouts) {
+            Ok(()) => {
+                if let Some(line) = lock(&self.durability).saved(now, desired.version) {
+                    eprintln!("canaryctl: {line}");
+                }
+                Ok(())
+            }
+            Err(err) => {
+                Metrics::bump(&self.metrics.save_failures);
+                if let Some(line) = lock(&self.durability).failed(now, &err.to_string()) {
+                    eprintln!("canaryctl: {line}");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// `state not saved since … (reason)` while the state file is behind what is served.
+    pub fn unsaved(&self) -> Option<String> {
+        lock(&self.durability).line()
+    }
+
+    pub fn durability(&self) -> crate::durability::Durability {
+        lock(&self.durability).clone()
+    }
+
+    /// The fleet ahead of the state, while pushes are held.
+    pub fn fleet_ahead(&self) -> Option<crate::durability::FleetAhead> {
+        lock(&self.ahead).clone()
+    }
+
+    /// An Envoy subscribed saying it applied `version`: past the state's, the fleet is ahead and pushes hold.
+    /// True while they hold.
+    pub fn subscribed_at(&self, node_id: &str, cluster: &str, version: Option<u64>) -> bool {
+        let mut ahead = lock(&self.ahead);
+        if let Some(version) = version {
+            let state_version = self.desired().version;
+            if crate::durability::FleetAhead::note(
+                &mut ahead,
+                node_id,
+                cluster,
+                version,
+                state_version,
+                now_unix(),
+            ) {
+                if let Some(a) = ahead.as_ref() {
+                    eprintln!("canaryctl: {}", a.line());
+                }
+            }
+        }
+        ahead.is_some()
+    }
+
+    /// Whether pushes are held (the fleet is ahead of the state).
+    pub fn holding(&self) -> bool {
+        lock(&self.ahead).is_some()
     }
 
     pub fn rollouts(&self) -> Vec<Rollout> {
@@ -543,6 +682,18 @@ impl Server {
     /// Adds one failure (an access-log entry or an application's log line) for the next tick; each rollout
     /// sorts it to stable or the canary by its owner.
     pub fn report_failure(&self, owner: Owner, signature: Signature, seen: String) {
+        // Names beyond the filter's bound are no version or cluster of a rollout: bytes, not keys, bound memory.
+        let name_bytes = match &owner {
+            Owner::Cluster(cluster) => cluster.len(),
+            Owner::Version { rollout, version } => {
+                version.len().max(rollout.as_deref().map_or(0, str::len))
+            }
+        };
+        if name_bytes > MAX_OWNER_BYTES {
+            Metrics::bump(&self.metrics.failures_dropped);
+            return;
+        }
+        let seen = crate::findings::example(&seen);
         let mut failures = lock(&self.failures);
         let key = (owner, signature);
         if !failures.contains_key(&key) && failures.len() >= MAX_FAILURE_KEYS {
@@ -615,9 +766,12 @@ impl Server {
                 .filter(|r| !r.phase.finished())
                 .cloned()
                 .collect();
-            if active.is_empty() {
+            // The fleet serves a newer version than the state: nothing moves until an operator writes.
+            if active.is_empty() || self.holding() {
                 continue;
             }
+            // Unsaved, a step would be forgotten by a restart: tests still run, steps wait.
+            let steps_wait = self.unsaved().is_some();
             let envoys = self.envoys();
             let reports = lock(&self.last_reports).clone();
             for current in active {
@@ -627,7 +781,7 @@ impl Server {
                     .await;
                 let now = now_unix();
                 let result = self
-                    .change(|config, rollouts| {
+                    .change(Writer::Rollout, |config, rollouts| {
                         let Some(rollout) = rollouts.get_mut(&name) else {
                             return Ok((config.clone(), Vec::new()));
                         };
@@ -658,7 +812,13 @@ impl Server {
                                     now,
                                 )
                             })
-                            .or_else(|| rollout.advance(now));
+                            .or_else(|| {
+                                if steps_wait {
+                                    None
+                                } else {
+                                    rollout.advance(now)
+                                }
+                            });
                         match action {
                             Some(action) => carry_out(config, rollout, &action),
                             None => Ok((config.clone(), Vec::new())),
@@ -670,10 +830,15 @@ impl Server {
                         let rollout = lock(&self.rollouts).get(&name).cloned();
                         if let Some(r) = rollout {
                             eprintln!(
-                                "canaryctl: rollout {}: {} (version {}): {}",
+                                "canaryctl: rollout {}: {} (version {}{}): {}",
                                 r.plan.rollout,
                                 r.phase.label(),
                                 outcome.version,
+                                if outcome.durable {
+                                    ""
+                                } else {
+                                    ", pushed, NOT saved"
+                                },
                                 r.history.last().map(|e| e.what.as_str()).unwrap_or("")
                             );
                         }
@@ -706,13 +871,13 @@ impl Server {
                 let refresh = seconds % 60 == 0 && fleet.any_connected();
                 fleet.take_dirty() || refresh
             };
-            if save {
+            // A state that could not be saved is retried each second, whatever else happened.
+            if save || self.unsaved().is_some() {
                 let _guard = self.write_lock.lock().await;
                 let known = self.fleet().known(now);
                 let rollouts = self.rollouts();
-                if let Err(err) = self.state_file.save(&self.desired(), &known, &rollouts) {
-                    eprintln!("canaryctl: cannot save the fleet: {err}");
-                }
+                // A failure is logged and shown by persist.
+                let _ = self.persist(&self.desired(), &known, &rollouts);
             }
         }
     }
@@ -884,4 +1049,113 @@ pub fn carry_out(
         changes.push(format!("rolled back: {why}"));
     }
     Ok((next, changes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(state: &std::path::Path, percent: &str) -> Server {
+        let json = format!(
+            r#"{{"rollouts":[{{"name":"web","stable":"v1","canaries":[{{"version":"v2","percent":{percent}}}]}}]}}"#
+        );
+        let saved = Saved {
+            desired: Desired {
+                version: 5,
+                updated_at_unix: 1,
+                config: crate::state::parse_config(json.as_bytes()).unwrap(),
+            },
+            fleet: Vec::new(),
+            rollouts: Vec::new(),
+        };
+        Server::new(
+            FilterSettings {
+                name: "canary-router".to_string(),
+                artifact: Artifact::Wasm("x.wasm".to_string()),
+            },
+            StateFile::new(state),
+            saved,
+            FleetSettings {
+                window: Duration::from_secs(60),
+                forget_after: Duration::from_secs(3600),
+                reconnect_grace: Duration::from_secs(5),
+            },
+            None,
+            None,
+        )
+    }
+
+    fn set(
+        percent: &'static str,
+    ) -> impl FnOnce(
+        &RawConfig,
+        &mut BTreeMap<String, Rollout>,
+    ) -> Result<(RawConfig, Changes), StateError> {
+        move |config, _| {
+            crate::state::set_percents(config, "web", &[("v2".to_string(), percent.to_string())])
+        }
+    }
+
+    #[tokio::test]
+    async fn unsaved_a_rollback_is_pushed_and_said_not_durable_and_more_canary_traffic_is_refused()
+    {
+        let dir = std::env::temp_dir().join(format!("canaryctl-unsaved-{}", std::process::id()));
+        // Its directory does not exist: every save fails, as on a full or read-only disk.
+        let server = server(&dir.join("missing").join("state.json"), "20");
+        let mut pushed = server.subscribe();
+        let outcome = server.change(Writer::Operator, set("0")).await.unwrap();
+        assert!(outcome.changed && !outcome.durable, "{outcome:?}");
+        assert!(outcome
+            .warning
+            .unwrap()
+            .starts_with("state not saved since "));
+        assert!(pushed.has_changed().unwrap());
+        assert_eq!(pushed.borrow_and_update().version, 6);
+        assert!(server.unsaved().is_some());
+        assert_eq!(Metrics::get(&server.metrics.save_failures), 1);
+
+        let refused = server.change(Writer::Operator, set("1")).await.unwrap_err();
+        assert!(matches!(refused, StateError::Unsaved(_)), "{refused:?}");
+        assert!(refused
+            .to_string()
+            .contains("refused a change that may add canary traffic"));
+        assert_eq!(server.desired().version, 6);
+        assert!(!pushed.has_changed().unwrap());
+
+        // Saveable again (the directory appears): the next write saves, and the run of failures ends.
+        std::fs::create_dir_all(dir.join("missing")).unwrap();
+        let outcome = server.change(Writer::Operator, set("1")).await.unwrap();
+        assert!(outcome.durable && outcome.version == 7, "{outcome:?}");
+        assert!(server.unsaved().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_fleet_ahead_of_the_state_holds_until_an_operator_writes_past_its_version() {
+        let dir = std::env::temp_dir().join(format!("canaryctl-ahead-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let server = server(&dir.join("state.json"), "20");
+        assert!(!server.subscribed_at("front-1", "edge", Some(5)));
+        assert!(!server.subscribed_at("front-1", "edge", None));
+        assert!(server.subscribed_at("front-1", "edge", Some(9)));
+        assert!(server.holding());
+        // A rollout's own tick does not end it.
+        let outcome = server
+            .change(Writer::Rollout, |config, _| {
+                Ok((config.clone(), Vec::new()))
+            })
+            .await
+            .unwrap();
+        assert!(!outcome.changed);
+        assert!(server.holding());
+        // An operator's write, even one that changes nothing, is pushed past the fleet's version.
+        let outcome = server.change(Writer::Operator, set("20")).await.unwrap();
+        assert!(outcome.changed && outcome.version == 10, "{outcome:?}");
+        assert_eq!(
+            outcome.changes,
+            ["the state's config pushed as version 10 (the fleet served version 9)"]
+        );
+        assert!(!server.holding());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

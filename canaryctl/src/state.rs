@@ -35,6 +35,8 @@ pub enum StateError {
     Edit(String),
     /// The state file could not be read or written, or is not a state file.
     Io(String),
+    /// The state cannot be saved, and the change would add canary traffic: refused until it can.
+    Unsaved(String),
     /// The state file is fine but the config it holds is refused by this build's validation (saved by an
     /// older canaryctl, or edited by hand): reported as that, with the way to recover.
     SavedConfigRefused {
@@ -48,7 +50,9 @@ impl fmt::Display for StateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StateError::Invalid(msg) => write!(f, "invalid config: {msg}"),
-            StateError::Edit(msg) | StateError::Io(msg) => f.write_str(msg),
+            StateError::Edit(msg) | StateError::Io(msg) | StateError::Unsaved(msg) => {
+                f.write_str(msg)
+            }
             StateError::SavedConfigRefused {
                 path,
                 version,
@@ -189,6 +193,7 @@ impl StateFile {
         config.validate().map_err(|err| refused(err.to_string()))?;
         let mut rollouts = loaded.rollouts;
         for rollout in &mut rollouts {
+            rollout.findings.number_legacy();
             if let Some(line) = rollout.recover_non_finite(now_unix()) {
                 eprintln!("canaryctl: {}: {line}", self.shown());
             }

@@ -169,6 +169,7 @@ async fn serve_stream(
     // The nonce and version of our last response, until the Envoy answers it.
     let mut pending: Option<(String, u64)> = None;
     let mut subscribed = false;
+    let mut node_name = (String::new(), String::new());
     loop {
         let push = tokio::select! {
             message = inbound.message() => {
@@ -183,6 +184,7 @@ async fn serve_stream(
                         .as_ref()
                         .and_then(|identity| identity.granting_uri(&node.id, &node.cluster));
                     server.identify(stream, &node.id, &node.cluster, certificate);
+                    node_name = (node.id.clone(), node.cluster.clone());
                     identified = true;
                 }
                 if request.type_url != TYPED_EXTENSION_CONFIG {
@@ -191,9 +193,12 @@ async fn serve_stream(
                 let wants_ours = request.resource_names.is_empty()
                     || request.resource_names.contains(&server.filter.name);
                 if request.response_nonce.is_empty() {
-                    // A new subscription (or a resubscription after a reconnect): always answered.
+                    // A new subscription (or a resubscription after a reconnect, naming the version the Envoy
+                    // serves): answered, unless that version is newer than the state's and pushes hold.
                     subscribed = wants_ours;
-                    subscribed
+                    let serving = request.version_info.parse::<u64>().ok();
+                    let holding = subscribed && server.subscribed_at(&node_name.0, &node_name.1, serving);
+                    subscribed && !holding
                 } else {
                     if let Some((_, version)) = pending.take_if(|(nonce, _)| *nonce == request.response_nonce) {
                         match &request.error_detail {
@@ -203,14 +208,15 @@ async fn serve_stream(
                     }
                     let was = subscribed;
                     subscribed = wants_ours;
-                    subscribed && !was
+                    subscribed && !was && !server.holding()
                 }
             }
             changed = desired.changed(), if subscribed => {
                 if changed.is_err() {
                     return;
                 }
-                true
+                // A hold ends with an operator's write, which is a new version: this branch pushes it.
+                !server.holding()
             }
         };
         if push {

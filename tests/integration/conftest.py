@@ -111,10 +111,10 @@ def canaryctl(processes):
     """canaryctl(init_config, token=None, wasm_path=WASM, native_module=None) -> a started `canaryctl serve`."""
 
     def start(init_config=None, token=None, wasm_path=WASM, workdir=None, native_module=None, extra_args=None,
-              tls=None):
+              tls=None, state_fs_bytes=None):
         server = lab.Canaryctl(workdir or tempfile.mkdtemp(prefix="canaryctl-test-"), wasm_path=wasm_path,
                                init_config=init_config, token=token, native_module=native_module,
-                               extra_args=extra_args, tls=tls)
+                               extra_args=extra_args, tls=tls, state_fs_bytes=state_fs_bytes)
         processes.append(server)
         return server.start()
 

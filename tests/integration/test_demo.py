@@ -35,12 +35,12 @@ def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout
     rolled_back = re.findall(r"   rolled back: (.*)", out)
     assert len(rolled_back) == 2, out
     assert re.match(r"(errors [\d.]+% on v2 vs [\d.]+% on v1|latency: [\d.]+% of v2 requests slower than .* vs [\d.]+% "
-                    r"of v1|finding new on v2: attempt GET / 503) .*evidence \S+ ≥ (100|3200) ", rolled_back[0]), out
+                    r"of v1|finding new on v2: attempt GET / 503) .*evidence \S+ ≥ \d+ ", rolled_back[0]), out
     # 2: the v2 that breaks only POST /checkout (0.5 % of its requests) is rolled back, by that signature or by its
     # errors (each step waits for complete evidence, so the error test may reach its threshold first), and the
     # signature is found `new`, while the search errors both versions share stay known.
     assert re.match(r"(finding new on v2: (request|attempt) POST /checkout/\{n\} 500 \d+ vs 0 on v1|"
-                    r"errors [\d.]+% on v2 vs [\d.]+% on v1) .*evidence \S+ ≥ (3200|100) ", rolled_back[1]), out
+                    r"errors [\d.]+% on v2 vs [\d.]+% on v1) .*evidence \S+ ≥ \d+ ", rolled_back[1]), out
     assert re.search(r"new\b.*? \d+ \([\d.]+%\) +0 \(0\.00%\) .* (request|attempt) POST /checkout/\{n\} 500", out), out
     assert re.search(r"known .* (request|attempt) GET /search 500", out), out
     # 3: the fixed v2 promoted.

@@ -8,7 +8,10 @@ promoted, on evidence that does not cover it.
   named; a rollback it cannot apply is reported by
   `rollout status --watch` with exit 3, naming it, until it applies it.
 - No number breaks it: a load report of 2^64-1 is refused and counted, the evidence stays finite and the state
-  restarts; a state file that holds a non-finite number (an older release's) is recovered with a clear line."""
+  restarts; a state file that holds a non-finite number (an older release's) is recovered with a clear line.
+- A rollback always lands: with the state on a full filesystem, a failing canary is rolled back as fast as
+  ever, the state is saved once space returns, and a restart from the older state holds the fleet where it is
+  until an operator writes."""
 
 import json
 import os
@@ -21,6 +24,7 @@ import urllib.request
 import pytest
 
 from harness import Relay, Traffic
+import lab
 from lab import eventually, free_port
 from test_rollout import ADS, config, counter, rollout, start
 
@@ -217,3 +221,91 @@ def test_a_state_file_holding_a_non_finite_number_is_recovered_with_a_clear_line
     assert "its errors evidence was not a finite number in the state file, and starts over" in r["reason"], r["reason"]
     assert "rollout web: its errors evidence was not a finite number" in server.log()
     assert r["evidence"]["errors"]["e_value"] == 1.0
+
+
+def v2_served_while(traffic, seconds: float) -> tuple[int, int]:
+    """Requests served by v2 and by v1 over the next `seconds` of traffic."""
+    _, before = traffic.snapshot()
+    time.sleep(seconds)
+    _, after = traffic.snapshot()
+    return after["v2"] - before["v2"], after["v1"] - before["v1"]
+
+
+def test_a_full_disk_never_keeps_users_on_a_failing_canary_and_a_restart_from_the_older_state_holds(
+        start_envoy, canaryctl, upstreams, processes):
+    server = canaryctl(config(), state_fs_bytes=1 << 20)
+    envoy = start_envoy(ADS, xds_port=server.xds_port, node_id="front-1")
+    connected(server, 1)
+    on_disk = server.state_fs("canaryctl-state.json")
+    with Traffic(envoy, clients=3) as traffic:
+        start(server, "--steps", "20,100", "--hold", "10m", "--min-canary-requests", "50")
+        eventually(lambda: rollout(server)["step_canary_requests"] >= 100, deadline_s=30, interval_s=0.2,
+                   what="the first step under way")
+        step_version = server.wait_envoys(1)["desired"]["version"]
+        # The state's filesystem fills up, and the canary begins to fail.
+        server.fill_state_fs()
+        failing = time.monotonic()
+        upstreams["v2"].fail_rate = 0.2
+        done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=60,
+                          interval_s=0.1, what="a verdict with the disk full")
+        assert done["phase"] == "rolled_back", (done["phase"], done["reason"])
+        back = server.status()["desired"]["version"]
+        server.wait_envoys(1, version=back)
+        took = time.monotonic() - failing
+        v2, v1 = v2_served_while(traffic, 2)
+        assert v2 == 0 and v1 > 0, (v2, v1)
+        # Said everywhere: the status, the CLI, /metrics, the log.
+        state = server.status()["state"]
+        assert state["saved"] is False and "No space left on device" in state["reason"], state
+        shown = server.run("status")
+        assert "state not saved since" in shown.stdout and "No space left on device" in shown.stdout, shown.stdout
+        assert counter(server, "canaryctl_state_saved") == 0
+        assert counter(server, "canaryctl_state_save_failures_total") >= 1
+        assert re.search(r"rollout web: rolled_back \(version \d+, pushed, NOT saved\)", server.log()), server.log()
+        # What would add canary traffic is refused while unsaved, naming why.
+        refused = server.run("rollout", "start", "web", "--canary", "v2", "--steps", "50", "--stable-cluster",
+                             "app-v1", "--canary-cluster", "app-v2")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "state not saved since" in refused.stderr and "cannot start a rollout" in refused.stderr, refused.stderr
+        # The file still holds the step: a restart now would start from it.
+        older = open(on_disk, "rb").read()
+        assert json.loads(older)["version"] == step_version
+        # Space returns: saved within a few seconds, with the rollback.
+        server.free_state_fs()
+        eventually(lambda: server.status()["state"]["saved"], deadline_s=5, interval_s=0.1, what="the state saved")
+        saved = json.load(open(on_disk))
+        assert saved["version"] == back and saved["rollouts"][0]["phase"] == "rolled_back", saved["version"]
+        assert "state saved again" in server.log()
+        assert counter(server, "canaryctl_state_saved") == 1
+
+        # canaryctl restarts from the older state (as if it had died before the disk came back): the Envoy
+        # says it serves version `back`, newer than the state's, so nothing is pushed and nothing moves.
+        server.stop()
+        with open(server.state_path.replace(server.state_dir, server.workdir), "wb") as f:
+            f.write(older)
+        restarted = lab.Canaryctl(server.workdir, xds_port=server.xds_port, admin_port=server.admin_port)
+        processes.append(restarted)
+        restarted.start()
+        hold = eventually(lambda: restarted.status()["hold"], deadline_s=30, interval_s=0.1,
+                          what="the hold on a fleet ahead of the state")
+        assert (hold["fleet_version"], hold["state_version"], hold["node_id"]) == (back, step_version, "front-1"), hold
+        v2, v1 = v2_served_while(traffic, 3)
+        assert v2 == 0 and v1 > 0, (v2, v1)
+        held = rollout(restarted)
+        assert held["phase"] == "progressing" and held["held"].startswith("holding: "), held.get("held")
+        shown = restarted.run("status")
+        assert 'holding: Envoy "front-1" (edge) serves version' in shown.stdout, shown.stdout
+        assert counter(restarted, "canaryctl_fleet_ahead") == 1
+        assert "holding: " in restarted.log()
+        # The operator's word: a rollback, saved and pushed past the fleet's version; the hold ends.
+        word = restarted.run("rollout", "abort", "web")
+        assert word.returncode == 0, word.stdout + word.stderr
+        now = restarted.wait_envoys(1)["desired"]["version"]
+        assert now > back, (now, back)
+        assert restarted.status()["hold"] is None
+        assert counter(restarted, "canaryctl_fleet_ahead") == 0
+        v2, _ = v2_served_while(traffic, 1)
+        assert v2 == 0
+    statuses, _ = traffic.snapshot()
+    assert set(statuses) == {200}, statuses
+    print(f"full disk: rolled back and applied {took:.1f} s after the canary began failing")
