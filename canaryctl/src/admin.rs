@@ -767,11 +767,18 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
     metric(
         "canaryctl_reports_refused_total",
         "counter",
-        "Load reports and stats readings refused, by reason (implausible: beyond serve --max-report-rate).",
-        &[(
-            "{reason=\"implausible\"}".to_string(),
-            Metrics::get(&m.reports_implausible),
-        )],
+        "Reports refused, by reason (implausible: beyond serve --max-report-rate; no_ads_subscription: its node \
+         holds no ADS stream under the same node id and cluster).",
+        &[
+            (
+                "{reason=\"implausible\"}".to_string(),
+                Metrics::get(&m.reports_implausible),
+            ),
+            (
+                "{reason=\"no_ads_subscription\"}".to_string(),
+                Metrics::get(&m.reports_unsubscribed),
+            ),
+        ],
     );
     let durability = server.durability();
     metric(

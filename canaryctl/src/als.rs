@@ -159,6 +159,7 @@ impl AccessLogService for Als {
         let mut inbound = request.into_inner();
         let mut identified = false;
         let mut log = None;
+        let (mut node_id, mut cluster) = (String::new(), String::new());
         while let Some(message) = inbound.message().await? {
             // The first message names the node and the log; the later ones do not.
             let node = message.identifier.as_ref().and_then(|i| i.node.as_ref());
@@ -166,17 +167,30 @@ impl AccessLogService for Als {
                 authorise(&self.server, &peer, node, identified)?;
                 identified = true;
             }
+            if let Some(node) = node {
+                node_id.clone_from(&node.id);
+                cluster.clone_from(&node.cluster);
+            }
             if let Some(identifier) = &message.identifier {
                 log = origin_of_log(&identifier.log_name);
             }
             let Some(LogEntries::HttpLogs(logs)) = &message.log_entries else {
                 continue;
             };
+            if !self
+                .server
+                .admit_report(peer.addr, &node_id, &cluster, "an access log")
+            {
+                continue;
+            }
             for entry in &logs.log_entry {
                 Metrics::bump(&self.server.metrics.access_log_entries);
-                if let Some((cluster, signature, seen)) = failure_of(entry, log) {
-                    self.server
-                        .report_failure(Owner::Cluster(cluster), signature, seen);
+                if let Some((upstream, signature, seen)) = failure_of(entry, log) {
+                    let owner = Owner::Cluster {
+                        node: node_id.clone(),
+                        cluster: upstream,
+                    };
+                    self.server.report_failure(owner, signature, seen);
                 }
             }
         }

@@ -153,6 +153,21 @@ impl Fleet {
         std::mem::take(&mut self.dirty)
     }
 
+    /// Whether `node_id` holds an ADS stream as a node of `cluster` (a report must come from such a node).
+    pub fn subscribed(&self, node_id: &str, cluster: &str) -> bool {
+        self.envoys
+            .get(node_id)
+            .is_some_and(|e| e.streams > 0 && e.cluster == cluster)
+    }
+
+    /// The cluster the fleet knows `node_id` under, if it knows it.
+    pub fn cluster_of(&self, node_id: &str) -> Option<&str> {
+        self.envoys
+            .get(node_id)
+            .map(|e| e.cluster.as_str())
+            .filter(|c| !c.is_empty())
+    }
+
     /// True when some Envoy is connected (its last-seen time moves with the clock).
     pub fn any_connected(&self) -> bool {
         self.envoys.values().any(|e| e.streams > 0)

@@ -78,6 +78,7 @@ impl LoadReportingService for Lrs {
         let server = self.server.clone();
         tokio::spawn(async move {
             let mut node: Option<String> = None;
+            let mut cluster = String::new();
             while let Ok(Some(report)) = inbound.message().await {
                 if let Err(status) = authorise(&server, &peer, report.node.as_ref(), node.is_some())
                 {
@@ -90,6 +91,11 @@ impl LoadReportingService for Lrs {
                         .as_ref()
                         .map(|n| n.id.clone())
                         .unwrap_or_else(|| peer.addr.map(|a| a.to_string()).unwrap_or_default());
+                    cluster = report
+                        .node
+                        .as_ref()
+                        .map(|n| n.cluster.clone())
+                        .unwrap_or_default();
                     server.stream_opened(&id, StreamKind::Load);
                     node = Some(id);
                     let ask = LoadStatsResponse {
@@ -108,6 +114,9 @@ impl LoadReportingService for Lrs {
                 }
                 Metrics::bump(&server.metrics.load_reports);
                 let id = node.as_deref().unwrap_or_default();
+                if !server.admit_report(peer.addr, id, &cluster, "a load report") {
+                    continue;
+                }
                 let counts = match plausible(&report, server.max_report_rate) {
                     Ok(counts) => counts,
                     Err(what) => {

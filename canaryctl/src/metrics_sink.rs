@@ -128,7 +128,7 @@ fn value_of(metric: &Metric, kind: Option<MetricType>) -> Option<u64> {
 /// Where a flush's readings go: the server, or a simulation's collector.
 pub trait FlushReport {
     /// One Envoy's latency for a cluster in one flush interval.
-    fn latency(&self, cluster: &str, histogram: &Histogram);
+    fn latency(&self, node: &str, cluster: &str, histogram: &Histogram);
     /// One Envoy's current hosts of a cluster.
     fn hosts(&self, node: &str, cluster: &str, healthy: u64, total: u64);
     /// Requests one Envoy's filter sent to a rollout's version since its previous flush.
@@ -142,8 +142,8 @@ pub trait FlushReport {
 }
 
 impl FlushReport for Server {
-    fn latency(&self, cluster: &str, histogram: &Histogram) {
-        self.report_latency(cluster, histogram);
+    fn latency(&self, node: &str, cluster: &str, histogram: &Histogram) {
+        self.report_latency(node, cluster, histogram);
     }
     fn hosts(&self, node: &str, cluster: &str, healthy: u64, total: u64) {
         self.report_hosts(node, cluster, healthy, total);
@@ -201,7 +201,7 @@ pub fn read_flush(
                             );
                             continue;
                         }
-                        server.latency(&cluster, &h);
+                        server.latency(node, &cluster, &h);
                     }
                 }
                 Reading::Healthy { cluster } => {
@@ -257,6 +257,7 @@ impl MetricsService for Sink {
         let peer = Peer::of(&request);
         let mut inbound = request.into_inner();
         let mut node: Option<String> = None;
+        let mut cluster = String::new();
         let mut state = StreamState::default();
         let result = async {
             while let Some(message) = inbound.message().await? {
@@ -267,10 +268,18 @@ impl MetricsService for Sink {
                     let id = sent
                         .map(|n| n.id.clone())
                         .unwrap_or_else(|| peer.addr.map(|a| a.to_string()).unwrap_or_default());
+                    cluster = sent.map(|n| n.cluster.clone()).unwrap_or_default();
                     self.server.stream_opened(&id, StreamKind::Stats);
                     node = Some(id);
                 }
                 Metrics::bump(&self.server.metrics.stats_flushes);
+                let id = node.as_deref().unwrap_or_default();
+                if !self
+                    .server
+                    .admit_report(peer.addr, id, &cluster, "a stats flush")
+                {
+                    continue;
+                }
                 self.server
                     .reported(node.as_deref().unwrap_or_default(), StreamKind::Stats);
                 self.server.metrics.last_stats_unix.store(
@@ -432,7 +441,7 @@ mod tests {
     struct Collector(std::cell::RefCell<std::collections::BTreeMap<String, Histogram>>);
 
     impl FlushReport for Collector {
-        fn latency(&self, cluster: &str, histogram: &Histogram) {
+        fn latency(&self, _node: &str, cluster: &str, histogram: &Histogram) {
             if histogram.count > 0 {
                 self.0
                     .borrow_mut()
@@ -571,7 +580,7 @@ mod tests {
                                     let now = histogram_of(&family.metric[0]).unwrap();
                                     let since = as_if_cumulative(&now, envoy.previous[i].as_ref());
                                     let cluster = if i == 0 { "app-v1" } else { "app-v2-or-v1" };
-                                    collector.latency(cluster, &since);
+                                    collector.latency("front-1", cluster, &since);
                                     envoy.previous[i] = Some(now);
                                 }
                             } else {

@@ -1,7 +1,7 @@
 //! What `canaryctl serve` holds: the desired state (durable, broadcast to every xDS stream), the fleet of
 //! Envoys it has seen with what each applied or refused (durable too), and counters for `/metrics`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -62,6 +62,8 @@ pub struct Metrics {
     pub reports_implausible: AtomicU64,
     /// Saves of the state file that failed.
     pub save_failures: AtomicU64,
+    /// Reports refused because their node holds no ADS stream under the same identity.
+    pub reports_unsubscribed: AtomicU64,
 }
 
 /// The default bound on what one Envoy may report for one cluster: requests per second. Far beyond any one
@@ -72,7 +74,8 @@ pub const DEFAULT_MAX_REPORT_RATE: u64 = 1_000_000;
 /// line, for one rollout or for any rollout with that version).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Owner {
-    Cluster(String),
+    /// An upstream cluster's, as one Envoy (node id) logged it.
+    Cluster { node: String, cluster: String },
     Version {
         rollout: Option<String>,
         version: String,
@@ -150,19 +153,20 @@ pub struct Server {
     refused: Mutex<RefusedPeers>,
     /// Progressive rollouts by rollout name (the latest of each, finished ones kept for `rollout status`).
     rollouts: Mutex<BTreeMap<String, Rollout>>,
-    /// Requests and errors per upstream cluster from the Envoys' load reports, since the last analysis tick.
-    load: Mutex<BTreeMap<String, Load>>,
-    /// Latency per cluster from the Envoys' stats streams, since the last analysis tick.
-    latency: Mutex<BTreeMap<String, Histogram>>,
+    /// Requests and errors per Envoy and upstream cluster from the load reports, since the last analysis tick
+    /// (by Envoy: a rollout counts only its fleet's).
+    load: Mutex<BTreeMap<(String, String), Load>>,
+    /// Latency per Envoy and cluster from the stats streams, since the last analysis tick.
+    latency: Mutex<BTreeMap<(String, String), Histogram>>,
     /// Failures by owner and signature (access logs, application logs), since the last analysis tick.
     failures: Mutex<Failures>,
     /// Each Envoy's latest host gauges per cluster, and when they came: (node, cluster) → hosts.
     hosts: Mutex<BTreeMap<(String, String), (Hosts, u64)>>,
     /// Requests the filter sent to each (rollout, version) since the last tick, from Envoys that also stream
     /// their load (so the canary's hosts' load can be held against it).
-    routed: Mutex<BTreeMap<(String, String), u64>>,
-    /// Requests per upstream cluster since the last tick from Envoys that also stream their stats.
-    load_paired: Mutex<BTreeMap<String, u64>>,
+    routed: Mutex<BTreeMap<(String, String, String), u64>>,
+    /// Requests per Envoy and upstream cluster since the last tick from Envoys that also stream their stats.
+    load_paired: Mutex<BTreeMap<(String, String), u64>>,
     /// Open load and stats streams per node.
     streams: Mutex<BTreeMap<String, [u32; 2]>>,
     /// When each node last sent a load report and a stats flush.
@@ -268,6 +272,7 @@ impl Server {
     pub fn refuse_report(&self, node: &str, what: String) {
         Metrics::bump(&self.metrics.reports_implausible);
         let now = now_unix();
+        let node = &cut(node);
         let mut logged = lock(&self.refused_logged);
         // Node ids are the peer's word: however many it claims, only the last minute's are remembered.
         if logged.len() >= 1024 {
@@ -328,27 +333,32 @@ impl Server {
     async fn inputs(
         &self,
         rollout: &Rollout,
-        load: &BTreeMap<String, Load>,
-        latency: &BTreeMap<String, Histogram>,
-        routed: &BTreeMap<(String, String), u64>,
-        load_paired: &BTreeMap<String, u64>,
+        load: &BTreeMap<(String, String), Load>,
+        latency: &BTreeMap<(String, String), Histogram>,
+        routed: &BTreeMap<(String, String, String), u64>,
+        load_paired: &BTreeMap<(String, String), u64>,
     ) -> Inputs {
         let plan = &rollout.plan;
         let canary_route = plan.canary_latency_cluster();
+        let fleet = &rollout.fleet;
         match plan.evidence {
             Source::Envoy => Inputs {
                 tick: tick_of(load, rollout),
                 latency: either_reported(
-                    latency.get(&plan.stable_cluster),
-                    latency.get(canary_route),
+                    of_fleet(latency, fleet, &plan.stable_cluster).as_ref(),
+                    of_fleet(latency, fleet, canary_route).as_ref(),
                 ),
                 availability: Availability {
-                    canary: self.fresh_hosts(&plan.canary_cluster),
-                    stable: self.fresh_hosts(&plan.stable_cluster),
+                    canary: self.fresh_hosts(&plan.canary_cluster, fleet),
+                    stable: self.fresh_hosts(&plan.stable_cluster, fleet),
                     routed: routed
-                        .get(&(plan.rollout.clone(), plan.canary.clone()))
-                        .copied(),
-                    served: load_paired.get(&plan.canary_cluster).copied(),
+                        .iter()
+                        .filter(|((node, r, v), _)| {
+                            fleet.contains(node) && *r == plan.rollout && *v == plan.canary
+                        })
+                        .map(|(_, n)| *n)
+                        .reduce(u64::saturating_add),
+                    served: of_fleet(load_paired, fleet, &plan.canary_cluster),
                 },
                 missing: Vec::new(),
             },
@@ -593,13 +603,17 @@ impl Server {
     pub fn report_load(&self, node: &str, cluster: &str, requests: u64, errors: u64) {
         {
             let mut load = lock(&self.load);
-            let entry = load.entry(cluster.to_string()).or_default();
+            let entry = load
+                .entry((node.to_string(), cluster.to_string()))
+                .or_default();
             entry.requests = entry.requests.saturating_add(requests);
             entry.errors = entry.errors.saturating_add(errors);
         }
         if self.streaming(node, StreamKind::Stats) {
             let mut paired = lock(&self.load_paired);
-            let entry = paired.entry(cluster.to_string()).or_default();
+            let entry = paired
+                .entry((node.to_string(), cluster.to_string()))
+                .or_default();
             *entry = entry.saturating_add(requests);
         }
     }
@@ -655,13 +669,13 @@ impl Server {
     }
 
     /// The hosts of `cluster` as each Envoy that streamed its stats in the last [`HOSTS_FRESH_S`] sees them.
-    fn fresh_hosts(&self, cluster: &str) -> Vec<Hosts> {
+    fn fresh_hosts(&self, cluster: &str, fleet: &BTreeSet<String>) -> Vec<Hosts> {
         let now = now_unix();
         let mut hosts = lock(&self.hosts);
         hosts.retain(|_, (_, at)| now.saturating_sub(*at) <= HOSTS_FRESH_S);
         hosts
             .iter()
-            .filter(|((_, c), _)| c == cluster)
+            .filter(|((node, c), _)| c == cluster && fleet.contains(node))
             .map(|(_, (h, _))| *h)
             .collect()
     }
@@ -674,7 +688,7 @@ impl Server {
         }
         let mut routed = lock(&self.routed);
         let entry = routed
-            .entry((rollout.to_string(), version.to_string()))
+            .entry((node.to_string(), rollout.to_string(), version.to_string()))
             .or_default();
         *entry = entry.saturating_add(requests);
     }
@@ -684,7 +698,7 @@ impl Server {
     pub fn report_failure(&self, owner: Owner, signature: Signature, seen: String) {
         // Names beyond the filter's bound are no version or cluster of a rollout: bytes, not keys, bound memory.
         let name_bytes = match &owner {
-            Owner::Cluster(cluster) => cluster.len(),
+            Owner::Cluster { node, cluster } => cluster.len().max(node.len()),
             Owner::Version { rollout, version } => {
                 version.len().max(rollout.as_deref().map_or(0, str::len))
             }
@@ -708,12 +722,12 @@ impl Server {
     }
 
     /// Adds one Envoy's latency since its previous stats flush, for a cluster.
-    pub fn report_latency(&self, cluster: &str, histogram: &Histogram) {
+    pub fn report_latency(&self, node: &str, cluster: &str, histogram: &Histogram) {
         if histogram.count == 0 {
             return;
         }
         lock(&self.latency)
-            .entry(cluster.to_string())
+            .entry((node.to_string(), cluster.to_string()))
             .or_default()
             .add(histogram);
         let now = now_unix();
@@ -807,7 +821,7 @@ impl Server {
                             })
                             .or_else(|| {
                                 rollout.observe_findings(
-                                    events_of(&failures, &rollout.plan),
+                                    events_of(&failures, rollout),
                                     inputs.tick,
                                     now,
                                 )
@@ -919,7 +933,7 @@ impl Server {
                 ip,
                 reason.label(),
                 message.clone(),
-                node_id.map(str::to_string),
+                node_id.map(cut),
                 now_unix(),
             )
         };
@@ -930,6 +944,39 @@ impl Server {
                 reason.label()
             );
         }
+    }
+
+    /// The cluster the fleet knows `node_id` under, if it knows it.
+    pub fn cluster_of(&self, node_id: &str) -> Option<String> {
+        self.fleet().cluster_of(node_id).map(str::to_string)
+    }
+
+    /// Whether a report (`what`: "a load report") of `node` as a node of `cluster` counts: only while that node
+    /// holds an ADS stream under the same node id and cluster. A refused one is counted and listed with the
+    /// refused peers.
+    pub fn admit_report(
+        &self,
+        peer: Option<SocketAddr>,
+        node: &str,
+        cluster: &str,
+        what: &str,
+    ) -> bool {
+        if self.fleet().subscribed(node, cluster) {
+            return true;
+        }
+        Metrics::bump(&self.metrics.reports_unsubscribed);
+        self.refuse(
+            peer,
+            Refused::NoAdsSubscription,
+            format!(
+                "{what} from node {} of cluster {}: no ADS stream holds that node and cluster, so it is not \
+                 evidence",
+                canary_router::text::quote(&cut(node)),
+                canary_router::text::quote(&cut(cluster))
+            ),
+            Some(node),
+        );
+        false
     }
 
     pub fn refused_peers(&self) -> Vec<RefusedPeer> {
@@ -970,6 +1017,11 @@ pub struct Load {
     pub errors: u64,
 }
 
+/// A name a peer sent, cut for the refused peers and the log (node ids are the peer's word).
+fn cut(name: &str) -> String {
+    canary_router::text::one_line(name, 128)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means a panic elsewhere; the data itself is still consistent.
     mutex
@@ -978,11 +1030,51 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// A rollout's analysis tick from the load of its two clusters; None when neither reported anything.
-fn tick_of(load: &BTreeMap<String, Load>, rollout: &Rollout) -> Option<Tick> {
-    let (stable, canary) = either_reported(
-        load.get(&rollout.plan.stable_cluster),
-        load.get(&rollout.plan.canary_cluster),
-    )?;
+/// What the Envoys of `fleet` reported for `cluster` this tick, summed; None when none of them did.
+fn of_fleet<T: Clone + Summed>(
+    by_envoy: &BTreeMap<(String, String), T>,
+    fleet: &BTreeSet<String>,
+    cluster: &str,
+) -> Option<T> {
+    by_envoy
+        .iter()
+        .filter(|((node, c), _)| c == cluster && fleet.contains(node))
+        .map(|(_, v)| v.clone())
+        .reduce(|mut sum, v| {
+            sum.sum(&v);
+            sum
+        })
+}
+
+/// What per-Envoy readings add up as.
+trait Summed {
+    fn sum(&mut self, other: &Self);
+}
+
+impl Summed for Load {
+    fn sum(&mut self, other: &Self) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
+    }
+}
+
+impl Summed for Histogram {
+    fn sum(&mut self, other: &Self) {
+        self.add(other);
+    }
+}
+
+impl Summed for u64 {
+    fn sum(&mut self, other: &Self) {
+        *self = self.saturating_add(*other);
+    }
+}
+
+/// A tick of a rollout: what its fleet's Envoys reported, and only theirs.
+fn tick_of(load: &BTreeMap<(String, String), Load>, rollout: &Rollout) -> Option<Tick> {
+    let stable = of_fleet(load, &rollout.fleet, &rollout.plan.stable_cluster);
+    let canary = of_fleet(load, &rollout.fleet, &rollout.plan.canary_cluster);
+    let (stable, canary) = either_reported(stable.as_ref(), canary.as_ref())?;
     Some(Tick {
         stable_requests: stable.requests,
         canary_requests: canary.requests,
@@ -994,12 +1086,15 @@ fn tick_of(load: &BTreeMap<String, Load>, rollout: &Rollout) -> Option<Tick> {
 /// A rollout's share of the failures since the last tick: per signature, stable's and the canary's. Envoy's
 /// entries belong to a version by cluster (the canary's route cluster counts as the canary's: its attempts go
 /// to the canary first), applications' lines by version name.
-fn events_of(failures: &Failures, plan: &crate::rollout::Plan) -> BTreeMap<Signature, Events> {
+fn events_of(failures: &Failures, rollout: &Rollout) -> BTreeMap<Signature, Events> {
+    let plan = &rollout.plan;
     let mut events: BTreeMap<Signature, Events> = BTreeMap::new();
     for ((owner, signature), seen) in failures {
         let canary = match owner {
-            Owner::Cluster(c) if *c == plan.stable_cluster => false,
-            Owner::Cluster(c)
+            // Envoy's access logs count only from the rollout's fleet.
+            Owner::Cluster { node, .. } if !rollout.fleet.contains(node) => continue,
+            Owner::Cluster { cluster: c, .. } if *c == plan.stable_cluster => false,
+            Owner::Cluster { cluster: c, .. }
                 if *c == plan.canary_cluster || Some(c) == plan.canary_route_cluster.as_ref() =>
             {
                 true
@@ -1157,5 +1252,86 @@ mod tests {
         );
         assert!(!server.holding());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_report_counts_only_from_a_node_with_an_ads_stream_of_the_same_cluster() {
+        let dir = std::env::temp_dir();
+        let server = server(&dir.join("canaryctl-unused-state.json"), "20");
+        assert!(!server.admit_report(None, "front-1", "edge", "a load report"));
+        let stream = server.connect(None);
+        server.identify(stream, "front-1", "edge", None);
+        assert!(server.admit_report(None, "front-1", "edge", "a load report"));
+        // The same node id under another cluster, and another node of the same cluster: not evidence.
+        assert!(!server.admit_report(None, "front-1", "batch", "a load report"));
+        assert!(!server.admit_report(None, "ghost", "edge", "a stats flush"));
+        assert_eq!(Metrics::get(&server.metrics.reports_unsubscribed), 3);
+        assert_eq!(server.refused_total(Refused::NoAdsSubscription), 3);
+        let listed = server.refused_peers();
+        assert!(listed.iter().any(|r| r.node_id.as_deref() == Some("ghost")));
+        assert_eq!(server.cluster_of("front-1").as_deref(), Some("edge"));
+        server.disconnect(stream);
+        assert!(!server.admit_report(None, "front-1", "edge", "a load report"));
+    }
+
+    #[test]
+    fn a_rollout_s_tick_and_findings_hold_only_its_fleet_s_reports() {
+        let (mut rollout, _) = Rollout::start(
+            crate::rollout::tests::plan("20,100"),
+            0,
+            Histogram::default(),
+        )
+        .unwrap();
+        rollout.fleet = BTreeSet::from(["front-1".to_string()]);
+        let key = |node: &str, cluster: &str| (node.to_string(), cluster.to_string());
+        let load = BTreeMap::from([
+            (
+                key("front-1", "app-v1"),
+                Load {
+                    requests: 800,
+                    errors: 0,
+                },
+            ),
+            (
+                key("front-1", "app-v2"),
+                Load {
+                    requests: 200,
+                    errors: 10,
+                },
+            ),
+            // Another fleet's Envoy, with the same upstream cluster names.
+            (
+                key("batch-1", "app-v2"),
+                Load {
+                    requests: 100_000,
+                    errors: 0,
+                },
+            ),
+        ]);
+        let tick = tick_of(&load, &rollout).unwrap();
+        assert_eq!(
+            (tick.stable_requests, tick.canary_requests, tick.canary_bad),
+            (800, 200, 10)
+        );
+        let failure = |node: &str, cluster: &str| {
+            (
+                (
+                    Owner::Cluster {
+                        node: node.to_string(),
+                        cluster: cluster.to_string(),
+                    },
+                    Signature::app("boom"),
+                ),
+                Seen {
+                    count: 3,
+                    example: String::new(),
+                },
+            )
+        };
+        let failures: Failures =
+            BTreeMap::from([failure("front-1", "app-v2"), failure("batch-1", "app-v1")]);
+        let events = events_of(&failures, &rollout);
+        let only = events.values().next().unwrap();
+        assert_eq!((only.stable, only.canary), (0, 3));
     }
 }

@@ -223,10 +223,16 @@ pub enum Refused {
     IdentityMismatch,
     /// A TLS stream whose first request names no node.
     NoNode,
+    /// With mTLS, a node id the fleet knows under another cluster: no certificate takes over another
+    /// cluster's node.
+    NodeOfAnotherCluster,
+    /// A report (load, stats, access log) from a node that holds no ADS stream under the same node id and
+    /// cluster: only the fleet's Envoys report.
+    NoAdsSubscription,
 }
 
 impl Refused {
-    pub const ALL: [Refused; 11] = [
+    pub const ALL: [Refused; 13] = [
         Refused::NotTls,
         Refused::TlsVersion,
         Refused::NoCertificate,
@@ -238,6 +244,8 @@ impl Refused {
         Refused::HandshakeFailed,
         Refused::IdentityMismatch,
         Refused::NoNode,
+        Refused::NodeOfAnotherCluster,
+        Refused::NoAdsSubscription,
     ];
 
     pub fn label(self) -> &'static str {
@@ -253,6 +261,8 @@ impl Refused {
             Refused::HandshakeFailed => "handshake_failed",
             Refused::IdentityMismatch => "identity_mismatch",
             Refused::NoNode => "no_node",
+            Refused::NodeOfAnotherCluster => "node_of_another_cluster",
+            Refused::NoAdsSubscription => "no_ads_subscription",
         }
     }
 }

@@ -125,7 +125,8 @@ impl AggregatedDiscoveryService for Ads {
 }
 
 /// With mTLS, whether this request may go on: the stream's node (named in its first request) must be one
-/// its certificate allows. A refused stream is ended with PERMISSION_DENIED before anything is sent.
+/// its certificate allows, and not a node id the fleet knows under another cluster (a node is its cluster and
+/// node id together). A refused stream is ended with PERMISSION_DENIED before anything is sent.
 pub fn authorise(
     server: &Server,
     peer: &Peer,
@@ -137,7 +138,20 @@ pub fn authorise(
     };
     let refused = match node {
         Some(node) => match identity.permits(&node.id, &node.cluster) {
-            Ok(()) => return Ok(()),
+            Ok(()) => match server.cluster_of(&node.id) {
+                Some(known) if *known != node.cluster => (
+                    Refused::NodeOfAnotherCluster,
+                    format!(
+                        "node {} is an Envoy of cluster {}, not {}: a certificate cannot take over another \
+                         cluster's node",
+                        canary_router::text::quote(&node.id),
+                        canary_router::text::quote(&known),
+                        canary_router::text::quote(&node.cluster)
+                    ),
+                    Some(node.id.as_str()),
+                ),
+                _ => return Ok(()),
+            },
             Err(mismatch) => (
                 Refused::IdentityMismatch,
                 mismatch.to_string(),

@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -197,6 +198,49 @@ def test_a_report_of_2_64_is_refused_and_counted_the_evidence_stays_finite_and_a
     assert rollout(server)["phase"] == "rolled_back"
     assert refused and refused.group(1) == "2", "both reports refused and counted"
     assert 'refused a report of "front-1": 18446744073709551615 requests of "app-v1" in 1s' in server.log()
+
+
+def test_a_report_from_a_node_without_an_ads_stream_is_refused_counted_listed_and_changes_no_verdict(
+        start_envoy, canaryctl, upstreams):
+    upstreams["v2"].fail_rate = 0.05
+    server = canaryctl(config())
+    envoy = start_envoy(ADS, xds_port=server.xds_port, node_id="front-1")
+    connected(server, 1)
+    stop = threading.Event()
+    sent = []
+
+    def flood():
+        # A local process (no mTLS on loopback) posing as an Envoy of the fleet's cluster, with no ADS stream:
+        # half a million successful canary requests a report.
+        while not stop.is_set():
+            forge(server, "ghost-1", "app-v2", 500_000)
+            sent.append(1)
+
+    with Traffic(envoy, clients=3):
+        forger = threading.Thread(target=flood, daemon=True)
+        forger.start()
+        try:
+            eventually(lambda: len(sent) >= 2, deadline_s=30, what="the forger under way")
+            start(server, "--steps", "20,100", "--hold", "30s", "--min-canary-requests", "50")
+            done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=60,
+                              interval_s=0.2, what="a verdict")
+        finally:
+            stop.set()
+            forger.join(timeout=10)
+    assert done["phase"] == "rolled_back" and "errors " in done["reason"], (done["phase"], done["reason"])
+    errors = done["evidence"]["errors"]
+    assert errors["canary_requests"] < upstreams["v2"].app_requests + 100, (errors, upstreams["v2"].app_requests)
+    refused = {r["reason"]: r for r in server.status()["refused"]}["no_ads_subscription"]
+    assert refused["node_id"] == "ghost-1" and refused["count"] >= 1, refused
+    assert refused["message"] == ('a load report from node "ghost-1" of cluster "edge": no ADS stream holds that '
+                                  'node and cluster, so it is not evidence'), refused
+    metrics = urllib.request.urlopen(f"{server.server}/metrics").read().decode()
+    counted = re.search(r'^canaryctl_reports_refused_total\{reason="no_ads_subscription"\} (\d+)$', metrics, re.M)
+    assert counted and int(counted.group(1)) >= 1, metrics
+    shown = server.run("status").stdout
+    assert "no_ads_subscription" in shown and "ghost-1" in shown, shown
+    # The real Envoy's own reports were never refused.
+    assert 'node "front-1"' not in json.dumps(server.status()["refused"])
 
 
 def test_a_state_file_holding_a_non_finite_number_is_recovered_with_a_clear_line(start_envoy, canaryctl):

@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 
 import lab
+from harness import Traffic, Upstream
 from lab import eventually
 
 sys.path.insert(0, os.path.join(lab.ROOT, "tools"))
@@ -76,6 +77,11 @@ def der_of(path: str) -> bytes:
 def metrics(server) -> str:
     with urllib.request.urlopen(f"{server.server}/metrics") as r:
         return r.read().decode()
+
+
+def metric(server, name: str) -> int:
+    """One sample of canaryctl's /metrics, by its name and labels as written."""
+    return int(next(line.split()[-1] for line in metrics(server).splitlines() if line.startswith(name + " ")))
 
 
 def share_v2(envoy, users: int = 100) -> float:
@@ -274,3 +280,49 @@ def test_serve_refuses_plaintext_xds_beyond_loopback_unless_told_and_names_bad_t
     no_ca = serve("--xds", "0.0.0.0:0", "--xds-tls-cert", tls["cert"], "--xds-tls-key", tls["key"],
                   "--xds-client-ca", tls["cert"] + ".missing")
     assert no_ca.returncode == 1 and f"--xds-client-ca {tls['cert']}.missing: " in no_ca.stderr, no_ca.stderr
+
+
+def test_only_the_rollout_s_fleet_is_evidence_and_no_certificate_takes_over_another_cluster_s_node(
+        start_envoy, canaryctl, upstreams, pki):
+    upstreams["v2"].fail_rate = 0.05
+    server = canaryctl(config(0), tls=server_tls(pki))
+    real = start_envoy(TLS_BOOTSTRAP, xds_port=server.xds_port, node_id="front-1",
+                       tls=envoy_tls(pki, *certs.issue_envoy(pki, "edge", "front-1")))
+    # A certificate for any node of cluster batch: another fleet's Envoy, with healthy upstreams of its own and
+    # the same upstream cluster names, and the same certificate claiming the edge Envoy's node id.
+    batch_cert = certs.issue_envoy(pki, "batch", name="batch")
+    healthy = {v: Upstream(v) for v in ("v1", "v2")}
+    try:
+        batch = start_envoy(TLS_BOOTSTRAP, xds_port=server.xds_port, node_id="batch-1", cluster="batch",
+                            tls=envoy_tls(pki, *batch_cert), upstream_ports={v: u.port for v, u in healthy.items()})
+        server.wait_envoys(2)
+        thief = start_envoy(TLS_BOOTSTRAP, xds_port=server.xds_port, node_id="front-1", cluster="batch",
+                            tls=envoy_tls(pki, *batch_cert), upstream_ports={v: u.port for v, u in healthy.items()})
+        claimed = eventually(lambda: {r["reason"]: r for r in server.status()["refused"]}.get("node_of_another_cluster"),
+                             deadline_s=30, what="the claim on front-1 refused")
+        assert claimed["node_id"] == "front-1" and claimed["message"] == (
+            'node "front-1" is an Envoy of cluster "edge", not "batch": a certificate cannot take over another '
+            "cluster's node"), claimed
+        rows = sorted((e["node_id"], e["cluster"], e["link"]) for e in server.status()["envoys"])
+        assert rows == [("batch-1", "batch", "connected"), ("front-1", "edge", "connected")], rows
+        assert thief.stats().get(f"{ECDS_STATS}.update_success", 0) == 0
+        with Traffic(real, clients=2), Traffic(batch, clients=6):
+            eventually(lambda: metric(server, "canaryctl_load_reports_total") >= 4, deadline_s=30,
+                       what="load reports")
+            result = server.run("rollout", "start", "web", "--canary", "v2", "--steps", "20,100", "--hold", "30s",
+                                "--min-canary-requests", "50", "--fleet-cluster", "edge", "--stable-cluster",
+                                "app-v1", "--canary-cluster", "app-v2", "--canary-route-cluster", "app-v2-or-v1",
+                                "--latency-tolerance", "100")
+            assert result.returncode == 0, result.stdout + result.stderr
+            done = eventually(lambda: (r := server.api("/v1/rollouts")["rollouts"][0])["phase"] != "progressing"
+                              and r, deadline_s=60, interval_s=0.2, what="a verdict")
+        # batch served three times the canary requests front-1 did, all healthy: none of them is evidence.
+        assert done["phase"] == "rolled_back" and "errors " in done["reason"], (done["phase"], done["reason"])
+        errors = done["evidence"]["errors"]
+        assert errors["canary_requests"] <= upstreams["v2"].app_requests, (errors, upstreams["v2"].app_requests)
+        assert healthy["v2"].app_requests > errors["canary_requests"], healthy["v2"].app_requests
+        assert sorted(done["fleet"]["clusters"]) == ["edge"], done["fleet"]
+        assert metric(server, 'canaryctl_xds_refused_total{reason="node_of_another_cluster"}') >= 1
+    finally:
+        for upstream in healthy.values():
+            upstream.close()
