@@ -292,11 +292,12 @@ def rollout_line(r: dict) -> str:
     # and the strongest error signature against its own.
     evidence = max([errors["e_value"]] + [c["e_value"] for c in r["latency"]["checks"]])
     signatures = r["findings"]["signatures"]
-    finding = max((s["e_value"] for s in signatures), default=1.0)
+    # Each signature has its own threshold (by its order of arrival): the one nearest it.
+    top = max(signatures, key=lambda s: s["e_value"] / s["threshold"], default=None)
+    finding = f"top {top['e_value']:.3g} (at {top['threshold']:.0f})" if top else "none yet"
     return (f"{r['phase']:<12} │ {r['step_name']:<16} │ v2 errors {errors['canary_errors']}/{errors['canary_requests']} "
             f"vs v1 {errors['stable_errors']}/{errors['stable_requests']} │ evidence {evidence:.3g} "
-            f"(rolls back at {errors['threshold']:.0f}) │ signatures {len(signatures)}, top {finding:.3g} "
-            f"(at {r['findings']['threshold']:.0f})")
+            f"(rolls back at {errors['threshold']:.0f}) │ signatures {len(signatures)}, {finding}")
 
 
 def release(control: lab.Canaryctl, users: "Users", hold: float, deadline_s: float = 180) -> dict:

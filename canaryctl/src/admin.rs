@@ -1369,7 +1369,13 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
     let fleet = crate::coverage::fleet_at_start(&req.fleet_clusters, &server.envoys());
     let (baseline, compare_latency) = match req.evidence {
         Source::Envoy => (
-            server.recent_latency(&req.stable_cluster),
+            server.recent_latency(
+                &req.stable_cluster,
+                fleet
+                    .as_ref()
+                    .map(|(_, members)| members.as_slice())
+                    .unwrap_or(&[]),
+            ),
             server.streams_stats(),
         ),
         Source::Prometheus => match prometheus_start(&server, &req).await {

@@ -468,16 +468,13 @@ impl Findings {
         self.arrivals = self.arrivals.max(self.signatures.len() as u64);
     }
 
-    /// The signature with the most evidence among those that roll back, each at its own α.
+    /// Among the signatures that roll back (each at its own α), the one furthest beyond its threshold.
     pub fn rollback_reason(&self, findings_alpha: f64) -> Option<&Finding> {
+        let margin = |f: &Finding| f.evidence.log_e_value() + f.alpha(findings_alpha).ln();
         self.signatures
             .iter()
             .filter(|f| f.rolls_back(f.alpha(findings_alpha)))
-            .max_by(|a, b| {
-                a.evidence
-                    .log_e_value()
-                    .total_cmp(&b.evidence.log_e_value())
-            })
+            .max_by(|a, b| margin(a).total_cmp(&margin(b)))
     }
 
     /// The signature nearest its threshold: its evidence and threshold (1 and the first signature's threshold

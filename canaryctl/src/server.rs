@@ -145,6 +145,8 @@ pub struct Server {
     desired: watch::Sender<Arc<Desired>>,
     /// Serialises writes of the state file, so two operators cannot both edit version N.
     write_lock: tokio::sync::Mutex<()>,
+    /// Nodes that reported without an ADS stream, since when (see [`Server::admit_report`]).
+    unsubscribed_since: Mutex<BTreeMap<String, u64>>,
     /// Whether the state file holds what is served; when not, since when and why.
     durability: Mutex<crate::durability::Durability>,
     /// An Envoy applied a newer version than the state's (found on restart): pushes are held.
@@ -171,8 +173,9 @@ pub struct Server {
     streams: Mutex<BTreeMap<String, [u32; 2]>>,
     /// When each node last sent a load report and a stats flush.
     last_reports: Mutex<LastReports>,
-    /// The latency of the last [`LATENCY_WINDOW_S`] seconds per cluster: a rollout's stable baseline.
-    recent_latency: Mutex<BTreeMap<String, std::collections::VecDeque<(u64, Histogram)>>>,
+    /// The latency of the last [`LATENCY_WINDOW_S`] seconds per Envoy and cluster: a rollout's stable baseline
+    /// (from its fleet's Envoys).
+    recent_latency: Mutex<BTreeMap<(String, String), LatencyWindow>>,
     next_stream: AtomicU64,
     /// mTLS on the gRPC port, when configured.
     pub tls: Option<Arc<TlsState>>,
@@ -206,6 +209,14 @@ pub enum StreamKind {
     Stats = 1,
 }
 
+/// One Envoy's recent latency for one cluster: each flush, with when it came.
+type LatencyWindow = std::collections::VecDeque<(u64, Histogram)>;
+
+/// A node that reports without an ADS stream for less than this is not evidence, but not refused either.
+pub const REPORT_GRACE: Duration = Duration::from_secs(10);
+/// Nodes waiting out [`REPORT_GRACE`] at once, at most.
+const MAX_WAITING_NODES: usize = 1024;
+
 /// Host gauges older than this are not used: that Envoy stopped streaming its stats.
 pub const HOSTS_FRESH_S: u64 = 5;
 
@@ -232,6 +243,7 @@ impl Server {
             state_file,
             desired,
             write_lock: tokio::sync::Mutex::new(()),
+            unsubscribed_since: Mutex::new(BTreeMap::new()),
             durability: Mutex::new(Default::default()),
             ahead: Mutex::new(None),
             fleet: Mutex::new(Fleet::restore(known, now_unix())),
@@ -732,7 +744,15 @@ impl Server {
             .add(histogram);
         let now = now_unix();
         let mut recent = lock(&self.recent_latency);
-        let window = recent.entry(cluster.to_string()).or_default();
+        let key = (node.to_string(), cluster.to_string());
+        if !recent.contains_key(&key) {
+            // A new Envoy or cluster: windows of Envoys gone quiet go.
+            recent.retain(|_, w| {
+                w.back()
+                    .is_some_and(|(at, _)| now.saturating_sub(*at) <= LATENCY_WINDOW_S)
+            });
+        }
+        let window = recent.entry(key).or_default();
         window.push_back((now, histogram.clone()));
         while window
             .front()
@@ -749,16 +769,20 @@ impl Server {
     }
 
     /// A cluster's latency over the last [`LATENCY_WINDOW_S`] seconds; None when no Envoy streamed any.
-    pub fn recent_latency(&self, cluster: &str) -> Option<Histogram> {
+    /// The recent latency of `cluster` as the Envoys `members` saw it.
+    pub fn recent_latency(&self, cluster: &str, members: &[String]) -> Option<Histogram> {
         let now = now_unix();
         let recent = lock(&self.recent_latency);
-        let window = recent.get(cluster)?;
         let mut sum = Histogram::default();
-        for (_, h) in window
-            .iter()
-            .filter(|(at, _)| now.saturating_sub(*at) <= LATENCY_WINDOW_S)
-        {
-            sum.add(h);
+        for ((node, c), window) in recent.iter() {
+            if c != cluster || !members.contains(node) {
+                continue;
+            }
+            for (at, h) in window {
+                if now.saturating_sub(*at) <= LATENCY_WINDOW_S {
+                    sum.add(h);
+                }
+            }
         }
         (sum.count > 0).then_some(sum)
     }
@@ -953,7 +977,9 @@ impl Server {
 
     /// Whether a report (`what`: "a load report") of `node` as a node of `cluster` counts: only while that node
     /// holds an ADS stream under the same node id and cluster. A refused one is counted and listed with the
-    /// refused peers.
+    /// refused peers once its node has reported without an ADS stream for [`REPORT_GRACE`]: Envoy opens its
+    /// streams in any order, and its first reports may come before its ADS stream names it (those are not
+    /// evidence either).
     pub fn admit_report(
         &self,
         peer: Option<SocketAddr>,
@@ -961,8 +987,31 @@ impl Server {
         cluster: &str,
         what: &str,
     ) -> bool {
-        if self.fleet().subscribed(node, cluster) {
-            return true;
+        self.admit_report_at(peer, node, cluster, what, now_unix())
+    }
+
+    fn admit_report_at(
+        &self,
+        peer: Option<SocketAddr>,
+        node: &str,
+        cluster: &str,
+        what: &str,
+        now: u64,
+    ) -> bool {
+        let subscribed = self.fleet().subscribed(node, cluster);
+        {
+            let mut waiting = lock(&self.unsubscribed_since);
+            if subscribed {
+                waiting.remove(node);
+                return true;
+            }
+            // Node ids are the peer's word: beyond this many waiting at once, none gets the grace.
+            if waiting.len() < MAX_WAITING_NODES || waiting.contains_key(node) {
+                let since = *waiting.entry(node.to_string()).or_insert(now);
+                if now.saturating_sub(since) < REPORT_GRACE.as_secs() {
+                    return false;
+                }
+            }
         }
         Metrics::bump(&self.metrics.reports_unsubscribed);
         self.refuse(
@@ -1258,20 +1307,29 @@ mod tests {
     fn a_report_counts_only_from_a_node_with_an_ads_stream_of_the_same_cluster() {
         let dir = std::env::temp_dir();
         let server = server(&dir.join("canaryctl-unused-state.json"), "20");
-        assert!(!server.admit_report(None, "front-1", "edge", "a load report"));
+        let admit = |node: &str, cluster: &str, now: u64| {
+            server.admit_report_at(None, node, cluster, "a load report", now)
+        };
+        // Before its ADS stream names it, an Envoy's first reports are not evidence, and not refused either.
+        assert!(!admit("front-1", "edge", 1000));
         let stream = server.connect(None);
         server.identify(stream, "front-1", "edge", None);
-        assert!(server.admit_report(None, "front-1", "edge", "a load report"));
-        // The same node id under another cluster, and another node of the same cluster: not evidence.
-        assert!(!server.admit_report(None, "front-1", "batch", "a load report"));
-        assert!(!server.admit_report(None, "ghost", "edge", "a stats flush"));
+        assert!(admit("front-1", "edge", 1001));
+        // The same node id under another cluster, and another node of the same cluster: not evidence, and
+        // refused (counted, listed) once they have reported so for the grace.
+        assert!(!admit("front-1", "batch", 1002));
+        assert!(!admit("ghost", "edge", 1002));
+        assert_eq!(Metrics::get(&server.metrics.reports_unsubscribed), 0);
+        assert!(!admit("front-1", "batch", 1012));
+        assert!(!admit("ghost", "edge", 1012));
+        assert!(!admit("ghost", "edge", 1013));
         assert_eq!(Metrics::get(&server.metrics.reports_unsubscribed), 3);
         assert_eq!(server.refused_total(Refused::NoAdsSubscription), 3);
         let listed = server.refused_peers();
         assert!(listed.iter().any(|r| r.node_id.as_deref() == Some("ghost")));
         assert_eq!(server.cluster_of("front-1").as_deref(), Some("edge"));
         server.disconnect(stream);
-        assert!(!server.admit_report(None, "front-1", "edge", "a load report"));
+        assert!(!admit("front-1", "edge", 1014));
     }
 
     #[test]

@@ -224,13 +224,16 @@ def test_a_report_from_a_node_without_an_ads_stream_is_refused_counted_listed_an
             start(server, "--steps", "20,100", "--hold", "30s", "--min-canary-requests", "50")
             done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=60,
                               interval_s=0.2, what="a verdict")
+            # Not evidence from its first report; refused and listed once it has kept reporting without an ADS
+            # stream for the grace an Envoy's own streams get (10 s).
+            refused = eventually(lambda: {r["reason"]: r for r in server.status()["refused"]}.get("no_ads_subscription"),
+                                 deadline_s=30, interval_s=0.2, what="the forger refused and listed")
         finally:
             stop.set()
             forger.join(timeout=10)
     assert done["phase"] == "rolled_back" and "errors " in done["reason"], (done["phase"], done["reason"])
     errors = done["evidence"]["errors"]
     assert errors["canary_requests"] < upstreams["v2"].app_requests + 100, (errors, upstreams["v2"].app_requests)
-    refused = {r["reason"]: r for r in server.status()["refused"]}["no_ads_subscription"]
     assert refused["node_id"] == "ghost-1" and refused["count"] >= 1, refused
     assert refused["message"] == ('a load report from node "ghost-1" of cluster "edge": no ADS stream holds that '
                                   'node and cluster, so it is not evidence'), refused

@@ -323,6 +323,8 @@ def test_only_the_rollout_s_fleet_is_evidence_and_no_certificate_takes_over_anot
         assert healthy["v2"].app_requests > errors["canary_requests"], healthy["v2"].app_requests
         assert sorted(done["fleet"]["clusters"]) == ["edge"], done["fleet"]
         assert metric(server, 'canaryctl_xds_refused_total{reason="node_of_another_cluster"}') >= 1
+        print(f"rolled back on front-1's {errors['canary_requests']} canary requests; batch's "
+              f"{healthy['v2'].app_requests} healthy ones not counted: {done['reason']}")
     finally:
         for upstream in healthy.values():
             upstream.close()
