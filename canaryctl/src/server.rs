@@ -952,6 +952,8 @@ impl Server {
         node_id: Option<&str>,
     ) {
         let ip = peer.map(|p| p.ip().to_string()).unwrap_or_default();
+        // It may quote what the peer sent: one bounded line.
+        let message = canary_router::text::one_line(&message, canary_router::text::MAX_LINE);
         let log = {
             lock(&self.refused).record(
                 ip,

@@ -16,8 +16,12 @@ from test_rollout import config, fleet, rollout, start
 
 # 2 % of requests are POST /checkout/<id>, 30 % GET /flaky/<id>, the rest GET /.
 REQUESTS = [("GET", "/")] * 34 + [("GET", f"/flaky/{i}") for i in range(15)] + [("POST", "/checkout/991")]
-# Both versions answer 500 to 10 % of /flaky (not retried: users see those), the same rate.
-SHARED = {"GET /flaky": (0.10, 500)}
+# Both versions answer 500 to a quarter of /flaky (not retried: users see those), the same rate: noise enough
+# that the canary's overall error rate (its checkout failures add 1 %) is slow to tell apart, while its checkout
+# signature, on the canary alone, is quick to. (With half of /flaky failing, the shared error was found worse on v2
+# in 3 runs of 4, 16-18 % vs 13-14 %: not yet explained; outlier ejection of v2's host, which sends the canary
+# route's requests to v1 through the aggregate cluster, is the suspect.)
+SHARED = {"GET /flaky": (0.25, 500)}
 
 
 def post_logs(server, lines: list[dict] | str) -> tuple[int, dict]:
@@ -68,6 +72,8 @@ def test_a_canary_failing_one_endpoint_behind_the_fallback_is_rolled_back_by_tha
     assert checkout["example"].startswith("POST /checkout/991 → 503"), checkout
     # The overall error rate stayed small: the error test had not decided.
     errors = done["evidence"]["errors"]
+    print(f"rolled back by the checkout signature; the errors test at {errors['e_value']:.3g} of "
+          f"{errors['threshold']:.0f}")
     assert errors["e_value"] < errors["threshold"], errors
     assert errors["canary_rate"] < 2.5 * errors["stable_rate"], errors
     # The shared error is known on both versions, at similar rates, and rolled nothing back.
@@ -112,7 +118,7 @@ def test_an_error_both_versions_share_is_known_and_a_healthy_canary_is_promoted(
     flaky = signatures(done)["request GET /flaky/{n} 500"]
     assert flaky["class"] == "known" and flaky["stable"] > 10 and flaky["canary"] > 10, flaky
     canary_rate, stable_rate = flaky["canary_rate"], flaky["stable_rate"]
-    assert 0.01 < canary_rate < 0.06 and 0.01 < stable_rate < 0.06, flaky
+    assert 0.02 < canary_rate < 0.1 and 0.02 < stable_rate < 0.1, flaky
 
 
 def test_bad_log_lines_are_refused_naming_the_line_and_field_and_nothing_is_counted(canaryctl):
