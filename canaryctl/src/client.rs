@@ -399,29 +399,36 @@ pub async fn write(client: &Client, path: &str, body: Value, wait: &Wait) -> Res
     for change in &outcome.changes {
         println!("{change}");
     }
-    if let Some(warning) = outcome.warning.as_deref().filter(|_| !outcome.durable) {
-        println!(
-            "pushed as version {}, NOT saved: {warning}; a restart before it is saved would not know it",
-            outcome.version
-        );
-    } else {
-        println!("saved as version {}", outcome.version);
-    }
+    saved_as(&outcome);
     if wait.enabled {
         wait_for_fleet(client, outcome.version, wait).await?;
     }
-    not_durable(outcome.durable, outcome.warning.as_deref())
+    not_durable(&outcome)
+}
+
+/// "saved as version N", or that it was pushed but not saved.
+fn saved_as(outcome: &WriteOutcome) {
+    match outcome.warning.as_deref().filter(|_| !outcome.durable) {
+        Some(warning) => println!(
+            "pushed as version {}, NOT saved: {warning}; a restart before it is saved would not know it",
+            outcome.version
+        ),
+        None => println!("saved as version {}", outcome.version),
+    }
 }
 
 /// A change applied but not saved: exit 4, once the fleet has it.
-fn not_durable(durable: bool, warning: Option<&str>) -> Result<(), CliError> {
-    if durable {
+fn not_durable(outcome: &WriteOutcome) -> Result<(), CliError> {
+    if outcome.durable {
         return Ok(());
     }
     Err(CliError {
         message: format!(
             "applied, but not durable: {}",
-            warning.unwrap_or("the state could not be saved")
+            outcome
+                .warning
+                .as_deref()
+                .unwrap_or("the state could not be saved")
         ),
         exit_code: EXIT_NOT_SAVED,
     })
@@ -643,21 +650,12 @@ mod tests {
     }
 }
 
-/// The answer to a rollout operation.
+/// The answer to a rollout operation: a write's outcome, and the rollout after it.
 #[derive(Deserialize)]
 struct RolloutOutcome {
-    version: u64,
-    changed: bool,
-    changes: Vec<String>,
+    #[serde(flatten)]
+    write: WriteOutcome,
     rollout: Option<Value>,
-    #[serde(default = "yes")]
-    durable: bool,
-    #[serde(default)]
-    warning: Option<String>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// `rollout start|pause|resume|abort|promote`: what changed, where the rollout is, and (when the config
@@ -668,26 +666,23 @@ pub async fn rollout_write(
     body: Value,
     wait: &Wait,
 ) -> Result<(), CliError> {
-    let outcome: RolloutOutcome = client.post(path, body).await?;
+    let RolloutOutcome {
+        write: outcome,
+        rollout,
+    } = client.post(path, body).await?;
     for change in &outcome.changes {
         println!("{change}");
     }
-    if let Some(rollout) = &outcome.rollout {
+    if let Some(rollout) = &rollout {
         println!("{}", rollout_headline(rollout));
     }
     if outcome.changed {
-        match outcome.warning.as_deref().filter(|_| !outcome.durable) {
-            Some(warning) => println!(
-                "pushed as version {}, NOT saved: {warning}; a restart before it is saved would not know it",
-                outcome.version
-            ),
-            None => println!("saved as version {}", outcome.version),
-        }
+        saved_as(&outcome);
         if wait.enabled {
             wait_for_fleet(client, outcome.version, wait).await?;
         }
     }
-    not_durable(outcome.durable, outcome.warning.as_deref())
+    not_durable(&outcome)
 }
 
 fn at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
@@ -981,7 +976,7 @@ pub async fn rollout_status(
                             phases.join(", "),
                             names.join("; ")
                         ),
-                        exit_code: 3,
+                        exit_code: EXIT_DISCONNECTED,
                     });
                 }
                 if phases.contains(&"rolled_back") {

@@ -377,10 +377,8 @@ impl Findings {
                 continue;
             }
             used += cost;
-            let mut first = Events::default();
-            first.add(&e);
             self.pending
-                .insert(key, (signature.origin, signature.text, first));
+                .insert(key, (signature.origin, signature.text, e));
         }
         let Some(tick) = tick else { return };
         self.stable_requests = self.stable_requests.saturating_add(tick.stable_requests);

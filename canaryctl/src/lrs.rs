@@ -86,16 +86,8 @@ impl LoadReportingService for Lrs {
                     break;
                 }
                 if node.is_none() {
-                    let id = report
-                        .node
-                        .as_ref()
-                        .map(|n| n.id.clone())
-                        .unwrap_or_else(|| peer.addr.map(|a| a.to_string()).unwrap_or_default());
-                    cluster = report
-                        .node
-                        .as_ref()
-                        .map(|n| n.cluster.clone())
-                        .unwrap_or_default();
+                    let id;
+                    (id, cluster) = peer.reporter(report.node.as_ref());
                     server.stream_opened(&id, StreamKind::Load);
                     node = Some(id);
                     let ask = LoadStatsResponse {

@@ -265,10 +265,8 @@ impl MetricsService for Sink {
                 authorise(&self.server, &peer, sent, node.is_some())?;
                 if node.is_none() {
                     // Envoy names its node in a stream's first message only.
-                    let id = sent
-                        .map(|n| n.id.clone())
-                        .unwrap_or_else(|| peer.addr.map(|a| a.to_string()).unwrap_or_default());
-                    cluster = sent.map(|n| n.cluster.clone()).unwrap_or_default();
+                    let id;
+                    (id, cluster) = peer.reporter(sent);
                     self.server.stream_opened(&id, StreamKind::Stats);
                     node = Some(id);
                 }

@@ -615,11 +615,9 @@ impl Server {
     pub fn report_load(&self, node: &str, cluster: &str, requests: u64, errors: u64) {
         {
             let mut load = lock(&self.load);
-            let entry = load
-                .entry((node.to_string(), cluster.to_string()))
-                .or_default();
-            entry.requests = entry.requests.saturating_add(requests);
-            entry.errors = entry.errors.saturating_add(errors);
+            load.entry((node.to_string(), cluster.to_string()))
+                .or_default()
+                .sum(&Load { requests, errors });
         }
         if self.streaming(node, StreamKind::Stats) {
             let mut paired = lock(&self.load_paired);
@@ -768,8 +766,8 @@ impl Server {
         last > 0 && now_unix().saturating_sub(last) <= 60
     }
 
-    /// A cluster's latency over the last [`LATENCY_WINDOW_S`] seconds; None when no Envoy streamed any.
-    /// The recent latency of `cluster` as the Envoys `members` saw it.
+    /// A cluster's latency over the last [`LATENCY_WINDOW_S`] seconds as the Envoys `members` saw it; None when
+    /// none of them streamed any.
     pub fn recent_latency(&self, cluster: &str, members: &[String]) -> Option<Histogram> {
         let now = now_unix();
         let recent = lock(&self.recent_latency);
@@ -1080,7 +1078,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A rollout's analysis tick from the load of its two clusters; None when neither reported anything.
 /// What the Envoys of `fleet` reported for `cluster` this tick, summed; None when none of them did.
 fn of_fleet<T: Clone + Summed>(
     by_envoy: &BTreeMap<(String, String), T>,
@@ -1121,7 +1118,8 @@ impl Summed for u64 {
     }
 }
 
-/// A tick of a rollout: what its fleet's Envoys reported, and only theirs.
+/// A rollout's analysis tick from the load its fleet's Envoys (and only theirs) reported for its two clusters;
+/// None when neither cluster was reported.
 fn tick_of(load: &BTreeMap<(String, String), Load>, rollout: &Rollout) -> Option<Tick> {
     let stable = of_fleet(load, &rollout.fleet, &rollout.plan.stable_cluster);
     let canary = of_fleet(load, &rollout.fleet, &rollout.plan.canary_cluster);

@@ -336,6 +336,21 @@ impl Peer {
             identity: None,
         })
     }
+
+    /// Who a report stream speaks for: the node id and cluster its first message names (the peer's address
+    /// when it names no node, which no ADS stream holds, so its reports count for nothing).
+    pub fn reporter(
+        &self,
+        node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+    ) -> (String, String) {
+        match node {
+            Some(node) => (node.id.clone(), node.cluster.clone()),
+            None => (
+                self.addr.map(|a| a.to_string()).unwrap_or_default(),
+                String::new(),
+            ),
+        }
+    }
 }
 
 enum Io {

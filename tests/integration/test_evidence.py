@@ -27,7 +27,7 @@ import pytest
 from harness import Relay, Traffic
 import lab
 from lab import eventually, free_port
-from test_rollout import ADS, config, counter, rollout, start
+from test_rollout import ADS, config, counter, rollout, start, verdict
 
 SELECTOR = 'job="envoy"'
 
@@ -89,8 +89,7 @@ def test_an_evidence_outage_in_the_last_step_never_promotes_a_canary_that_began_
                 relay.heal()
             else:
                 os.kill(scraper.process.pid, signal.SIGCONT)
-            done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=30,
-                              interval_s=0.2, what="a verdict once the evidence is back")
+            done = verdict(server, deadline_s=30, interval_s=0.2, what="a verdict once the evidence is back")
             took = time.monotonic() - healed
     finally:
         relay.heal()
@@ -181,8 +180,7 @@ def test_a_report_of_2_64_is_refused_and_counted_the_evidence_stays_finite_and_a
         # Envoy's own node id.
         forge(server, "front-1", "app-v1", 2**64 - 1)
         forge(server, "front-1", "app-v2", 2**63, 2**63)
-        done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=60,
-                          interval_s=0.2, what="the failing canary rolled back")
+        done = verdict(server, deadline_s=60, interval_s=0.2, what="the failing canary rolled back")
     assert done["phase"] == "rolled_back" and "errors " in done["reason"], done["reason"]
     errors = done["evidence"]["errors"]
     assert errors["stable_requests"] < 10**7 and errors["e_value"] >= errors["threshold"], errors
@@ -222,8 +220,7 @@ def test_a_report_from_a_node_without_an_ads_stream_is_refused_counted_listed_an
         try:
             eventually(lambda: len(sent) >= 2, deadline_s=30, what="the forger under way")
             start(server, "--steps", "20,100", "--hold", "30s", "--min-canary-requests", "50")
-            done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=60,
-                              interval_s=0.2, what="a verdict")
+            done = verdict(server, deadline_s=60, interval_s=0.2, what="a verdict")
             # Not evidence from its first report; refused and listed once it has kept reporting without an ADS
             # stream for the grace an Envoy's own streams get (10 s).
             refused = eventually(lambda: {r["reason"]: r for r in server.status()["refused"]}.get("no_ads_subscription"),
@@ -293,8 +290,7 @@ def test_a_full_disk_never_keeps_users_on_a_failing_canary_and_a_restart_from_th
         server.fill_state_fs()
         failing = time.monotonic()
         upstreams["v2"].fail_rate = 0.2
-        done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=60,
-                          interval_s=0.1, what="a verdict with the disk full")
+        done = verdict(server, deadline_s=60, interval_s=0.1, what="a verdict with the disk full")
         assert done["phase"] == "rolled_back", (done["phase"], done["reason"])
         back = server.status()["desired"]["version"]
         server.wait_envoys(1, version=back)

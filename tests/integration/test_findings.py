@@ -12,7 +12,7 @@ import urllib.request
 
 from harness import Traffic
 from lab import eventually
-from test_rollout import config, fleet, rollout, start
+from test_rollout import config, fleet, rollout, start, verdict
 
 # 2 % of requests are POST /checkout/<id>, 30 % GET /flaky/<id>, the rest GET /.
 REQUESTS = [("GET", "/")] * 34 + [("GET", f"/flaky/{i}") for i in range(15)] + [("POST", "/checkout/991")]
@@ -60,8 +60,7 @@ def test_a_canary_failing_one_endpoint_behind_the_fallback_is_rolled_back_by_tha
             {"version": "v2", "message": "started in 1.2s", "level": "info"},
         ])
         assert (status, answer) == (200, {"accepted": 3, "ignored": 1}), answer
-        done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=90,
-                          interval_s=0.2, what="the canary rolled back")
+        done = verdict(server, deadline_s=90, interval_s=0.2, what="the canary rolled back")
     assert done["phase"] == "rolled_back", done
     reason = done["reason"]
     assert reason.startswith("finding new on v2: attempt POST /checkout/{n} 503 "), reason
@@ -112,8 +111,7 @@ def test_an_error_both_versions_share_is_known_and_a_healthy_canary_is_promoted(
     envoys = fleet(start_envoy, server, 1)
     with Traffic(envoys[0], clients=4, requests=REQUESTS):
         start(server, "--steps", "20,50,100", "--hold", "4s", "--min-canary-requests", "100")
-        done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=90,
-                          interval_s=0.2, what="the rollout ended")
+        done = verdict(server, deadline_s=90, interval_s=0.2, what="the rollout ended")
     assert done["phase"] == "promoted", done["reason"]
     flaky = signatures(done)["request GET /flaky/{n} 500"]
     assert flaky["class"] == "known" and flaky["stable"] > 10 and flaky["canary"] > 10, flaky
@@ -200,8 +198,7 @@ def test_a_flood_of_junk_signatures_first_does_not_crowd_out_the_canary_s_new_fa
         began = time.monotonic()
         shipper.start()
         try:
-            done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=60,
-                              interval_s=0.2, what="a verdict")
+            done = verdict(server, deadline_s=60, interval_s=0.2, what="a verdict")
         finally:
             stop.set()
             shipper.join(timeout=5)

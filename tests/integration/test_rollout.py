@@ -26,6 +26,12 @@ def rollout(server, name: str = "web") -> dict:
     return {r["rollout"]: r for r in server.api("/v1/rollouts")["rollouts"]}[name]
 
 
+def verdict(server, deadline_s: float = 60, interval_s: float = 0.2, what: str = "a verdict") -> dict:
+    """Polls the rollout `web` until it is no longer progressing (promoted, rolled back, paused, inconclusive)."""
+    return eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=deadline_s,
+                      interval_s=interval_s, what=what)
+
+
 def canary_percent(server, version: str = "v2") -> tuple[str, str]:
     """The desired percent of `version` as a canary, and the stable version."""
     web = server.status()["desired"]["config"]["rollouts"][0]
@@ -72,8 +78,7 @@ def test_a_canary_failing_a_few_percent_behind_the_fallback_is_rolled_back_and_n
         begun = time.monotonic()
         started = start(server, "--steps", "20,50,100", "--hold", "30s", "--min-canary-requests", "100")
         assert "rollout web: v2 started at step 1/3 (20%)" in started.stdout, started.stdout
-        done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=60,
-                          interval_s=0.2, what="the failing canary rolled back")
+        done = verdict(server, deadline_s=60, interval_s=0.2, what="the failing canary rolled back")
         took = time.monotonic() - begun
     assert done["phase"] == "rolled_back", done
     # Users saw nothing: every failed canary attempt was retried on stable.
@@ -109,8 +114,7 @@ def test_a_slower_canary_is_rolled_back_on_latency_against_stable_s_own_distribu
         time.sleep(1.5)  # one more stats flush after those requests
         start(server, "--steps", "20,50,100", "--hold", "30s", "--latency-tolerance", "1.5")
         begun = time.monotonic()
-        done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=60,
-                          interval_s=0.2, what="the slow canary rolled back")
+        done = verdict(server, deadline_s=60, interval_s=0.2, what="the slow canary rolled back")
         took = time.monotonic() - begun
     statuses, served = traffic.snapshot()
     assert set(statuses) == {200} and served["v2"] > 0, statuses

@@ -16,7 +16,7 @@ import pytest
 
 from harness import Traffic
 from lab import eventually, free_port
-from test_rollout import CLUSTERS, config, fleet, rollout
+from test_rollout import CLUSTERS, config, fleet, rollout, verdict
 
 SELECTOR = 'job="envoy"'
 
@@ -120,8 +120,7 @@ def test_a_canary_killed_mid_step_is_rolled_back_on_its_health_and_no_user_sees_
                    what="the canary serving its step")
         demo_apps["v2"].kill()
         killed = time.monotonic()
-        done = eventually(lambda: (r := rollout(server))["phase"] != "progressing" and r, deadline_s=30,
-                          interval_s=0.1, what="the dead canary rolled back")
+        done = verdict(server, deadline_s=30, interval_s=0.1, what="the dead canary rolled back")
         took = time.monotonic() - killed
         time.sleep(1)
     assert done["phase"] == "rolled_back", done
