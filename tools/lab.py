@@ -153,6 +153,8 @@ class FrontAddresses:
     listener_address: str = "127.0.0.1"
     upstream_host: str = "127.0.0.1"
     xds_port: int = 18000  # canaryctl serve, for envoy-ads.yaml
+    # canaryctl replicas' xDS ports, in the Envoy's order of preference (envoy-ads.yaml's priorities).
+    xds_replicas: list[int] | None = None
 
 
 def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_dir: str | None = None,
@@ -172,6 +174,15 @@ def render_front(bootstrap: str, where: FrontAddresses, wasm: str = WASM, ecds_d
         replacements[shipped] = f"address: {where.upstream_host}, port_value: {where.upstream_ports[version]}"
     if "ads: {}" in text:
         replacements[SHIPPED_XDS] = f"address: 127.0.0.1, port_value: {where.xds_port}"
+        if where.xds_replicas:
+            # One priority per replica, as envoy-ads.yaml's comment says to list them.
+            first = (f"      - priority: 0\n        lb_endpoints:\n"
+                     f"        - endpoint: {{ address: {{ socket_address: {{ {SHIPPED_XDS} }} }} }}")
+            replacements.pop(SHIPPED_XDS)
+            replacements[first] = "\n".join(
+                f"      - priority: {i}\n        lb_endpoints:\n"
+                f"        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}"
+                for i, port in enumerate(where.xds_replicas))
         if "envoy.transport_sockets.tls" in text:
             files = tls or {"cert": os.path.join(CERTS_DIR, "envoy.pem"), "key": os.path.join(CERTS_DIR, "envoy.key"),
                             "ca": os.path.join(CERTS_DIR, "ca.pem")}
@@ -434,8 +445,13 @@ class Canaryctl(ManagedProcess):
     def __init__(self, workdir: str, wasm_path: str = WASM, init_config: str | None = None,
                  token: str | None = None, xds_port: int = 0, admin_port: int = 0,
                  native_module: str | None = None, extra_args: list[str] | None = None,
-                 tls: dict[str, str] | None = None, state_fs_bytes: int | None = None):
-        super().__init__("canaryctl", os.path.join(workdir, "canaryctl.log"))
+                 tls: dict[str, str] | None = None, state_fs_bytes: int | None = None,
+                 store: str | None = None, replica: str | None = None):
+        """`store`: an etcd:// URL shared with other replicas (`replica`: this one's name, and its log's)."""
+        name = f"canaryctl-{replica}" if replica else "canaryctl"
+        super().__init__(name, os.path.join(workdir, f"{name}.log"))
+        self.store = store
+        self.replica = replica
         self.workdir = workdir
         self.xds_port = xds_port
         self.admin_port = admin_port
@@ -474,6 +490,10 @@ class Canaryctl(ManagedProcess):
         args = [CANARYCTL, "serve", "--xds", f"127.0.0.1:{self.xds_port}", "--admin", f"127.0.0.1:{self.admin_port}",
                 "--state", self.state_path]
         args += ["--native-module", self.native_module] if self.native_module else ["--wasm-path", self.wasm_path]
+        if self.store:
+            args += ["--store", self.store]
+        if self.replica:
+            args += ["--replica-name", self.replica]
         if self.init_config_path:
             args += ["--init-config", self.init_config_path]
         if self.token_path:
@@ -563,6 +583,105 @@ class Canaryctl(ManagedProcess):
                 return status
             time.sleep(0.05)
         raise RuntimeError(f"{count} Envoys did not apply the config within {deadline_s}s: {status}\n{self.log()}")
+
+
+ETCD = os.environ.get("ETCD_BIN") or "etcd"
+
+
+class EtcdMember(ManagedProcess):
+    """One member of a real etcd cluster on loopback (Debian's etcd-server), its data in its own directory."""
+
+    def __init__(self, workdir: str, name: str, client_port: int, peer_port: int, initial_cluster: str):
+        super().__init__(f"etcd-{name}", os.path.join(workdir, f"etcd-{name}.log"))
+        self.member = name
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self.data_dir = os.path.join(workdir, f"etcd-{name}.data")
+        self.initial_cluster = initial_cluster
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self) -> "EtcdMember":
+        state = "existing" if os.path.exists(self.data_dir) else "new"
+        self._spawn([ETCD, "--name", self.member, "--data-dir", self.data_dir,
+                     "--listen-client-urls", f"http://127.0.0.1:{self.client_port}",
+                     "--advertise-client-urls", f"http://127.0.0.1:{self.client_port}",
+                     "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+                     "--initial-cluster", self.initial_cluster, "--initial-cluster-state", state,
+                     "--initial-cluster-token", "canaryctl-lab", "--log-level", "warn",
+                     # Loopback: elections in a few hundred ms rather than seconds.
+                     "--heartbeat-interval", "50", "--election-timeout", "500"])
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=2) as r:
+                return json.load(r).get("health") == "true"
+        except (OSError, ValueError):
+            return False
+
+
+class EtcdCluster:
+    """A real etcd cluster of `size` members on loopback, for canaryctl replicas to share. Ports are chosen
+    free just before it starts."""
+
+    def __init__(self, workdir: str, size: int = 3):
+        names = [f"m{i}" for i in range(size)]
+        ports = [(free_port(), free_port()) for _ in names]
+        initial = ",".join(f"{n}=http://127.0.0.1:{peer}" for n, (_, peer) in zip(names, ports))
+        self.members = [EtcdMember(workdir, n, client, peer, initial) for n, (client, peer) in zip(names, ports)]
+
+    @property
+    def url(self) -> str:
+        """The `--store` URL naming every member."""
+        return "etcd://" + ",".join(m.endpoint for m in self.members)
+
+    def start(self, deadline_s: float = 30.0) -> "EtcdCluster":
+        for member in self.members:
+            member.start()
+        return self.wait_healthy(deadline_s)
+
+    def wait_healthy(self, deadline_s: float = 30.0, members: list[EtcdMember] | None = None) -> "EtcdCluster":
+        members = members or [m for m in self.members if m.alive()]
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if all(m.healthy() for m in members):
+                return self
+            for m in members:
+                if not m.alive():
+                    raise RuntimeError(f"{m.name} exited\n{m.log()}")
+            time.sleep(0.1)
+        raise RuntimeError("etcd not healthy in time\n" + "\n".join(m.log() for m in members))
+
+    def get(self, key: str) -> str | None:
+        """A key's value through the v3 JSON gateway of a live member (None: no such key)."""
+        found = self.get_kv(key)
+        return found[0] if found else None
+
+    def get_kv(self, key: str) -> tuple[str, int] | None:
+        """A key's value and mod_revision (None: no such key)."""
+        import base64
+        body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
+        for member in self.members:
+            if not member.alive():
+                continue
+            request = urllib.request.Request(f"http://{member.endpoint}/v3/kv/range", data=body, method="POST")
+            with urllib.request.urlopen(request, timeout=5) as r:
+                kvs = json.load(r).get("kvs") or []
+            if not kvs:
+                return None
+            return base64.b64decode(kvs[0]["value"]).decode(), int(kvs[0]["mod_revision"])
+        raise RuntimeError("no etcd member is alive")
+
+    def stop(self):
+        for member in self.members:
+            member.stop()
+
+    def log(self) -> str:
+        return "\n".join(m.log() for m in self.members)
 
 
 PROMETHEUS = os.environ.get("PROMETHEUS_BIN") or "prometheus"

@@ -142,6 +142,7 @@ async fn status(State(server): State<Arc<Server>>) -> Response {
         "xds": xds_security(&server),
         "refused": server.refused_peers(),
         "state": state_view(&server),
+        "store": store_view(&server).await,
         "hold": server.fleet_ahead().map(|ahead| {
             let line = ahead.line();
             let mut view = json!(ahead);
@@ -152,6 +153,44 @@ async fn status(State(server): State<Arc<Server>>) -> Response {
         }),
     }))
     .into_response()
+}
+
+/// Where the state is kept and, with replicas, which one judges, for the status.
+async fn store_view(server: &Server) -> serde_json::Value {
+    let store = &server.store;
+    let lead = server.leadership.view();
+    let mut view = json!({
+        "kind": if store.shared() { "etcd" } else { "file" },
+        "where": store.describe(),
+        "revision": server.revision(),
+        "role": lead.role,
+    });
+    if let crate::store::Store::Etcd(etcd) = &**store {
+        // Each live replica's entry (kept by its lease); unknown when etcd does not answer in time.
+        let replicas =
+            tokio::time::timeout(std::time::Duration::from_secs(1), etcd.list("replicas/"))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|entries| {
+                    entries
+                        .into_iter()
+                        .filter_map(|(_, value)| {
+                            serde_json::from_slice::<serde_json::Value>(&value).ok()
+                        })
+                        .collect::<Vec<_>>()
+                });
+        if let Some(object) = view.as_object_mut() {
+            object.insert("replica".to_string(), json!(lead.replica));
+            object.insert("leader".to_string(), json!(lead.leader));
+            object.insert(
+                "leading_since_unix".to_string(),
+                json!(lead.leading_since_unix),
+            );
+            object.insert("replicas".to_string(), json!(replicas));
+        }
+    }
+    view
 }
 
 /// Whether the state file holds what is served, for the status.
@@ -206,7 +245,11 @@ fn refuse_under_rollout(rollout: &Rollout, what: &str) -> StateError {
 }
 
 /// The common path of every write: parse the body, run the edit, answer.
-async fn write<B: DeserializeOwned>(server: &Server, body: &Bytes, edit: Edit<B>) -> Response {
+async fn write<B: DeserializeOwned + Clone>(
+    server: &Server,
+    body: &Bytes,
+    edit: Edit<B>,
+) -> Response {
     match parse_body(body) {
         Ok(request) => write_parsed(server, request, edit).await,
         Err(message) => {
@@ -216,10 +259,11 @@ async fn write<B: DeserializeOwned>(server: &Server, body: &Bytes, edit: Edit<B>
     }
 }
 
-async fn write_parsed<B>(server: &Server, request: B, edit: Edit<B>) -> Response {
+async fn write_parsed<B: Clone>(server: &Server, request: B, edit: Edit<B>) -> Response {
+    // Made again from a newer state when another replica wrote first: each attempt gets its own copy.
     match server
         .change(Writer::Operator, |config, rollouts| {
-            edit(request, config, rollouts)
+            edit(request.clone(), config, rollouts)
         })
         .await
     {
@@ -497,7 +541,7 @@ async fn app_logs(State(server): State<Arc<Server>>, body: Bytes) -> Response {
     Json(json!({ "accepted": accepted, "ignored": ignored })).into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct SetRequest {
     rollout: String,
@@ -525,7 +569,7 @@ async fn set(State(server): State<Arc<Server>>, body: Bytes) -> Response {
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct PromoteRequest {
     rollout: String,
@@ -554,7 +598,7 @@ async fn promote(State(server): State<Arc<Server>>, body: Bytes) -> Response {
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RollbackRequest {
     rollout: String,
@@ -571,7 +615,7 @@ async fn rollback(State(server): State<Arc<Server>>, body: Bytes) -> Response {
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct ApplyRequest {
     config: serde_json::Value,
@@ -1258,7 +1302,7 @@ async fn rollout_write(
     server: &Server,
     by: Writer,
     name: String,
-    edit: impl FnOnce(
+    edit: impl FnMut(
         &canary_router::config::RawConfig,
         &mut std::collections::BTreeMap<String, Rollout>,
     ) -> Result<(canary_router::config::RawConfig, state::Changes), StateError>,
@@ -1416,27 +1460,30 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
             rollout: req.rollout.clone(),
             canary: req.canary.clone(),
             stable: raw.stable.clone(),
-            stable_cluster: req.stable_cluster,
-            canary_cluster: req.canary_cluster,
-            steps: req.steps,
+            stable_cluster: req.stable_cluster.clone(),
+            canary_cluster: req.canary_cluster.clone(),
+            steps: req.steps.clone(),
             hold_s: req.hold_s,
             max_step_s: req.max_step_s.unwrap_or((5 * req.hold_s).max(1800)),
             alpha: req.alpha,
             min_canary_requests: req.min_canary_requests,
-            canary_route_cluster: req.canary_route_cluster,
+            canary_route_cluster: req.canary_route_cluster.clone(),
             // Latency is compared when the Envoys stream their stats (or Prometheus has the histograms).
             latency: compare_latency,
             latency_tolerance: req.latency_tolerance,
             evidence: req.evidence,
-            prometheus_selector: req.prometheus_selector,
+            prometheus_selector: req.prometheus_selector.clone(),
             findings: req.findings,
             fleet_clusters: Vec::new(),
             allow_missing_envoys: req.allow_missing_envoys,
         };
-        let (mut rollout, action) =
-            Rollout::start(plan, state::now_unix(), baseline.unwrap_or_default())
-                .map_err(StateError::Edit)?;
-        let (clusters, members) = fleet.map_err(StateError::Edit)?;
+        let (mut rollout, action) = Rollout::start(
+            plan,
+            state::now_unix(),
+            baseline.clone().unwrap_or_default(),
+        )
+        .map_err(StateError::Edit)?;
+        let (clusters, members) = fleet.clone().map_err(StateError::Edit)?;
         rollout.plan.fleet_clusters = clusters;
         rollout.fleet = members.into_iter().collect();
         let (next, mut changes) = carry_out(config, &rollout, &action)?;
@@ -1449,7 +1496,7 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
                 rollout.step_name()
             ),
         );
-        rollouts.insert(req.rollout, rollout);
+        rollouts.insert(req.rollout.clone(), rollout);
         Ok((next, changes))
     })
     .await

@@ -36,6 +36,51 @@ struct StatusBody {
     state: StateBody,
     #[serde(default)]
     hold: Option<HoldBody>,
+    #[serde(default)]
+    store: Option<StoreBody>,
+}
+
+/// Where the server keeps its state and, with replicas, who judges.
+#[derive(Deserialize)]
+struct StoreBody {
+    kind: String,
+    #[serde(rename = "where")]
+    place: String,
+    #[serde(default)]
+    replica: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    leader: Option<String>,
+    #[serde(default)]
+    replicas: Option<Vec<Value>>,
+}
+
+impl StoreBody {
+    /// "store: etcd … ; replica b (follower; leader a); replicas: a, b, c".
+    fn line(&self) -> String {
+        if self.kind != "etcd" {
+            return format!("store: {}", self.place);
+        }
+        let role = match (self.role.as_deref(), &self.leader) {
+            (Some("leader"), _) => "leader".to_string(),
+            (_, Some(leader)) => format!("follower; leader {leader}"),
+            _ => "follower; no leader".to_string(),
+        };
+        let replicas = match &self.replicas {
+            Some(list) => list
+                .iter()
+                .filter_map(|r| r.get("replica").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(", "),
+            None => "unknown (etcd did not answer)".to_string(),
+        };
+        format!(
+            "store: {}; replica {} ({role}); replicas: {replicas}",
+            self.place,
+            self.replica.as_deref().unwrap_or("?")
+        )
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -232,6 +277,9 @@ pub async fn status(client: &Client, as_json: bool) -> Result<(), CliError> {
         ),
         (true, None) => println!("xds: mTLS (TLS 1.3)"),
         (false, _) => println!("xds: plaintext (loopback or --insecure-xds)"),
+    }
+    if let Some(store) = &status.store {
+        println!("{}", store.line());
     }
     if let Some(line) = &status.state.line {
         println!("{line}: retrying each second; changes that add canary traffic are refused");

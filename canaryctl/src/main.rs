@@ -13,12 +13,14 @@ mod durability;
 mod findings;
 mod fleet;
 mod identity;
+mod leader;
 mod lrs;
 mod metrics_sink;
 mod prometheus;
 mod rollout;
 mod server;
 mod state;
+mod store;
 mod tls;
 mod xds;
 
@@ -90,6 +92,45 @@ impl WaitArgs {
     }
 }
 
+/// Where the state is kept: the state file (default), or etcd shared by replicas.
+#[derive(clap::Args, Clone)]
+struct StoreArgs {
+    /// The state file: reloaded on start, rewritten atomically on every change (one canaryctl).
+    #[arg(long, default_value = "canaryctl-state.json")]
+    state: String,
+    /// Keep the state in etcd instead of the state file, shared by every replica given the same store:
+    /// etcd://host:2379,host:2379 (the members' client URLs; TLS with --store-ca).
+    #[arg(long, env = "CANARYCTL_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// The prefix of canaryctl's keys in etcd (one per canaryctl deployment).
+    #[arg(long, default_value = "/canaryctl/", value_name = "PREFIX")]
+    store_prefix: String,
+    /// The CA certificate (PEM) of etcd's serving certificates: speak TLS to etcd.
+    #[arg(long, value_name = "PEM")]
+    store_ca: Option<String>,
+    /// This replica's client certificate for etcd (PEM), with --store-key.
+    #[arg(long, value_name = "PEM", requires_all = ["store_key", "store_ca"])]
+    store_cert: Option<String>,
+    /// The private key of --store-cert (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["store_cert", "store_ca"])]
+    store_key: Option<String>,
+    /// etcd's auth: the user canaryctl authenticates as, with --store-password-file.
+    #[arg(long, value_name = "USER", requires = "store_password_file")]
+    store_user: Option<String>,
+    /// A file holding the etcd user's password (one line).
+    #[arg(long, value_name = "FILE", requires = "store_user")]
+    store_password_file: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy a state file into etcd, for replicas to start from (refused when etcd already holds a state).
+    Migrate {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
 #[derive(Subcommand)]
 // Parsed once per process: the size of `serve`'s flags does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -122,9 +163,16 @@ enum Command {
         /// Where the admin API listens (JSON over HTTP; keep it on loopback or behind a token).
         #[arg(long, default_value = "127.0.0.1:9902")]
         admin: SocketAddr,
-        /// The durable state file: reloaded on start, rewritten atomically on every change.
-        #[arg(long, default_value = "canaryctl-state.json")]
-        state: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// With --store etcd://…: this replica's name, unique among the replicas (its fleet's key, the leader
+        /// key's value). Default: the host's name and the admin port.
+        #[arg(long, value_name = "NAME")]
+        replica_name: Option<String>,
+        /// With --store etcd://…: the judge's lease. A replica that stops renewing it (killed, paused, cut off
+        /// from etcd) stops judging before it expires; another leads after it does.
+        #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+        lease: Duration,
         /// The plugin configuration to start from when there is no state file yet.
         #[arg(long, value_name = "FILE")]
         init_config: Option<String>,
@@ -170,6 +218,11 @@ enum Command {
         /// beyond it is refused and counted (canaryctl_reports_refused_total), never summed.
         #[arg(long, default_value_t = server::DEFAULT_MAX_REPORT_RATE, value_parser = clap::value_parser!(u64).range(1..))]
         max_report_rate: u64,
+    },
+    /// The state store: `canaryctl store migrate --state FILE --store etcd://…`.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
     },
     /// Desired config and, per Envoy, the version it applied or refused.
     Status {
@@ -437,7 +490,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             xds_trust_domain,
             insecure_xds,
             admin,
-            state,
+            store,
+            replica_name,
+            lease,
             init_config,
             recover_config,
             wasm_path,
@@ -477,7 +532,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 tls,
                 insecure_xds: *insecure_xds,
                 admin: *admin,
-                state: state.clone(),
+                store: store.clone(),
+                replica_name: replica_name.clone(),
+                lease: *lease,
                 init_config: init_config.clone(),
                 recover_config: recover_config.clone(),
                 filter: FilterSettings {
@@ -494,6 +551,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             };
             serve(settings, token).await
         }
+        Command::Store {
+            command: StoreCommand::Migrate { store },
+        } => migrate_store(store).await,
         Command::Status { json } => client::status(&client()?, *json).await,
         Command::Set {
             rollout,
@@ -542,7 +602,9 @@ struct ServeSettings {
     tls: Option<tls::TlsFiles>,
     insecure_xds: bool,
     admin: SocketAddr,
-    state: String,
+    store: StoreArgs,
+    replica_name: Option<String>,
+    lease: Duration,
     init_config: Option<String>,
     recover_config: Option<String>,
     filter: FilterSettings,
@@ -588,31 +650,82 @@ fn read_config(path: &str) -> Result<canary_router::config::RawConfig, CliError>
     state::parse_config(&text).map_err(|err| fail(format!("{path}: {err}")))
 }
 
-/// The state to serve: the state file's, or one started from --init-config, or recovered.
-fn starting_state(settings: &ServeSettings) -> Result<Saved, CliError> {
-    let state_path = &settings.state;
-    let state_file = StateFile::new(state_path);
+/// The store `serve` (or `store migrate`) was given: etcd with --store, else the state file.
+async fn open_store(args: &StoreArgs, replica: &str) -> Result<store::Store, CliError> {
+    let Some(url) = &args.store else {
+        return Ok(store::Store::File(store::file::FileStore::new(
+            StateFile::new(&args.state),
+        )));
+    };
+    let endpoints = store::etcd::endpoints_of(url)
+        .ok_or_else(|| {
+            fail(format!(
+                "--store {}: give etcd://host:port[,host:port…] (without --store, the state file --state is used)",
+                canary_router::text::quote(url)
+            ))
+        })?
+        .map_err(fail)?;
+    let prefix = &args.store_prefix;
+    if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.chars().any(char::is_control) {
+        return Err(fail(format!(
+            "--store-prefix {}: give a key prefix that starts and ends with / (e.g. /canaryctl/)",
+            canary_router::text::quote(prefix)
+        )));
+    }
+    let user = match (&args.store_user, &args.store_password_file) {
+        (Some(user), Some(file)) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|err| fail(format!("--store-password-file {file}: {err}")))?;
+            Some((
+                user.clone(),
+                text.trim_end_matches(['\n', '\r']).to_string(),
+            ))
+        }
+        _ => None,
+    };
+    let settings = store::etcd::EtcdSettings {
+        endpoints,
+        prefix: prefix.clone(),
+        ca: args.store_ca.clone(),
+        cert: args.store_cert.clone(),
+        key: args.store_key.clone(),
+        user,
+        replica: replica.to_string(),
+    };
+    store::etcd::EtcdStore::connect(settings)
+        .await
+        .map(store::Store::Etcd)
+        .map_err(|err| fail(err.to_string()))
+}
+
+/// The state to serve: the store's, or one started from --init-config, or recovered.
+async fn starting_state(
+    settings: &ServeSettings,
+    store: &store::Store,
+) -> Result<(Saved, store::Revision), CliError> {
+    let shown = store.describe();
     if let Some(path) = &settings.recover_config {
-        let saved = state_file
+        let (saved, revision) = store
             .recover(read_config(path)?)
+            .await
             .map_err(|err| fail(err.to_string()))?;
         eprintln!(
-            "canaryctl: state {state_path} recovered with {path}: version {}",
+            "canaryctl: {shown} recovered with {path}: version {}",
             saved.desired.version
         );
-        return Ok(saved);
+        return Ok((saved, revision));
     }
-    if let Some(saved) = state_file.load().map_err(|err| fail(err.to_string()))? {
+    if let Some((saved, revision)) = store.load().await.map_err(|err| fail(err.to_string()))? {
         eprintln!(
-            "canaryctl: state {state_path}: version {}, {} Envoys known",
+            "canaryctl: {shown}: version {}, {} Envoys known",
             saved.desired.version,
             saved.fleet.len()
         );
-        return Ok(saved);
+        return Ok((saved, revision));
     }
     let path = settings.init_config.as_deref().ok_or_else(|| {
         fail(format!(
-            "no state file at {state_path}: give --init-config FILE to start one"
+            "no state in {shown}: give --init-config FILE to start one"
         ))
     })?;
     let saved = Saved {
@@ -624,11 +737,63 @@ fn starting_state(settings: &ServeSettings) -> Result<Saved, CliError> {
         fleet: Vec::new(),
         rollouts: Vec::new(),
     };
-    state_file
-        .save(&saved.desired, &saved.fleet, &saved.rollouts)
-        .map_err(|err| fail(err.to_string()))?;
-    eprintln!("canaryctl: state {state_path} started from {path}: version 1");
-    Ok(saved)
+    match store
+        .create(&saved)
+        .await
+        .map_err(|err| fail(err.to_string()))?
+    {
+        Some(revision) => {
+            eprintln!("canaryctl: {shown} started from {path}: version 1");
+            Ok((saved, revision))
+        }
+        // Another replica started it first: serve what it stored.
+        None => match store.load().await.map_err(|err| fail(err.to_string()))? {
+            Some((saved, revision)) => {
+                eprintln!(
+                    "canaryctl: {shown}: version {} (started by another replica; --init-config {path} not used)",
+                    saved.desired.version
+                );
+                Ok((saved, revision))
+            }
+            None => Err(fail(format!("{shown}: the state vanished while starting"))),
+        },
+    }
+}
+
+/// `canaryctl store migrate`: the state file's config, rollouts and fleet, copied into etcd as they are.
+async fn migrate_store(args: &StoreArgs) -> Result<(), CliError> {
+    if args.store.is_none() {
+        return Err(fail(
+            "store migrate: give --store etcd://host:port,… (where to copy --state to)",
+        ));
+    }
+    let from = StateFile::new(&args.state);
+    let saved = from
+        .load()
+        .map_err(|err| fail(err.to_string()))?
+        .ok_or_else(|| fail(format!("store migrate: no state file at {}", args.state)))?;
+    let etcd = open_store(args, "migrated").await?;
+    match etcd
+        .create(&saved)
+        .await
+        .map_err(|err| fail(err.to_string()))?
+    {
+        Some(revision) => {
+            println!(
+                "copied {} (version {}, {} rollouts, {} Envoys known) into {} at revision {revision}",
+                args.state,
+                saved.desired.version,
+                saved.rollouts.len(),
+                saved.fleet.len(),
+                etcd.describe()
+            );
+            Ok(())
+        }
+        None => Err(fail(format!(
+            "store migrate: {} already holds a state: nothing was copied (remove its keys first if it should be replaced)",
+            etcd.describe()
+        ))),
+    }
 }
 
 async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), CliError> {
@@ -658,7 +823,14 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
             "--forget-after must be at least --fleet-window: an Envoy of the fleet cannot be forgotten",
         ));
     }
-    let saved = starting_state(&settings)?;
+    let replica = settings.replica_name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "canaryctl".to_string());
+        format!("{host}:{}", admin_addr.port())
+    });
+    let store = Arc::new(open_store(&settings.store, &replica).await?);
+    let started = starting_state(&settings, &store).await?;
     if let Some(prometheus) = &settings.prometheus {
         eprintln!(
             "canaryctl: rollouts with --evidence prometheus query {}",
@@ -668,14 +840,19 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
     let server = Arc::new(
         Server::new(
             settings.filter,
-            StateFile::new(&settings.state),
-            saved,
+            store.clone(),
+            started,
             settings.fleet,
             token,
             tls.clone(),
         )
         .with_prometheus(settings.prometheus)
-        .with_max_report_rate(settings.max_report_rate),
+        .with_max_report_rate(settings.max_report_rate)
+        .with_leadership(if store.shared() {
+            leader::Leadership::replica(&replica)
+        } else {
+            leader::Leadership::alone()
+        }),
     );
 
     let admin_listener = tokio::net::TcpListener::bind(admin_addr)
@@ -695,6 +872,27 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
         );
     }
     eprintln!("canaryctl: serving ADS on {xds_addr}, admin API on http://{admin_addr}");
+    if store.shared() {
+        let announce = serde_json::to_vec(&json!({
+            "replica": replica,
+            "admin": format!("http://{admin_addr}"),
+            "xds": xds_addr.to_string(),
+            "started_unix": state::now_unix(),
+        }))
+        .unwrap_or_default();
+        tokio::spawn(
+            server
+                .leadership
+                .clone()
+                .campaign(store.clone(), settings.lease, announce),
+        );
+        tokio::spawn(server.clone().follow_store());
+        eprintln!(
+            "canaryctl: replica {replica} of {}: rollouts are judged by the replica holding the lead (lease {})",
+            store.describe(),
+            humantime::format_duration(settings.lease)
+        );
+    }
     tokio::spawn(server.clone().keep_fleet());
     tokio::spawn(reload_tls(server.clone()));
     tokio::spawn(server.clone().run_rollouts());

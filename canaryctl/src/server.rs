@@ -15,9 +15,11 @@ use crate::availability::{Availability, Hosts};
 use crate::coverage::LastReports;
 use crate::findings::{Events, Signature};
 use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, RefusedPeer, RefusedPeers};
+use crate::leader::Leadership;
 use crate::prometheus::{Counters, Prometheus};
 use crate::rollout::{Action, Rollout, Source};
-use crate::state::{now_unix, Changes, Desired, Saved, StateError, StateFile};
+use crate::state::{now_unix, Changes, Desired, Saved, StateError};
+use crate::store::{Fence, Revision, SaveError, Store};
 use crate::tls::{Refused, TlsState};
 use canary_router::config::RawConfig;
 
@@ -129,11 +131,22 @@ fn durable_by_default() -> bool {
 }
 
 /// Who makes a change: an operator's config write (`set`, `apply`, `rollback`, `promote`, a rollout's abort or
-/// promote) is the word that ends a hold on a fleet ahead of the state; a rollout's own tick is not.
+/// promote) is the word that ends a hold on a fleet ahead of the state; a rollout's start, pause or resume is
+/// not; the judge's tick is not either, and is written only while this replica leads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Writer {
     Operator,
     Rollout,
+    Judge,
+}
+
+/// A write that found the store changed by another replica is made again from the new state, this many times.
+const MAX_WRITE_ATTEMPTS: usize = 8;
+
+/// One attempt of a write: refused for good, or to be made again from the store's newer state.
+enum Attempt {
+    Refused(StateError),
+    Conflict,
 }
 
 pub struct Server {
@@ -141,9 +154,14 @@ pub struct Server {
     pub metrics: Metrics,
     pub fleet_settings: FleetSettings,
     token: Option<String>,
-    state_file: StateFile,
+    /// Where the state is kept: a state file, or etcd shared with other replicas.
+    pub store: Arc<Store>,
+    /// The store's revision of the state this replica serves (its writes are made from it).
+    revision: Mutex<Revision>,
+    /// Whether this replica judges the rollouts.
+    pub leadership: Arc<Leadership>,
     desired: watch::Sender<Arc<Desired>>,
-    /// Serialises writes of the state file, so two operators cannot both edit version N.
+    /// Serialises this replica's writes (the store's revision guard serialises replicas').
     write_lock: tokio::sync::Mutex<()>,
     /// Nodes that reported without an ADS stream, since when (see [`Server::admit_report`]).
     unsubscribed_since: Mutex<BTreeMap<String, u64>>,
@@ -223,8 +241,8 @@ pub const HOSTS_FRESH_S: u64 = 5;
 impl Server {
     pub fn new(
         filter: FilterSettings,
-        state_file: StateFile,
-        saved: Saved,
+        store: Arc<Store>,
+        (saved, revision): (Saved, Revision),
         fleet_settings: FleetSettings,
         token: Option<String>,
         tls: Option<Arc<TlsState>>,
@@ -240,7 +258,9 @@ impl Server {
             metrics: Metrics::default(),
             fleet_settings,
             token,
-            state_file,
+            store,
+            revision: Mutex::new(revision),
+            leadership: Leadership::alone(),
             desired,
             write_lock: tokio::sync::Mutex::new(()),
             unsubscribed_since: Mutex::new(BTreeMap::new()),
@@ -271,6 +291,12 @@ impl Server {
             max_report_rate: DEFAULT_MAX_REPORT_RATE,
             refused_logged: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Rollouts are judged only while `leadership` leads (replicas sharing etcd).
+    pub fn with_leadership(mut self, leadership: Arc<Leadership>) -> Self {
+        self.leadership = leadership;
+        self
     }
 
     /// Reports beyond `rate` requests a second per Envoy and cluster are refused.
@@ -421,6 +447,11 @@ impl Server {
         }
     }
 
+    /// The store's revision of the state served here.
+    pub fn revision(&self) -> Revision {
+        *lock(&self.revision)
+    }
+
     pub fn desired(&self) -> Arc<Desired> {
         self.desired.borrow().clone()
     }
@@ -441,28 +472,68 @@ impl Server {
 
     /// Apply an edit to the desired config and the rollouts together: validated by the edit, saved durably
     /// in one write (so a restart never finds a rollout at one step and the config at another), then pushed to
-    /// every subscribed Envoy. Nothing is saved or pushed when the edit is refused or changes nothing.
+    /// every subscribed Envoy. Nothing is saved or pushed when the edit is refused or changes nothing. When
+    /// another replica wrote first, the state is read again and the edit made again from it: no update is lost.
     ///
     /// When the state cannot be saved, a change that only takes canary traffic away (a rollback) is still
     /// pushed and answered as not durable; one that may add canary traffic is refused until it can be saved.
     /// While the fleet is ahead of the state, an operator's write is pushed as a version past the fleet's (even
-    /// when the config is unchanged) and ends the hold.
+    /// when the config is unchanged) and ends the hold. The judge's writes are made only while this replica
+    /// leads, and are conditioned on it in the store.
     pub async fn change(
         &self,
         by: Writer,
-        edit: impl FnOnce(
+        mut edit: impl FnMut(
             &RawConfig,
             &mut BTreeMap<String, Rollout>,
         ) -> Result<(RawConfig, Changes), StateError>,
     ) -> Result<WriteOutcome, StateError> {
+        let fence = match by {
+            Writer::Judge => match self.leadership.judge() {
+                Some(fence) => fence,
+                None => return Err(StateError::NotLeader),
+            },
+            _ => None,
+        };
         let _guard = self.write_lock.lock().await;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.change_once(by, &mut edit, fence.as_ref()).await {
+                Err(Attempt::Conflict) if attempt < MAX_WRITE_ATTEMPTS => {
+                    // Another replica wrote: read what it wrote and make the edit again from there.
+                    if let Err(err) = self.catch_up_locked().await {
+                        return Err(err);
+                    }
+                }
+                Err(Attempt::Conflict) => {
+                    return Err(StateError::Io(format!(
+                    "{}: the state changed under this write {attempt} times in a row: try again",
+                    self.store.describe()
+                )))
+                }
+                Err(Attempt::Refused(err)) => return Err(err),
+                Ok(outcome) => return Ok(outcome),
+            }
+        }
+    }
+
+    async fn change_once(
+        &self,
+        by: Writer,
+        edit: &mut impl FnMut(
+            &RawConfig,
+            &mut BTreeMap<String, Rollout>,
+        ) -> Result<(RawConfig, Changes), StateError>,
+        fence: Option<&Fence>,
+    ) -> Result<WriteOutcome, Attempt> {
         let current = self.desired();
         let mut rollouts = lock(&self.rollouts).clone();
         let (config, mut changes) = match edit(&current.config, &mut rollouts) {
             Ok(result) => result,
             Err(err) => {
                 Metrics::bump(&self.metrics.writes_refused);
-                return Err(err);
+                return Err(Attempt::Refused(err));
             }
         };
         let ahead = lock(&self.ahead).clone();
@@ -501,20 +572,24 @@ impl Server {
             rollout.change_pending = false;
             rollout.change_version = Some(next.version);
         }
-        let known = self.fleet().known(now_unix());
         let saved_rollouts: Vec<Rollout> = rollouts.values().cloned().collect();
-        let warning = match self.persist(&next, &known, &saved_rollouts) {
+        let warning = match self.persist(&next, &saved_rollouts, fence).await {
             Ok(()) => None,
-            Err(err) => {
+            Err(SaveError::Conflict) => return Err(Attempt::Conflict),
+            Err(SaveError::NotLeader) => {
+                self.leadership.deposed();
+                return Err(Attempt::Refused(StateError::NotLeader));
+            }
+            Err(SaveError::Failed(err)) => {
                 let line = self.unsaved().unwrap_or_else(|| err.to_string());
                 let adds_traffic = config_changed
                     && !crate::durability::only_lowers_canaries(&current.config, &next.config);
                 if adds_traffic {
                     Metrics::bump(&self.metrics.writes_refused);
-                    return Err(StateError::Unsaved(format!(
+                    return Err(Attempt::Refused(StateError::Unsaved(format!(
                         "{line}: refused a change that may add canary traffic until the state is saved \
                          (retried each second); a rollback or a lower percent is still applied"
-                    )));
+                    ))));
                 }
                 Some(line)
             }
@@ -540,28 +615,130 @@ impl Server {
         })
     }
 
-    /// Saves the state, keeping track of whether the file holds what is served (logged, and shown in
+    /// Saves the state, keeping track of whether the store holds what is served (logged, and shown in
     /// `status` and `/metrics`).
-    fn persist(
+    async fn persist(
         &self,
         desired: &Desired,
-        known: &[crate::fleet::KnownEnvoy],
         rollouts: &[Rollout],
-    ) -> Result<(), StateError> {
+        fence: Option<&Fence>,
+    ) -> Result<(), SaveError> {
         let now = now_unix();
-        match self.state_file.save(desired, known, rollouts) {
-            Ok(()) => {
+        let expected = *lock(&self.revision);
+        let known = self.fleet().known(now);
+        match self
+            .store
+            .save(desired, &known, rollouts, expected, fence)
+            .await
+        {
+            Ok(revision) => {
+                *lock(&self.revision) = revision;
                 if let Some(line) = lock(&self.durability).saved(now, desired.version) {
                     eprintln!("canaryctl: {line}");
                 }
                 Ok(())
             }
-            Err(err) => {
+            Err(SaveError::Failed(err)) => {
                 Metrics::bump(&self.metrics.save_failures);
                 if let Some(line) = lock(&self.durability).failed(now, &err.to_string()) {
                     eprintln!("canaryctl: {line}");
                 }
-                Err(err)
+                Err(SaveError::Failed(err))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Reads the store's state and serves it when it is newer than this replica's (the write lock held).
+    async fn catch_up_locked(&self) -> Result<(), StateError> {
+        match self.store.load().await? {
+            Some((saved, revision)) => {
+                self.adopt_locked(saved, revision, "read again after a concurrent write");
+                Ok(())
+            }
+            None => Err(StateError::Io(format!(
+                "{}: the state is gone from the store",
+                self.store.describe()
+            ))),
+        }
+    }
+
+    /// Serves a state written to the store by another replica (or read again), when newer than this one's:
+    /// its config is pushed to this replica's Envoys, its rollouts replace this replica's. The write lock held.
+    fn adopt_locked(&self, saved: Saved, revision: Revision, why: &str) -> bool {
+        {
+            let mut current = lock(&self.revision);
+            if revision <= *current {
+                return false;
+            }
+            *current = revision;
+        }
+        *lock(&self.rollouts) = saved
+            .rollouts
+            .into_iter()
+            .map(|r| (r.plan.rollout.clone(), r))
+            .collect();
+        let now = now_unix();
+        if let Some(line) = lock(&self.durability).saved(now, saved.desired.version) {
+            eprintln!(
+                "canaryctl: {line}; this replica's unsaved change is replaced by the store's (revision {revision})"
+            );
+        }
+        if *self.desired() != saved.desired {
+            eprintln!(
+                "canaryctl: version {} from the store ({why}, revision {revision})",
+                saved.desired.version
+            );
+            self.desired.send_replace(Arc::new(saved.desired));
+        }
+        true
+    }
+
+    /// Follows the store (etcd): every state another replica writes is served here within one watch round
+    /// trip. Runs until the process ends; when the watch breaks (etcd unreachable, history compacted), the state
+    /// is read again and the watch started over.
+    pub async fn follow_store(self: Arc<Self>) {
+        let Store::Etcd(etcd) = &*self.store else {
+            return;
+        };
+        let mut last_error = String::new();
+        loop {
+            let after = *lock(&self.revision);
+            let result = async {
+                let mut watch = etcd.watch_state(after).await?;
+                loop {
+                    for (state, revision) in watch.next().await? {
+                        match state {
+                            Ok(saved) => {
+                                let _guard = self.write_lock.lock().await;
+                                self.adopt_locked(saved, revision, "written by another replica");
+                            }
+                            Err(err) => eprintln!(
+                                "canaryctl: refused the state at revision {revision} of the store, the previous one keeps serving: {err}"
+                            ),
+                        }
+                    }
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), StateError>(())
+            }
+            .await;
+            if let Err(err) = result {
+                let line = err.to_string();
+                // Said once per kind of failure, not once per member tried.
+                let kind = line.split(':').take(2).collect::<String>();
+                if kind != last_error {
+                    last_error = kind;
+                    eprintln!("canaryctl: following the store: {line}; retrying each second");
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Whatever the watch missed (a compaction, a long partition): read the state again.
+            if let Ok(Some((saved, revision))) = self.store.load().await {
+                let _guard = self.write_lock.lock().await;
+                if self.adopt_locked(saved, revision, "read again after the watch broke") {
+                    last_error.clear();
+                }
             }
         }
     }
@@ -802,8 +979,9 @@ impl Server {
                 .filter(|r| !r.phase.finished())
                 .cloned()
                 .collect();
-            // The fleet serves a newer version than the state: nothing moves until an operator writes.
-            if active.is_empty() || self.holding() {
+            // The fleet serves a newer version than the state: nothing moves until an operator writes. Another
+            // replica leads: it judges.
+            if active.is_empty() || self.holding() || self.leadership.judge().is_none() {
                 continue;
             }
             // Unsaved, a step would be forgotten by a restart: tests still run, steps wait.
@@ -817,7 +995,7 @@ impl Server {
                     .await;
                 let now = now_unix();
                 let result = self
-                    .change(Writer::Rollout, |config, rollouts| {
+                    .change(Writer::Judge, |config, rollouts| {
                         let Some(rollout) = rollouts.get_mut(&name) else {
                             return Ok((config.clone(), Vec::new()));
                         };
@@ -880,13 +1058,15 @@ impl Server {
                         }
                     }
                     Ok(_) => {}
+                    // Said once by the leadership.
+                    Err(StateError::NotLeader) => break,
                     Err(err) => eprintln!("canaryctl: rollout {name}: {err}"),
                 }
             }
         }
     }
 
-    /// Keeps the state file's fleet current: saves it when it changed, forgets Envoys gone too long, and
+    /// Keeps the stored fleet current: saves it when it changed, forgets Envoys gone too long, and
     /// refreshes the connected Envoys' last-seen time once a minute. Runs until the process ends.
     pub async fn keep_fleet(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -908,12 +1088,38 @@ impl Server {
                 fleet.take_dirty() || refresh
             };
             // A state that could not be saved is retried each second, whatever else happened.
-            if save || self.unsaved().is_some() {
+            if self.unsaved().is_some() {
                 let _guard = self.write_lock.lock().await;
-                let known = self.fleet().known(now);
                 let rollouts = self.rollouts();
-                // A failure is logged and shown by persist.
-                let _ = self.persist(&self.desired(), &known, &rollouts);
+                // A failure is logged and shown by persist; another replica's newer state replaces this one's.
+                if let Err(SaveError::Conflict) =
+                    self.persist(&self.desired(), &rollouts, None).await
+                {
+                    let _ = self.catch_up_locked().await;
+                }
+            }
+            if save {
+                let known = self.fleet().known(now);
+                if let Err(err) = self.store.save_fleet(&known).await {
+                    Metrics::bump(&self.metrics.save_failures);
+                    if let Some(line) = lock(&self.durability).failed(now, &err.to_string()) {
+                        eprintln!("canaryctl: {line}");
+                    }
+                }
+            }
+            // Shared with other replicas, a hold on a fleet ahead of this replica's state may only be this replica
+            // being behind the store: read it.
+            if self.store.shared() && self.holding() {
+                let _guard = self.write_lock.lock().await;
+                let _ = self.catch_up_locked().await;
+                let version = self.desired().version;
+                let mut ahead = lock(&self.ahead);
+                if ahead.as_ref().is_some_and(|a| a.fleet_version <= version) {
+                    *ahead = None;
+                    eprintln!(
+                        "canaryctl: hold ended: the store holds version {version}, what the fleet serves"
+                    );
+                }
             }
         }
     }
@@ -1217,8 +1423,10 @@ mod tests {
                 name: "canary-router".to_string(),
                 artifact: Artifact::Wasm("x.wasm".to_string()),
             },
-            StateFile::new(state),
-            saved,
+            Arc::new(Store::File(crate::store::file::FileStore::new(
+                crate::state::StateFile::new(state),
+            ))),
+            (saved, 1),
             FleetSettings {
                 window: Duration::from_secs(60),
                 forget_after: Duration::from_secs(3600),
@@ -1231,10 +1439,8 @@ mod tests {
 
     fn set(
         percent: &'static str,
-    ) -> impl FnOnce(
-        &RawConfig,
-        &mut BTreeMap<String, Rollout>,
-    ) -> Result<(RawConfig, Changes), StateError> {
+    ) -> impl FnMut(&RawConfig, &mut BTreeMap<String, Rollout>) -> Result<(RawConfig, Changes), StateError>
+    {
         move |config, _| {
             crate::state::set_percents(config, "web", &[("v2".to_string(), percent.to_string())])
         }
@@ -1391,5 +1597,23 @@ mod tests {
         let events = events_of(&failures, &rollout);
         let only = events.values().next().unwrap();
         assert_eq!((only.stable, only.canary), (0, 3));
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_does_not_lead_writes_no_judgement_but_operators_still_write() {
+        let dir = std::env::temp_dir().join(format!("canaryctl-follower-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let server = server(&dir.join("state.json"), "20")
+            .with_leadership(crate::leader::Leadership::replica("b"));
+        let refused = server.change(Writer::Judge, set("50")).await.unwrap_err();
+        assert_eq!(refused, StateError::NotLeader);
+        assert_eq!(server.desired().version, 5, "nothing written");
+        let outcome = server.change(Writer::Operator, set("50")).await.unwrap();
+        assert!(outcome.changed && outcome.version == 6, "{outcome:?}");
+        let view = server.leadership.view();
+        assert_eq!((view.role, view.leader), ("follower", None));
+        // The only replica (a state file) always judges, unfenced.
+        assert_eq!(crate::leader::Leadership::alone().judge(), Some(None));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

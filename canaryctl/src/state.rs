@@ -37,6 +37,8 @@ pub enum StateError {
     Io(String),
     /// The state cannot be saved, and the change would add canary traffic: refused until it can.
     Unsaved(String),
+    /// A judge's write after this replica lost the lead: nothing was written.
+    NotLeader,
     /// The state file is fine but the config it holds is refused by this build's validation (saved by an
     /// older canaryctl, or edited by hand): reported as that, with the way to recover.
     SavedConfigRefused {
@@ -53,6 +55,9 @@ impl fmt::Display for StateError {
             StateError::Edit(msg) | StateError::Io(msg) | StateError::Unsaved(msg) => {
                 f.write_str(msg)
             }
+            StateError::NotLeader => f.write_str(
+                "this replica no longer leads the rollouts: the write was not made (the leader judges)",
+            ),
             StateError::SavedConfigRefused {
                 path,
                 version,
@@ -107,6 +112,9 @@ pub fn config_from_value(value: serde_json::Value) -> Result<RawConfig, StateErr
 /// The state file as written: the desired state, the fleet, and the progressive rollouts.
 #[derive(Serialize)]
 struct Stored<'a> {
+    /// The replica that wrote it (a store shared by replicas), for whoever reads the store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    written_by: Option<&'a str>,
     version: u64,
     updated_at_unix: u64,
     config: &'a RawConfig,
@@ -118,6 +126,10 @@ struct Stored<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Loaded {
+    #[serde(default)]
+    #[allow(dead_code)]
+    // read to be accepted; what a replica serves does not depend on who wrote it
+    written_by: Option<String>,
     version: u64,
     updated_at_unix: u64,
     config: serde_json::Value,
@@ -152,6 +164,10 @@ impl StateFile {
         self.path.display().to_string()
     }
 
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     /// The saved state, `None` when there is no file yet. A file that does not parse, or whose config is
     /// refused, is an error: starting from nothing would silently drop what operators set.
     pub fn load(&self) -> Result<Option<Saved>, StateError> {
@@ -173,60 +189,17 @@ impl StateFile {
             Err(err) => return Err(StateError::Io(format!("{}: {err}", self.shown()))),
         };
         self.keep_private();
-        let loaded: Loaded = serde_json::from_slice(&bytes).map_err(|err| {
-            StateError::Io(format!(
-                "{}: not a canaryctl state file: {}",
-                self.shown(),
-                canary_router::text::one_line(&err.to_string(), canary_router::text::MAX_LINE)
-            ))
-        })?;
-        let refused = |reason: String| StateError::SavedConfigRefused {
-            path: self.shown(),
-            version: loaded.version,
-            reason,
-        };
-        let mut loaded_config = loaded.config;
-        for line in migrate(&mut loaded_config) {
-            eprintln!("canaryctl: {}: {line}", self.shown());
-        }
-        let config = config::from_value(loaded_config).map_err(|err| refused(err.to_string()))?;
-        config.validate().map_err(|err| refused(err.to_string()))?;
-        let mut rollouts = loaded.rollouts;
-        for rollout in &mut rollouts {
-            rollout.findings.number_legacy();
-            if let Some(line) = rollout.recover_non_finite(now_unix()) {
-                eprintln!("canaryctl: {}: {line}", self.shown());
-            }
-        }
-        Ok(Some(Saved {
-            desired: Desired {
-                version: loaded.version,
-                updated_at_unix: loaded.updated_at_unix,
-                config,
-            },
-            fleet: loaded.fleet,
-            rollouts,
-        }))
+        decode(&bytes, &self.shown()).map(Some)
     }
 
     /// A state file whose config is refused, with `config` in its place as the next version; its version
     /// count and fleet are kept. Refused when the file is missing, unreadable, or its config is valid.
     pub fn recover(&self, config: RawConfig) -> Result<Saved, StateError> {
         match self.load() {
-            Err(StateError::SavedConfigRefused { version, .. }) => {
+            Err(StateError::SavedConfigRefused { .. }) => {
                 let bytes = std::fs::read(&self.path)
                     .map_err(|err| StateError::Io(format!("{}: {err}", self.shown())))?;
-                let loaded: Loaded = serde_json::from_slice(&bytes)
-                    .map_err(|err| StateError::Io(format!("{}: {err}", self.shown())))?;
-                let saved = Saved {
-                    desired: Desired {
-                        version: version + 1,
-                        updated_at_unix: now_unix(),
-                        config,
-                    },
-                    fleet: loaded.fleet,
-                    rollouts: loaded.rollouts,
-                };
+                let saved = recovered(&bytes, &self.shown(), config)?;
                 self.save(&saved.desired, &saved.fleet, &saved.rollouts)?;
                 Ok(saved)
             }
@@ -286,28 +259,8 @@ impl StateFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "state".to_string());
-        // JSON has no such numbers (they would be saved as null): never write a state it cannot restart from.
-        if let Some((rollout, found)) = rollouts
-            .iter()
-            .map(|r| (r, r.non_finite()))
-            .find(|(_, found)| !found.is_empty())
-        {
-            return Err(StateError::Io(format!(
-                "cannot save the state: rollout {}: {} evidence is not a finite number",
-                rollout.plan.rollout,
-                found.join(", ")
-            )));
-        }
+        let body = encode(desired, fleet, rollouts, None)?;
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let stored = Stored {
-            version: desired.version,
-            updated_at_unix: desired.updated_at_unix,
-            config: &desired.config,
-            fleet,
-            rollouts,
-        };
-        let body = serde_json::to_vec_pretty(&stored)
-            .map_err(|err| StateError::Io(format!("cannot encode the state: {err}")))?;
         let result = (|| {
             let mut options = std::fs::OpenOptions::new();
             options.write(true).create(true).truncate(true);
@@ -315,7 +268,6 @@ impl StateFile {
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             let mut file = options.open(&tmp)?;
             file.write_all(&body)?;
-            file.write_all(b"\n")?;
             file.sync_all()?;
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(&dir)?.sync_all()
@@ -325,6 +277,95 @@ impl StateFile {
         }
         result.map_err(io)
     }
+}
+
+/// A state as stored (a state file, or a store's value): the desired state, the fleet, the rollouts. Refused
+/// when one of the rollouts' evidence is not a finite number: JSON has no such numbers (they would be saved as
+/// null), and a state that cannot be restarted from is never written.
+pub fn encode(
+    desired: &Desired,
+    fleet: &[KnownEnvoy],
+    rollouts: &[Rollout],
+    written_by: Option<&str>,
+) -> Result<Vec<u8>, StateError> {
+    if let Some((rollout, found)) = rollouts
+        .iter()
+        .map(|r| (r, r.non_finite()))
+        .find(|(_, found)| !found.is_empty())
+    {
+        return Err(StateError::Io(format!(
+            "cannot save the state: rollout {}: {} evidence is not a finite number",
+            rollout.plan.rollout,
+            found.join(", ")
+        )));
+    }
+    let stored = Stored {
+        written_by,
+        version: desired.version,
+        updated_at_unix: desired.updated_at_unix,
+        config: &desired.config,
+        fleet,
+        rollouts,
+    };
+    let mut body = serde_json::to_vec_pretty(&stored)
+        .map_err(|err| StateError::Io(format!("cannot encode the state: {err}")))?;
+    body.push(b'\n');
+    Ok(body)
+}
+
+/// A stored state read back (`shown`: where it was read, for messages). One that does not parse is an error;
+/// one whose config this build refuses is [`StateError::SavedConfigRefused`]. A config saved by an older
+/// canaryctl is migrated, and older rollouts' evidence recovered, each said in a line of the log.
+pub fn decode(bytes: &[u8], shown: &str) -> Result<Saved, StateError> {
+    let loaded: Loaded = serde_json::from_slice(bytes).map_err(|err| {
+        StateError::Io(format!(
+            "{shown}: not a canaryctl state: {}",
+            canary_router::text::one_line(&err.to_string(), canary_router::text::MAX_LINE)
+        ))
+    })?;
+    let refused = |reason: String| StateError::SavedConfigRefused {
+        path: shown.to_string(),
+        version: loaded.version,
+        reason,
+    };
+    let mut loaded_config = loaded.config;
+    for line in migrate(&mut loaded_config) {
+        eprintln!("canaryctl: {shown}: {line}");
+    }
+    let config = config::from_value(loaded_config).map_err(|err| refused(err.to_string()))?;
+    config.validate().map_err(|err| refused(err.to_string()))?;
+    let mut rollouts = loaded.rollouts;
+    for rollout in &mut rollouts {
+        rollout.findings.number_legacy();
+        if let Some(line) = rollout.recover_non_finite(now_unix()) {
+            eprintln!("canaryctl: {shown}: {line}");
+        }
+    }
+    Ok(Saved {
+        desired: Desired {
+            version: loaded.version,
+            updated_at_unix: loaded.updated_at_unix,
+            config,
+        },
+        fleet: loaded.fleet,
+        rollouts,
+    })
+}
+
+/// A stored state whose config is refused, with `config` in its place as the next version; its version count,
+/// fleet and rollouts are kept.
+pub fn recovered(bytes: &[u8], shown: &str, config: RawConfig) -> Result<Saved, StateError> {
+    let loaded: Loaded =
+        serde_json::from_slice(bytes).map_err(|err| StateError::Io(format!("{shown}: {err}")))?;
+    Ok(Saved {
+        desired: Desired {
+            version: loaded.version + 1,
+            updated_at_unix: now_unix(),
+            config,
+        },
+        fleet: loaded.fleet,
+        rollouts: loaded.rollouts,
+    })
 }
 
 /// Brings a config saved by an older canaryctl to today's contract, saying what changed. The removed
@@ -983,7 +1024,7 @@ mod tests {
             .load()
             .unwrap_err()
             .to_string()
-            .contains("not a canaryctl state file"));
+            .contains("not a canaryctl state"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1011,7 +1052,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("--recover-config FILE") && !text.contains("not a canaryctl state file"),
+            text.contains("--recover-config FILE") && !text.contains("not a canaryctl state"),
             "{text}"
         );
         let before = std::fs::read(&path).unwrap();

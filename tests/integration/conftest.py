@@ -136,3 +136,30 @@ def prometheus(processes):
         return server
 
     return start
+
+
+@pytest.fixture
+def etcd(processes):
+    """etcd(size=3) -> a real etcd cluster on loopback (its members stopped after the test, their logs printed
+    if it failed)."""
+
+    def start(size=3):
+        cluster = lab.EtcdCluster(tempfile.mkdtemp(prefix="etcd-test-"), size=size)
+        processes.extend(cluster.members)
+        return cluster.start()
+
+    return start
+
+
+@pytest.fixture
+def replica(processes):
+    """replica(store_url, name, init_config=None, workdir=None, extra_args=None) -> a started `canaryctl serve`
+    sharing the etcd store `store_url` with other replicas."""
+
+    def start(store, name, init_config=None, workdir=None, extra_args=None, token=None):
+        server = lab.Canaryctl(workdir or tempfile.mkdtemp(prefix=f"canaryctl-{name}-"), init_config=init_config,
+                               store=store, replica=name, extra_args=extra_args, token=token)
+        processes.append(server)
+        return server.start()
+
+    return start

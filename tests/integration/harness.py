@@ -110,14 +110,16 @@ class Envoy(lab.EnvoyProcess):
 
     def __init__(self, bootstrap: str, upstream_ports: dict[str, int], plugin_config: str | None = None,
                  workers: int = 2, xds_port: int = 18000, node_id: str | None = None, native: str = NATIVE,
-                 artifact: str = "wasm", tls: dict | None = None, cluster: str = "edge", edit=None):
+                 artifact: str = "wasm", tls: dict | None = None, cluster: str = "edge", edit=None,
+                 xds_replicas: list[int] | None = None):
+        """`xds_replicas`: canaryctl replicas' xDS ports, in this Envoy's order of preference."""
         workdir = tempfile.mkdtemp(prefix="canary-router-test-")
         hold = lab.PortHold()  # the listener's port, held until Envoy listens on it
         self.port = hold.port
         self.ecds_dir = os.path.join(workdir, "ecds")
         os.makedirs(self.ecds_dir)
         where = lab.FrontAddresses(listener_port=self.port, admin_port=0,
-                                   upstream_ports=upstream_ports, xds_port=xds_port)
+                                   upstream_ports=upstream_ports, xds_port=xds_port, xds_replicas=xds_replicas)
         self.native = native if artifact == "native" else None
         text = lab.render_front(bootstrap, where, ecds_dir=self.ecds_dir, plugin_config=plugin_config, native=native,
                                 native_ecds=self.native is not None, tls=tls)

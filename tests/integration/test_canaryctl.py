@@ -389,7 +389,7 @@ def test_serve_refuses_to_start_without_state_with_a_bad_one_or_open_to_the_netw
     assert not (tmp_path / "s.json").exists(), "refused before touching the state"
     (tmp_path / "broken.json").write_text('{"version": 3')
     result = serve("--state", str(tmp_path / "broken.json"))
-    assert result.returncode == 1 and "not a canaryctl state file" in result.stderr, result.stderr
+    assert result.returncode == 1 and "not a canaryctl state" in result.stderr, result.stderr
     token_file = tmp_path / "token"
     token_file.write_text("\n")
     result = serve("--state", str(tmp_path / "s.json"), "--init-config", str(good), "--token-file", str(token_file))
@@ -409,7 +409,7 @@ def test_a_state_file_holding_a_refused_config_is_reported_and_recovered_without
     result = subprocess.run([lab.CANARYCTL, "serve", "--xds", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                              "--state", str(state)], capture_output=True, text=True, timeout=10, env=env)
     assert result.returncode == 1, result.stderr
-    assert "not a canaryctl state file" not in result.stderr
+    assert "not a canaryctl state" not in result.stderr
     assert ("the config saved as version 9 is refused: rollouts[0].canaries[0].percent: 0.30000000000000004 is "
             "not allowed") in result.stderr, result.stderr
     assert "--recover-config FILE" in result.stderr and result.stderr.count("\n") == 1
