@@ -571,6 +571,10 @@ class Canaryctl(ManagedProcess):
     def status(self) -> dict:
         return self.api("/v1/status")
 
+    def envoys_connected(self) -> list[str]:
+        """The node ids of the connected Envoys in this server's fleet view."""
+        return [e["node_id"] for e in self.status()["envoys"] if e["link"] == "connected"]
+
     def wait_envoys(self, count: int, version: int | None = None, deadline_s: float = 30.0) -> dict:
         """Wait until `count` Envoys are connected and have applied `version` (default: the desired one)."""
         deadline = time.monotonic() + deadline_s

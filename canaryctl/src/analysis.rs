@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub const RATIOS: [f64; 6] = [1.25, 1.5, 2.0, 3.0, 5.0, 10.0];
 
 /// What one analysis tick saw since the previous one.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tick {
     pub stable_requests: u64,
     pub canary_requests: u64,

@@ -215,6 +215,7 @@ mod tests {
             acked_version: acked,
             nack: None,
             certificate: None,
+            replica: None,
         }
     }
 

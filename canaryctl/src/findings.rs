@@ -60,7 +60,7 @@ impl Origin {
 }
 
 /// What a failure is, without what changes between calls.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Signature {
     pub origin: Origin,
     /// "POST /checkout 503 UF upstream_reset_before_response_started{connection_failure}", or an app message

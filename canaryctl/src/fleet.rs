@@ -79,6 +79,9 @@ pub struct EnvoyStatus {
     pub nack: Option<Nack>,
     /// With mTLS: the URI SAN of its client certificate that allows this node id.
     pub certificate: Option<String>,
+    /// With replicas: the one it is (or was last) connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -247,6 +250,8 @@ impl Fleet {
                 at_unix: now,
             });
             entry.last_seen_unix = now;
+            // Other replicas show it too.
+            self.dirty = true;
         }
     }
 
@@ -314,6 +319,7 @@ impl Fleet {
                     acked_version: e.acked_version,
                     nack: e.nack.clone(),
                     certificate: e.certificate.clone(),
+                    replica: None,
                 }
             })
             .collect()
@@ -456,6 +462,68 @@ impl RefusedPeers {
     pub fn total(&self, reason: &str) -> u64 {
         self.totals.get(reason).copied().unwrap_or(0)
     }
+}
+
+/// What another replica published of its Envoys, and whether it is alive.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetDoc {
+    /// When the replica wrote it (unix seconds).
+    pub at_unix: u64,
+    pub envoys: Vec<EnvoyStatus>,
+}
+
+impl KnownEnvoy {
+    /// What a restarted replica remembers of an Envoy it published.
+    pub fn of(status: &EnvoyStatus) -> Self {
+        Self {
+            node_id: status.node_id.clone(),
+            cluster: status.cluster.clone(),
+            first_seen_unix: status.first_seen_unix,
+            last_seen_unix: status.last_seen_unix,
+            acked_version: status.acked_version,
+        }
+    }
+}
+
+/// The fleet as every replica sees it: this replica's Envoys and the others' (`remote`: each replica's
+/// document, and since when it is gone when its lease ended). One entry per node: a connected one wins
+/// (open streams add up: two connected entries are two Envoys with one id), else the one seen last. An Envoy
+/// a gone replica showed connected is reconnecting for `reconnect_grace` from when the replica went, then
+/// disconnected.
+pub fn merged<'a>(
+    local: Vec<EnvoyStatus>,
+    remote: impl IntoIterator<Item = (&'a FleetDoc, Option<u64>)>,
+    settings: &FleetSettings,
+    now: u64,
+) -> Vec<EnvoyStatus> {
+    let mut by_node: BTreeMap<String, EnvoyStatus> =
+        local.into_iter().map(|e| (e.node_id.clone(), e)).collect();
+    for (doc, gone_since) in remote {
+        for envoy in &doc.envoys {
+            let mut envoy = envoy.clone();
+            if let (Some(since), Link::Connected) = (gone_since, envoy.link) {
+                envoy.streams = 0;
+                envoy.disconnected_since_unix = Some(since);
+                envoy.link = if now.saturating_sub(since) < settings.reconnect_grace.as_secs() {
+                    Link::Reconnecting
+                } else {
+                    Link::Disconnected
+                };
+            }
+            match by_node.get_mut(&envoy.node_id) {
+                None => {
+                    by_node.insert(envoy.node_id.clone(), envoy);
+                }
+                Some(mine) => match (mine.link == Link::Connected, envoy.link == Link::Connected) {
+                    (true, true) => mine.streams = mine.streams.saturating_add(envoy.streams),
+                    (false, true) => *mine = envoy,
+                    (false, false) if envoy.last_seen_unix > mine.last_seen_unix => *mine = envoy,
+                    _ => {}
+                },
+            }
+        }
+    }
+    by_node.into_values().collect()
 }
 
 #[cfg(test)]
@@ -642,5 +710,70 @@ mod tests {
             3,
             "totals outlive the bounded list"
         );
+    }
+
+    fn seen(node: &str, link: Link, last_seen: u64, replica: &str) -> EnvoyStatus {
+        EnvoyStatus {
+            node_id: node.to_string(),
+            cluster: "edge".to_string(),
+            peer: String::new(),
+            link,
+            streams: u32::from(link == Link::Connected),
+            first_seen_unix: 1,
+            last_seen_unix: last_seen,
+            disconnected_since_unix: (link != Link::Connected).then_some(last_seen),
+            in_fleet: true,
+            sent_version: Some(3),
+            acked_version: Some(3),
+            nack: None,
+            certificate: None,
+            replica: Some(replica.to_string()),
+        }
+    }
+
+    #[test]
+    fn the_fleet_merged_over_replicas_shows_each_envoy_where_it_is_connected() {
+        let settings = FleetSettings {
+            window: Duration::from_secs(3600),
+            forget_after: Duration::from_secs(7200),
+            reconnect_grace: Duration::from_secs(10),
+        };
+        // front-1 moved from a to b; front-2 is on c, which died at 995; front-3 only a remembers.
+        let local = vec![
+            seen("front-1", Link::Disconnected, 900, "a"),
+            seen("front-3", Link::Disconnected, 950, "a"),
+        ];
+        let b = FleetDoc {
+            at_unix: 990,
+            envoys: vec![seen("front-1", Link::Connected, 990, "b")],
+        };
+        let c = FleetDoc {
+            at_unix: 980,
+            envoys: vec![seen("front-2", Link::Connected, 980, "c")],
+        };
+        let view = merged(local, [(&b, None), (&c, Some(995))], &settings, 1000);
+        let by = |node: &str| view.iter().find(|e| e.node_id == node).unwrap().clone();
+        assert_eq!(view.len(), 3);
+        assert_eq!(
+            (by("front-1").link, by("front-1").replica.as_deref()),
+            (Link::Connected, Some("b"))
+        );
+        assert_eq!(
+            by("front-2").link,
+            Link::Reconnecting,
+            "c went 5 s ago: within the grace"
+        );
+        assert_eq!(by("front-2").streams, 0);
+        assert_eq!(by("front-3").link, Link::Disconnected);
+        let later = merged(Vec::new(), [(&c, Some(995))], &settings, 1006);
+        assert_eq!(later[0].link, Link::Disconnected);
+        // One node id connected on two replicas: two Envoys share it, and the streams say so.
+        let twice = merged(
+            vec![seen("front-1", Link::Connected, 1000, "a")],
+            [(&b, None)],
+            &settings,
+            1000,
+        );
+        assert_eq!(twice[0].streams, 2);
     }
 }

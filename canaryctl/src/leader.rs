@@ -52,6 +52,8 @@ pub struct LeaderView {
 pub struct Leadership {
     replica: String,
     lead: Mutex<Lead>,
+    /// The lease this replica holds now (its entries in the store live with it).
+    lease: Mutex<Option<i64>>,
 }
 
 impl Leadership {
@@ -60,6 +62,7 @@ impl Leadership {
         Arc::new(Self {
             replica: String::new(),
             lead: Mutex::new(Lead::Alone),
+            lease: Mutex::new(None),
         })
     }
 
@@ -68,7 +71,28 @@ impl Leadership {
         Arc::new(Self {
             replica: name.to_string(),
             lead: Mutex::new(Lead::Following { leader: None }),
+            lease: Mutex::new(None),
         })
+    }
+
+    /// This replica's name (empty for the only one).
+    pub fn name(&self) -> &str {
+        &self.replica
+    }
+
+    /// The lease this replica holds, while it holds one.
+    pub fn lease(&self) -> Option<i64> {
+        *self
+            .lease
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_lease(&self, lease: Option<i64>) {
+        *self
+            .lease
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = lease;
     }
 
     fn lead(&self) -> std::sync::MutexGuard<'_, Lead> {
@@ -170,6 +194,7 @@ impl Leadership {
                     continue;
                 }
             };
+            self.set_lease(Some(lease));
             let member_key = store.key(&format!("replicas/{}", self.replica));
             if let Err(err) = store.put_leased(member_key, announce.clone(), lease).await {
                 say(&mut last_error, err.to_string());
@@ -288,6 +313,7 @@ impl Leadership {
                 }
             }
             // The lease is gone or going: stop judging now, and start over with a new one.
+            self.set_lease(None);
             let was_leading = matches!(*self.lead(), Lead::Leading { .. });
             *self.lead() = Lead::Following { leader: None };
             if was_leading {

@@ -10,6 +10,7 @@ mod availability;
 mod client;
 mod coverage;
 mod durability;
+mod evidence;
 mod findings;
 mod fleet;
 mod identity;

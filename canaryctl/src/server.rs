@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::analysis::{either_reported, Histogram, Tick};
 use crate::availability::{Availability, Hosts};
 use crate::coverage::LastReports;
+use crate::evidence::Partial;
 use crate::findings::{Events, Signature};
 use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, RefusedPeer, RefusedPeers};
 use crate::leader::Leadership;
@@ -191,6 +192,12 @@ pub struct Server {
     streams: Mutex<BTreeMap<String, [u32; 2]>>,
     /// When each node last sent a load report and a stats flush.
     last_reports: Mutex<LastReports>,
+    /// What the other replicas published (a shared store): their fleets, which of them live, their evidence.
+    remote: Mutex<Remote>,
+    /// Which of the other replicas' published ticks this replica, judging, has counted.
+    counted: Mutex<crate::evidence::Counted>,
+    /// The ticks this replica publishes when another judges.
+    shares: Mutex<crate::evidence::Shares>,
     /// The latency of the last [`LATENCY_WINDOW_S`] seconds per Envoy and cluster: a rollout's stable baseline
     /// (from its fleet's Envoys).
     recent_latency: Mutex<BTreeMap<(String, String), LatencyWindow>>,
@@ -207,6 +214,35 @@ pub struct Server {
     pub max_report_rate: u64,
     /// When a refused report of each node was last logged (once a minute per node).
     refused_logged: Mutex<BTreeMap<String, u64>>,
+}
+
+/// What the other replicas sharing the store published, as this replica last saw it.
+#[derive(Debug, Default)]
+struct Remote {
+    /// Replica → its Envoys.
+    fleets: BTreeMap<String, crate::fleet::FleetDoc>,
+    /// The replicas whose lease lives.
+    live: BTreeSet<String>,
+    /// Replicas whose lease ended, since when (unix seconds).
+    gone_since: BTreeMap<String, u64>,
+    /// Replica → its evidence of its last ticks.
+    evidence: BTreeMap<String, crate::evidence::Shares>,
+}
+
+/// Keeps what another replica published (a value that does not read as one is dropped, as a deleted one).
+fn keep_published<T: serde::de::DeserializeOwned>(
+    map: &mut BTreeMap<String, T>,
+    replica: &str,
+    value: Option<&[u8]>,
+) {
+    match value.map(serde_json::from_slice) {
+        Some(Ok(read)) => {
+            map.insert(replica.to_string(), read);
+        }
+        Some(Err(_)) | None => {
+            map.remove(replica);
+        }
+    }
 }
 
 /// What a rollout's analysis gets in one tick: errors, latency of stable and the canary, and whether the
@@ -283,6 +319,12 @@ impl Server {
             load_paired: Mutex::new(BTreeMap::new()),
             streams: Mutex::new(BTreeMap::new()),
             last_reports: Mutex::new(BTreeMap::new()),
+            remote: Mutex::new(Remote::default()),
+            counted: Mutex::new(Default::default()),
+            shares: Mutex::new(crate::evidence::Shares {
+                incarnation: now_unix(),
+                ticks: Vec::new(),
+            }),
             next_stream: AtomicU64::new(1),
             tls,
             prometheus: None,
@@ -368,35 +410,89 @@ impl Server {
     }
 
     /// A rollout's inputs for this tick: from the Envoys' reports, or from Prometheus.
-    async fn inputs(
+    /// This replica's share of a rollout's evidence since the last tick: what the Envoys of its fleet connected
+    /// here reported (those of its clusters that connected since count too, as the judge adds them).
+    #[allow(clippy::too_many_arguments)]
+    fn share_of(
         &self,
         rollout: &Rollout,
+        own_envoys: &[EnvoyStatus],
         load: &BTreeMap<(String, String), Load>,
         latency: &BTreeMap<(String, String), Histogram>,
+        failures: &Failures,
         routed: &BTreeMap<(String, String, String), u64>,
         load_paired: &BTreeMap<(String, String), u64>,
-    ) -> Inputs {
+    ) -> Partial {
+        let plan = &rollout.plan;
+        let fleet = &rollout.fleet;
+        let joining = |e: &EnvoyStatus| {
+            e.link == crate::fleet::Link::Connected
+                && (plan.fleet_clusters.is_empty() || plan.fleet_clusters.contains(&e.cluster))
+        };
+        let reports = lock(&self.last_reports);
+        let reports = own_envoys
+            .iter()
+            .filter(|e| fleet.contains(&e.node_id) || joining(e))
+            .filter_map(|e| Some((e.node_id.clone(), *reports.get(&e.node_id)?)))
+            .collect();
+        Partial {
+            tick: tick_of(load, rollout),
+            stable_latency: of_fleet(latency, fleet, &plan.stable_cluster),
+            canary_latency: of_fleet(latency, fleet, plan.canary_latency_cluster()),
+            canary_hosts: self.fresh_hosts(&plan.canary_cluster, fleet),
+            stable_hosts: self.fresh_hosts(&plan.stable_cluster, fleet),
+            routed: routed
+                .iter()
+                .filter(|((node, r, v), _)| {
+                    fleet.contains(node) && *r == plan.rollout && *v == plan.canary
+                })
+                .map(|(_, n)| *n)
+                .reduce(u64::saturating_add),
+            served: of_fleet(load_paired, fleet, &plan.canary_cluster),
+            events: events_of(failures, rollout).into_iter().collect(),
+            reports,
+        }
+    }
+
+    /// Publishes this tick's shares for the judge (under this replica's lease: gone with it).
+    async fn publish_shares(&self, tick: BTreeMap<String, Partial>) {
+        let Store::Etcd(etcd) = &*self.store else {
+            return;
+        };
+        let Some(lease) = self.leadership.lease() else {
+            return; // no lease: etcd is out of reach, and the judge too
+        };
+        let value = {
+            let mut shares = lock(&self.shares);
+            let seq = shares.ticks.last().map_or(0, |t| t.seq) + 1;
+            shares.push(crate::evidence::Published {
+                seq,
+                at_unix: now_unix(),
+                rollouts: tick,
+            });
+            serde_json::to_vec(&*shares)
+        };
+        let Ok(value) = value else { return };
+        let key = etcd.key(&format!("evidence/{}", self.leadership.name()));
+        // A failure is the store's to say (the lease's renewals say it first): the judge sees the gap.
+        let _ = etcd.put_leased(key, value, lease).await;
+    }
+
+    async fn inputs(&self, rollout: &Rollout, share: &Partial) -> Inputs {
         let plan = &rollout.plan;
         let canary_route = plan.canary_latency_cluster();
-        let fleet = &rollout.fleet;
         match plan.evidence {
             Source::Envoy => Inputs {
-                tick: tick_of(load, rollout),
+                tick: share.tick,
                 latency: either_reported(
-                    of_fleet(latency, fleet, &plan.stable_cluster).as_ref(),
-                    of_fleet(latency, fleet, canary_route).as_ref(),
+                    share.stable_latency.as_ref(),
+                    share.canary_latency.as_ref(),
                 ),
                 availability: Availability {
-                    canary: self.fresh_hosts(&plan.canary_cluster, fleet),
-                    stable: self.fresh_hosts(&plan.stable_cluster, fleet),
-                    routed: routed
-                        .iter()
-                        .filter(|((node, r, v), _)| {
-                            fleet.contains(node) && *r == plan.rollout && *v == plan.canary
-                        })
-                        .map(|(_, n)| *n)
-                        .reduce(u64::saturating_add),
-                    served: of_fleet(load_paired, fleet, &plan.canary_cluster),
+                    canary: share.canary_hosts.clone(),
+                    stable: share.stable_hosts.clone(),
+                    routed: share.routed,
+                    served: share.served,
                 },
                 missing: Vec::new(),
             },
@@ -502,9 +598,7 @@ impl Server {
             match self.change_once(by, &mut edit, fence.as_ref()).await {
                 Err(Attempt::Conflict) if attempt < MAX_WRITE_ATTEMPTS => {
                     // Another replica wrote: read what it wrote and make the edit again from there.
-                    if let Err(err) = self.catch_up_locked().await {
-                        return Err(err);
-                    }
+                    self.catch_up_locked().await?;
                 }
                 Err(Attempt::Conflict) => {
                     return Err(StateError::Io(format!(
@@ -695,29 +789,22 @@ impl Server {
     }
 
     /// Follows the store (etcd): every state another replica writes is served here within one watch round
-    /// trip. Runs until the process ends; when the watch breaks (etcd unreachable, history compacted), the state
-    /// is read again and the watch started over.
+    /// trip, and the other replicas' fleets, leases and evidence are kept at hand. Runs until the process
+    /// ends; when the watch breaks (etcd unreachable, history compacted), everything is read again and the
+    /// watch started over.
     pub async fn follow_store(self: Arc<Self>) {
         let Store::Etcd(etcd) = &*self.store else {
             return;
         };
         let mut last_error = String::new();
         loop {
-            let after = *lock(&self.revision);
             let result = async {
-                let mut watch = etcd.watch_state(after).await?;
+                let (entries, revision) = etcd.load_all().await?;
+                self.apply_store(entries, true).await;
+                let mut watch = etcd.watch_all(revision).await?;
                 loop {
-                    for (state, revision) in watch.next().await? {
-                        match state {
-                            Ok(saved) => {
-                                let _guard = self.write_lock.lock().await;
-                                self.adopt_locked(saved, revision, "written by another replica");
-                            }
-                            Err(err) => eprintln!(
-                                "canaryctl: refused the state at revision {revision} of the store, the previous one keeps serving: {err}"
-                            ),
-                        }
-                    }
+                    let entries = watch.next().await?;
+                    self.apply_store(entries, false).await;
                 }
                 #[allow(unreachable_code)]
                 Ok::<(), StateError>(())
@@ -733,11 +820,58 @@ impl Server {
                 }
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
-            // Whatever the watch missed (a compaction, a long partition): read the state again.
-            if let Ok(Some((saved, revision))) = self.store.load().await {
-                let _guard = self.write_lock.lock().await;
-                if self.adopt_locked(saved, revision, "read again after the watch broke") {
-                    last_error.clear();
+        }
+    }
+
+    /// Takes in what the store holds (`whole`: all of it, read at once) or what changed in it.
+    async fn apply_store(&self, entries: Vec<crate::store::etcd::Entry>, whole: bool) {
+        let me = self.leadership.name().to_string();
+        let now = now_unix();
+        if whole {
+            let mut remote = lock(&self.remote);
+            remote.fleets.clear();
+            remote.evidence.clear();
+            let live: BTreeSet<String> = entries
+                .iter()
+                .filter_map(|e| e.key.strip_prefix("replicas/"))
+                .map(str::to_string)
+                .collect();
+            for gone in remote.live.difference(&live).cloned().collect::<Vec<_>>() {
+                remote.gone_since.insert(gone, now);
+            }
+            remote.gone_since.retain(|r, _| !live.contains(r));
+            remote.live = live;
+        }
+        for entry in entries {
+            if entry.key == "state" {
+                let Some(value) = entry.value else { continue };
+                match crate::state::decode(&value, &self.store.describe()) {
+                    Ok(saved) => {
+                        let _guard = self.write_lock.lock().await;
+                        self.adopt_locked(saved, entry.revision, "written by another replica");
+                    }
+                    Err(err) => eprintln!(
+                        "canaryctl: refused the state at revision {} of the store, the previous one keeps serving: {err}",
+                        entry.revision
+                    ),
+                }
+                continue;
+            }
+            let mut remote = lock(&self.remote);
+            if let Some(replica) = entry.key.strip_prefix("replicas/") {
+                if entry.value.is_some() {
+                    remote.live.insert(replica.to_string());
+                    remote.gone_since.remove(replica);
+                } else if remote.live.remove(replica) {
+                    remote.gone_since.insert(replica.to_string(), now);
+                }
+            } else if let Some(replica) = entry.key.strip_prefix("fleet/") {
+                if replica != me {
+                    keep_published(&mut remote.fleets, replica, entry.value.as_deref());
+                }
+            } else if let Some(replica) = entry.key.strip_prefix("evidence/") {
+                if replica != me {
+                    keep_published(&mut remote.evidence, replica, entry.value.as_deref());
                 }
             }
         }
@@ -979,20 +1113,55 @@ impl Server {
                 .filter(|r| !r.phase.finished())
                 .cloned()
                 .collect();
-            // The fleet serves a newer version than the state: nothing moves until an operator writes. Another
-            // replica leads: it judges.
-            if active.is_empty() || self.holding() || self.leadership.judge().is_none() {
+            if active.is_empty() {
+                continue;
+            }
+            // This replica's share of each rollout's evidence: judged here, or published for the judge.
+            let own_envoys = self.own_envoys();
+            let mut shares: BTreeMap<String, Partial> = active
+                .iter()
+                .map(|r| {
+                    let share = self.share_of(
+                        r,
+                        &own_envoys,
+                        &load,
+                        &latency,
+                        &failures,
+                        &routed,
+                        &load_paired,
+                    );
+                    (r.plan.rollout.clone(), share)
+                })
+                .collect();
+            if self.leadership.judge().is_none() {
+                // Another replica leads: it judges, with this replica's share.
+                if self.store.shared() {
+                    self.publish_shares(shares).await;
+                }
+                continue;
+            }
+            let now = now_unix();
+            {
+                let remote = lock(&self.remote);
+                for (rollout, theirs) in lock(&self.counted).take(&remote.evidence, now) {
+                    if let Some(mine) = shares.get_mut(&rollout) {
+                        mine.add(&theirs);
+                    }
+                }
+            }
+            // The fleet serves a newer version than the state: nothing moves until an operator writes.
+            if self.holding() {
                 continue;
             }
             // Unsaved, a step would be forgotten by a restart: tests still run, steps wait.
             let steps_wait = self.unsaved().is_some();
             let envoys = self.envoys();
-            let reports = lock(&self.last_reports).clone();
             for current in active {
                 let name = current.plan.rollout.clone();
-                let inputs = self
-                    .inputs(&current, &load, &latency, &routed, &load_paired)
-                    .await;
+                let share = shares.remove(&name).unwrap_or_default();
+                let inputs = self.inputs(&current, &share).await;
+                let reports = &share.reports;
+                let events: BTreeMap<Signature, Events> = share.events.iter().cloned().collect();
                 let now = now_unix();
                 let result = self
                     .change(Writer::Judge, |config, rollouts| {
@@ -1001,8 +1170,7 @@ impl Server {
                         };
                         crate::coverage::join(rollout, &envoys);
                         let mut missing = inputs.missing.clone();
-                        missing
-                            .extend(crate::coverage::fleet_gaps(rollout, &envoys, &reports, now));
+                        missing.extend(crate::coverage::fleet_gaps(rollout, &envoys, reports, now));
                         let covered = rollout.observe_coverage(missing, now);
                         rollout.note_tick(
                             now,
@@ -1019,13 +1187,7 @@ impl Server {
                                 let (stable, canary) = inputs.latency.as_ref()?;
                                 rollout.observe_latency(stable, canary, now)
                             })
-                            .or_else(|| {
-                                rollout.observe_findings(
-                                    events_of(&failures, rollout),
-                                    inputs.tick,
-                                    now,
-                                )
-                            })
+                            .or_else(|| rollout.observe_findings(events.clone(), inputs.tick, now))
                             .or_else(|| {
                                 if steps_wait {
                                     None
@@ -1069,12 +1231,17 @@ impl Server {
     /// Keeps the stored fleet current: saves it when it changed, forgets Envoys gone too long, and
     /// refreshes the connected Envoys' last-seen time once a minute. Runs until the process ends.
     pub async fn keep_fleet(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut seconds = 0u64;
+        // Shared with other replicas, what an Envoy applied is published within a fifth of a second: a write on
+        // another replica waits for it.
+        let per_second = if self.store.shared() { 5 } else { 1 };
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
+        let mut ticks = 0u64;
         loop {
             tick.tick().await;
-            seconds += 1;
+            ticks += 1;
             let now = now_unix();
+            let second = ticks % u64::from(per_second) == 0;
+            let seconds = ticks / u64::from(per_second);
             let save = {
                 let mut fleet = self.fleet();
                 for node in fleet.forget(&self.fleet_settings, now) {
@@ -1084,11 +1251,11 @@ impl Server {
                         humantime::format_duration(self.fleet_settings.forget_after)
                     );
                 }
-                let refresh = seconds % 60 == 0 && fleet.any_connected();
+                let refresh = second && seconds % 60 == 0 && fleet.any_connected();
                 fleet.take_dirty() || refresh
             };
             // A state that could not be saved is retried each second, whatever else happened.
-            if self.unsaved().is_some() {
+            if second && self.unsaved().is_some() {
                 let _guard = self.write_lock.lock().await;
                 let rollouts = self.rollouts();
                 // A failure is logged and shown by persist; another replica's newer state replaces this one's.
@@ -1099,8 +1266,7 @@ impl Server {
                 }
             }
             if save {
-                let known = self.fleet().known(now);
-                if let Err(err) = self.store.save_fleet(&known).await {
+                if let Err(err) = self.store.save_fleet(&self.own_envoys()).await {
                     Metrics::bump(&self.metrics.save_failures);
                     if let Some(line) = lock(&self.durability).failed(now, &err.to_string()) {
                         eprintln!("canaryctl: {line}");
@@ -1109,7 +1275,7 @@ impl Server {
             }
             // Shared with other replicas, a hold on a fleet ahead of this replica's state may only be this replica
             // being behind the store: read it.
-            if self.store.shared() && self.holding() {
+            if second && self.store.shared() && self.holding() {
                 let _guard = self.write_lock.lock().await;
                 let _ = self.catch_up_locked().await;
                 let version = self.desired().version;
@@ -1130,8 +1296,37 @@ impl Server {
         lock(&self.fleet)
     }
 
+    /// The fleet as every replica sees it (this replica's Envoys and those the others published).
     pub fn envoys(&self) -> Vec<EnvoyStatus> {
-        self.fleet().status(&self.fleet_settings, now_unix())
+        let now = now_unix();
+        let local = self.own_envoys();
+        let remote = lock(&self.remote);
+        if remote.fleets.is_empty() {
+            return local;
+        }
+        let others = remote.fleets.iter().map(|(replica, doc)| {
+            let gone = (!remote.live.contains(replica)).then(|| {
+                remote
+                    .gone_since
+                    .get(replica)
+                    .copied()
+                    .unwrap_or(doc.at_unix)
+            });
+            (doc, gone)
+        });
+        crate::fleet::merged(local, others, &self.fleet_settings, now)
+    }
+
+    /// This replica's own Envoys, as it publishes them (named as its own when it has a name).
+    fn own_envoys(&self) -> Vec<EnvoyStatus> {
+        let mut envoys = self.fleet().status(&self.fleet_settings, now_unix());
+        let name = self.leadership.name();
+        if !name.is_empty() {
+            for envoy in &mut envoys {
+                envoy.replica = Some(name.to_string());
+            }
+        }
+        envoys
     }
 
     pub fn connect(&self, peer: Option<SocketAddr>) -> u64 {

@@ -7,9 +7,11 @@ refuses what would add canary traffic, in one line, and holds the rollout until 
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 
+import lab
 from harness import Traffic
 from lab import eventually
 
@@ -52,9 +54,10 @@ def percents(server) -> dict:
     return {r["name"]: r["canaries"][0]["percent"] for r in server.status()["desired"]["config"]["rollouts"]}
 
 
-def connected_acked(server, node: str, version: int) -> bool:
+def connected_acked(server, node: str, version: int, on: str | None = None) -> bool:
+    """Whether `server` shows `node` connected (to replica `on`, when given) with `version` applied."""
     return any(e["node_id"] == node and e["link"] == "connected" and e["acked_version"] == version
-               for e in server.status()["envoys"])
+               and (on is None or e.get("replica") == on) for e in server.status()["envoys"])
 
 
 def test_a_write_on_either_replica_reaches_every_envoy_and_concurrent_writes_lose_nothing(
@@ -69,9 +72,13 @@ def test_a_write_on_either_replica_reaches_every_envoy_and_concurrent_writes_los
     b.wait_envoys(1)
     assert store(b)["replicas"] and {r["replica"] for r in store(b)["replicas"]} == {"a", "b"}
 
-    # One write on a: b pushes it to its Envoy too, and its route table follows.
+    # Each replica shows the whole fleet.
+    for server in (a, b):
+        eventually(lambda: {e["node_id"] for e in server.status()["envoys"] if e["link"] == "connected"}
+                   == {"front-a", "front-b"}, what="both Envoys in each replica's fleet view")
+    # One write on a: b pushes it to its Envoy too, the write waits for both, and b's route table follows.
     done = a.run("set", "web3", "v2=100")
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 0 and "applied by 2/2 Envoys" in done.stdout, done.stdout + done.stderr
     version = json.loads(cluster.get("/canaryctl/state"))["version"]
     eventually(lambda: connected_acked(b, "front-b", version), deadline_s=10, what="front-b on b applying a's write")
     eventually(lambda: front_b.get("/r3/x", {"x-user-id": "u1"}).served_by == "v2", what="front-b routing /r3 to v2")
@@ -114,13 +121,13 @@ def test_an_envoy_whose_replica_dies_keeps_its_config_on_another(etcd, replica, 
     a.wait_envoys(1)
     assert a.run("set", "web", "v2=50").returncode == 0
     version = a.status()["desired"]["version"]
-    eventually(lambda: connected_acked(a, "front-1", version), what="front-1 applying version on a")
+    eventually(lambda: connected_acked(a, "front-1", version, on="a"), what="front-1 applying version on a")
     reloads = front.stat("extension_config_discovery.canary-router.config_reload")
     with Traffic(front, clients=3) as traffic:
         eventually(lambda: sum(traffic.served.values()) > 100, what="traffic flowing")
         a.kill()
         moved = time.monotonic()
-        eventually(lambda: connected_acked(b, "front-1", version), deadline_s=20, interval_s=0.1,
+        eventually(lambda: connected_acked(b, "front-1", version, on="b"), deadline_s=20, interval_s=0.1,
                    what="front-1 reconnected to b with the same version")
         took = time.monotonic() - moved
         served = sum(traffic.served.values())
@@ -232,9 +239,7 @@ def test_one_etcd_member_lost_changes_nothing(etcd, replica, start_envoy, upstre
 
 def test_a_lost_quorum_refuses_more_canary_traffic_in_one_line_and_holds_the_rollout(
         etcd, replica, start_envoy, upstreams):
-    cluster = etcd()
-    first = replica(cluster.url, "a", init_config=config())
-    leader([first])
+    cluster, first, second = two_replicas(etcd, replica)
     front = start_envoy(ADS, node_id="front-1", xds_replicas=[first.xds_port])
     first.wait_envoys(1)
     with Traffic(front, clients=3) as traffic:
@@ -255,11 +260,49 @@ def test_a_lost_quorum_refuses_more_canary_traffic_in_one_line_and_holds_the_rol
             time.sleep(0.2)
         assert first.status()["desired"]["version"] == version
         assert connected_acked(first, "front-1", version)
-        # Quorum returns: the rollout goes on to its verdict.
+        # Quorum returns: the rollout goes on to its verdict, whichever replica leads then (the Envoy's evidence
+        # reaches it through the store).
         for member in cluster.members[1:]:
             member.start()
         cluster.wait_healthy()
+        leader([first, second])
         done = eventually(lambda: (r := rollout_of(first))["phase"] != "progressing" and r, deadline_s=90,
                           interval_s=0.2, what="the rollout's verdict after quorum returned")
         assert done["phase"] == "promoted", (done["phase"], done.get("reason"))
     assert traffic.errors == [] and set(traffic.statuses) == {200}, (traffic.errors[:3], traffic.statuses)
+
+
+def test_a_rollout_over_envoys_on_two_replicas_is_judged_on_both_s_evidence(etcd, replica, start_envoy, upstreams):
+    cluster, first, second = two_replicas(etcd, replica)
+    # front-1 on the leader, front-2 on the other replica: only front-2 gets traffic.
+    quiet = start_envoy(ADS, node_id="front-1", xds_replicas=[first.xds_port])
+    busy = start_envoy(ADS, node_id="front-2", xds_replicas=[second.xds_port])
+    eventually(lambda: sorted(first.envoys_connected()) == ["front-1", "front-2"], what="the leader seeing both Envoys")
+    upstreams["v2"].fail_rate = 0.3
+    with Traffic(busy, clients=4) as traffic:
+        start_rollout(first, "20,100", "30s")
+        done = eventually(lambda: (r := rollout_of(first))["phase"] != "progressing" and r, deadline_s=60,
+                          interval_s=0.2, what="the leader's verdict on the other replica's Envoy")
+        assert done["phase"] == "rolled_back", (done["phase"], done.get("reason"))
+        eventually(lambda: web_percent(second) == 0, what="the rollback on the other replica")
+    # The errors the leader counted are the ones front-2 (on the other replica) reported.
+    errors = done["evidence"]["errors"]
+    assert errors["canary_errors"] > 0 and errors["canary_requests"] > 0, errors
+    assert quiet.stat("cluster.app-v2.upstream_rq_total") == 0
+    assert traffic.errors == [], traffic.errors[:3]
+
+
+def test_a_state_file_moves_into_etcd_once(etcd, replica, canaryctl):
+    cluster = etcd()
+    single = canaryctl(config())
+    assert single.run("set", "web", "v2=7", "--no-wait").returncode == 0
+    version = single.status()["desired"]["version"]
+    single.stop()
+    migrate = [lab.CANARYCTL, "store", "migrate", "--state", single.state_path, "--store", cluster.url]
+    moved = subprocess.run(migrate, capture_output=True, text=True, timeout=30)
+    assert moved.returncode == 0 and f"(version {version}," in moved.stdout, moved.stdout + moved.stderr
+    again = subprocess.run(migrate, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1 and "already holds a state: nothing was copied" in again.stderr, again.stderr
+    # A replica started without --init-config serves what was moved.
+    served = replica(cluster.url, "a")
+    assert served.status()["desired"]["version"] == version and web_percent(served) == 7

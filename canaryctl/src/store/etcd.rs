@@ -16,7 +16,7 @@ use etcd_client::{
 };
 
 use super::{Fence, Revision, SaveError};
-use crate::fleet::KnownEnvoy;
+use crate::fleet::{EnvoyStatus, FleetDoc, KnownEnvoy, Link};
 use crate::rollout::Rollout;
 use crate::state::{decode, encode, recovered, Desired, Saved, StateError};
 
@@ -298,14 +298,16 @@ impl EtcdStore {
         let Some(kv) = self.get(self.fleet_key(), "read the fleet").await? else {
             return Ok(Vec::new());
         };
-        Ok(serde_json::from_slice(kv.value()).unwrap_or_else(|err| {
-            eprintln!(
-                "canaryctl: {}: this replica's fleet is not readable, starting without it: {}",
-                self.describe(),
-                canary_router::text::one_line(&err.to_string(), canary_router::text::MAX_LINE)
-            );
-            Vec::new()
-        }))
+        Ok(serde_json::from_slice::<FleetDoc>(kv.value())
+            .map(|doc| doc.envoys.iter().map(KnownEnvoy::of).collect())
+            .unwrap_or_else(|err| {
+                eprintln!(
+                    "canaryctl: {}: this replica's fleet is not readable, starting without it: {}",
+                    self.describe(),
+                    canary_router::text::one_line(&err.to_string(), canary_router::text::MAX_LINE)
+                );
+                Vec::new()
+            }))
     }
 
     pub async fn create(&self, saved: &Saved) -> Result<Option<Revision>, StateError> {
@@ -315,7 +317,12 @@ impl EtcdStore {
             &saved.rollouts,
             Some(&self.settings.replica),
         )?;
-        let fleet = fleet_json(&saved.fleet)?;
+        // A migrated state's fleet: this replica's to start from, until its Envoys reconnect.
+        let fleet = serde_json::to_vec(&FleetDoc {
+            at_unix: crate::state::now_unix(),
+            envoys: saved.fleet.iter().map(known_as_status).collect(),
+        })
+        .map_err(|err| StateError::Io(format!("cannot encode the fleet: {err}")))?;
         let txn = Txn::new()
             .when([Compare::create_revision(
                 self.key("state"),
@@ -390,8 +397,16 @@ impl EtcdStore {
         Err(SaveError::Conflict)
     }
 
-    pub async fn save_fleet(&self, known: &[KnownEnvoy]) -> Result<(), StateError> {
-        let (key, value) = (self.fleet_key(), fleet_json(known)?);
+    /// Publishes this replica's Envoys (what other replicas merge into their fleet view, and what this one
+    /// restarts from).
+    pub async fn save_fleet(&self, envoys: &[EnvoyStatus]) -> Result<(), StateError> {
+        let doc = FleetDoc {
+            at_unix: crate::state::now_unix(),
+            envoys: envoys.to_vec(),
+        };
+        let value = serde_json::to_vec(&doc)
+            .map_err(|err| StateError::Io(format!("cannot encode the fleet: {err}")))?;
+        let key = self.fleet_key();
         self.retrying(|mut c| {
             let (key, value) = (key.clone(), value.clone());
             async move { c.put(key, value, None).await }
@@ -438,19 +453,53 @@ impl EtcdStore {
         }
     }
 
-    /// Watches the state from `after` (exclusive). Each answer holds the states written since, in order.
-    pub async fn watch_state(&self, after: Revision) -> Result<StateWatch, StateError> {
+    /// Every key under the prefix (its part after the prefix, its value), and the store's revision then.
+    pub async fn load_all(&self) -> Result<(Vec<Entry>, Revision), StateError> {
+        let key = self.key("");
+        let mut response = self
+            .retrying(|mut c| {
+                let key = key.clone();
+                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await
+            .map_err(|err| failed("read the store", brief(&err)))?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        let entries = response
+            .take_kvs()
+            .into_iter()
+            .map(|kv| Entry {
+                key: self.rest_of(kv.key()),
+                value: Some(kv.value().to_vec()),
+                revision: kv.mod_revision(),
+            })
+            .collect();
+        Ok((entries, revision))
+    }
+
+    fn rest_of(&self, key: &[u8]) -> String {
+        let key = String::from_utf8_lossy(key);
+        key.strip_prefix(self.settings.prefix.as_str())
+            .unwrap_or(&key)
+            .to_string()
+    }
+
+    /// Watches every key under the prefix from `after` (exclusive).
+    pub async fn watch_all(&self, after: Revision) -> Result<PrefixWatch<'_>, StateError> {
         let mut client = self.client().await?;
         let stream = client
             .watch(
-                self.key("state"),
-                Some(WatchOptions::new().with_start_revision(after + 1)),
+                self.key(""),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(after + 1),
+                ),
             )
             .await
-            .map_err(|err| failed("watch the state", brief(&err)))?;
-        Ok(StateWatch {
+            .map_err(|err| failed("watch the store", brief(&err)))?;
+        Ok(PrefixWatch {
             stream,
-            shown: self.describe(),
+            store: self,
         })
     }
 
@@ -494,47 +543,73 @@ impl EtcdStore {
     }
 }
 
-fn fleet_json(known: &[KnownEnvoy]) -> Result<Vec<u8>, StateError> {
-    serde_json::to_vec(known)
-        .map_err(|err| StateError::Io(format!("cannot encode the fleet: {err}")))
+/// A remembered Envoy as a published one: not connected to this replica.
+fn known_as_status(known: &KnownEnvoy) -> EnvoyStatus {
+    EnvoyStatus {
+        node_id: known.node_id.clone(),
+        cluster: known.cluster.clone(),
+        peer: String::new(),
+        link: Link::Disconnected,
+        streams: 0,
+        first_seen_unix: known.first_seen_unix,
+        last_seen_unix: known.last_seen_unix,
+        disconnected_since_unix: Some(known.last_seen_unix),
+        in_fleet: true,
+        sent_version: None,
+        acked_version: known.acked_version,
+        nack: None,
+        certificate: None,
+        replica: None,
+    }
 }
 
-/// The states written to the store, as they come.
-pub struct StateWatch {
+/// One key under the prefix as read or watched: its value (None: deleted) and revision.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub revision: Revision,
+}
+
+/// The changes under the prefix, as they come.
+pub struct PrefixWatch<'a> {
     stream: etcd_client::WatchStream,
-    shown: String,
+    store: &'a EtcdStore,
 }
 
-/// One state as the watch saw it: decoded (or refused), at its revision.
-pub type Watched = (Result<Saved, StateError>, Revision);
-
-impl StateWatch {
-    /// The next states written, in order; `Err` when the watch ended (etcd unreachable, history compacted):
-    /// load the state again and watch from there.
-    pub async fn next(&mut self) -> Result<Vec<Watched>, StateError> {
+impl PrefixWatch<'_> {
+    /// The next changes, in order; `Err` when the watch ended (etcd unreachable, history compacted): read
+    /// the store again and watch from there.
+    pub async fn next(&mut self) -> Result<Vec<Entry>, StateError> {
         loop {
             let response = self
                 .stream
                 .message()
                 .await
-                .map_err(|err| failed("watch the state", brief(&err)))?
-                .ok_or_else(|| StateError::Io("etcd: the state's watch ended".to_string()))?;
+                .map_err(|err| failed("watch the store", brief(&err)))?
+                .ok_or_else(|| StateError::Io("etcd: the store's watch ended".to_string()))?;
             if response.canceled() {
                 return Err(StateError::Io(format!(
-                    "etcd: the state's watch was cancelled (compacted at {}): {}",
+                    "etcd: the store's watch was cancelled (compacted at {}): {}",
                     response.compact_revision(),
                     response.cancel_reason()
                 )));
             }
-            let states: Vec<Watched> = response
+            let entries: Vec<Entry> = response
                 .events()
                 .iter()
-                .filter_map(|event| event.kv())
-                .filter(|kv| !kv.value().is_empty())
-                .map(|kv| (decode(kv.value(), &self.shown), kv.mod_revision()))
+                .filter_map(|event| {
+                    let kv = event.kv()?;
+                    let deleted = event.event_type() == etcd_client::EventType::Delete;
+                    Some(Entry {
+                        key: self.store.rest_of(kv.key()),
+                        value: (!deleted).then(|| kv.value().to_vec()),
+                        revision: kv.mod_revision(),
+                    })
+                })
                 .collect();
-            if !states.is_empty() {
-                return Ok(states);
+            if !entries.is_empty() {
+                return Ok(entries);
             }
         }
     }

@@ -9,7 +9,7 @@
 pub mod etcd;
 pub mod file;
 
-use crate::fleet::KnownEnvoy;
+use crate::fleet::{EnvoyStatus, KnownEnvoy};
 use crate::rollout::Rollout;
 use crate::state::{Desired, Saved, StateError};
 
@@ -36,6 +36,8 @@ pub struct Fence {
 }
 
 /// The state store `serve` was given.
+// One per process: the size of the etcd variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Store {
     File(file::FileStore),
     Etcd(etcd::EtcdStore),
@@ -91,10 +93,12 @@ impl Store {
     }
 
     /// Writes this replica's view of the fleet (the Envoys it serves and has served).
-    pub async fn save_fleet(&self, known: &[KnownEnvoy]) -> Result<(), StateError> {
+    pub async fn save_fleet(&self, envoys: &[EnvoyStatus]) -> Result<(), StateError> {
         match self {
-            Store::File(file) => file.save_fleet(known),
-            Store::Etcd(etcd) => etcd.save_fleet(known).await,
+            Store::File(file) => {
+                file.save_fleet(&envoys.iter().map(KnownEnvoy::of).collect::<Vec<_>>())
+            }
+            Store::Etcd(etcd) => etcd.save_fleet(envoys).await,
         }
     }
 
