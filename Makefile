@@ -15,7 +15,7 @@ BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yam
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup install-protoc install-etcd install-docker-compose install-prometheus install-podman install-openssl compose-test certs wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench demo compose-prep clean
+.PHONY: help setup install-protoc install-etcd install-docker-compose install-prometheus install-podman install-openssl compose-test certs wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench-fleet bench demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -96,8 +96,8 @@ native: ## Build the native Envoy 1.40 dynamic module: target/native/libcanary_r
 native-panic:
 	RUSTFLAGS="--cfg canary_router_native_panic_test" cargo build --profile native --target-dir target/native-panic -p canary-router-native
 
-canaryctl: install-protoc ## Build the control plane: target/release/canaryctl (and the tests' report forger)
-	cargo build --release -p canaryctl --bin canaryctl --example forge_report
+canaryctl: install-protoc ## Build the control plane: target/release/canaryctl (and the tests' report forger, the fleet simulator)
+	cargo build --release -p canaryctl --bin canaryctl --example forge_report --example fleet_sim
 
 # The filter as an older release would build (only for the version-skew tests; see RawConfig::validate).
 skew-wasm: setup
@@ -147,6 +147,9 @@ bench-filters: wasm native
 
 bench-quick: bench-tools bench-filters ## Instructions per request only (callgrind, a few minutes): Envoy alone, Lua, the no-op SDK filter, the .wasm, the native module
 	$(PYTHON) tools/count_instructions.py $(COUNT_ARGS)
+
+bench-fleet: setup canaryctl install-etcd ## Simulated fleets against canaryctl, one replica and three on etcd (FLEET_ARGS=--smoke: a minute)
+	$(PYTHON) tools/bench_fleet.py $(FLEET_ARGS)
 
 bench: bench-tools bench-filters ## The benchmark: instructions per request (direct and upstream routes), then CPU time, latency and RSS (see BENCHMARKS.md)
 	$(PYTHON) tools/count_instructions.py $(COUNT_ARGS)
