@@ -25,12 +25,10 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_client::LoadReportingServiceClient;
 use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_server::{
     LoadReportingService, LoadReportingServiceServer,
 };
 use envoy_types::pb::envoy::service::load_stats::v3::{LoadStatsRequest, LoadStatsResponse};
-use envoy_types::pb::envoy::service::metrics::v3::metrics_service_client::MetricsServiceClient;
 use envoy_types::pb::envoy::service::metrics::v3::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
@@ -173,6 +171,73 @@ async fn capture(listen: &str, dir: &str) -> Result<(), Error> {
 
 // -- swarm --------------------------------------------------------------------------------------------
 
+/// Sends messages encoded once beforehand (each simulated Envoy's report is the same bytes every second), and
+/// decodes the answers as `D`.
+struct RawCodec<D>(std::marker::PhantomData<D>);
+
+impl<D> Default for RawCodec<D> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+struct RawEncoder;
+struct ProstDecoder<D>(std::marker::PhantomData<D>);
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = bytes::Bytes;
+    type Error = Status;
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl<D: Message + Default> tonic::codec::Decoder for ProstDecoder<D> {
+    type Item = D;
+    type Error = Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<D>, Status> {
+        D::decode(src)
+            .map(Some)
+            .map_err(|err| Status::internal(err.to_string()))
+    }
+}
+
+impl<D: Message + Default + Send + 'static> tonic::codec::Codec for RawCodec<D> {
+    type Encode = bytes::Bytes;
+    type Decode = D;
+    type Encoder = RawEncoder;
+    type Decoder = ProstDecoder<D>;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> ProstDecoder<D> {
+        ProstDecoder(std::marker::PhantomData)
+    }
+}
+
+/// A client stream of pre-encoded messages on `path`.
+async fn raw_stream<D: Message + Default + Send + 'static>(
+    channel: tonic::transport::Channel,
+    path: &'static str,
+    messages: mpsc::Receiver<bytes::Bytes>,
+) -> Result<Streaming<D>, Error> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let answer = grpc
+        .streaming(
+            Request::new(ReceiverStream::new(messages)),
+            tonic::codegen::http::uri::PathAndQuery::from_static(path),
+            RawCodec::<D>::default(),
+        )
+        .await?;
+    Ok(answer.into_inner())
+}
+
 /// When each simulated Envoy received each version (unix ms).
 #[derive(Default)]
 struct Receipts {
@@ -257,17 +322,18 @@ async fn lrs(
     node: Node,
     report: LoadStatsRequest,
 ) -> Result<(), Error> {
-    let mut client = LoadReportingServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(2);
-    tx.send(LoadStatsRequest {
+    let hello = LoadStatsRequest {
         node: Some(node.clone()),
         cluster_stats: Vec::new(),
-    })
+    };
+    tx.send(hello.encode_to_vec().into()).await?;
+    let mut answers: Streaming<LoadStatsResponse> = raw_stream(
+        channel,
+        "/envoy.service.load_stats.v3.LoadReportingService/StreamLoadStats",
+        rx,
+    )
     .await?;
-    let mut answers = client
-        .stream_load_stats(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
     let asked = answers.message().await?.ok_or("no LRS answer")?;
     let every = asked
         .load_reporting_interval
@@ -276,12 +342,14 @@ async fn lrs(
                 + Duration::from_nanos(d.nanos.max(0) as u64)
         });
     tokio::spawn(async move { while let Ok(Some(_)) = answers.message().await {} });
+    // Envoy 1.40 sends its node in every report.
+    let mut report = report;
+    report.node = Some(node);
+    let report: bytes::Bytes = report.encode_to_vec().into();
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
     loop {
         tick.tick().await;
-        let mut report = report.clone();
-        report.node = Some(node.clone());
-        tx.send(report).await?;
+        tx.send(report.clone()).await?;
     }
 }
 
@@ -290,16 +358,20 @@ async fn stats(
     node: Node,
     flush: StreamMetricsMessage,
 ) -> Result<(), Error> {
-    let mut client = MetricsServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(2);
     let mut first = flush.clone();
     if let Some(identifier) = first.identifier.as_mut() {
         identifier.node = Some(node);
     }
-    tx.send(first).await?;
-    let call = tokio::spawn(async move { client.stream_metrics(ReceiverStream::new(rx)).await });
+    tx.send(first.encode_to_vec().into()).await?;
+    let call = tokio::spawn(raw_stream::<StreamMetricsResponse>(
+        channel,
+        "/envoy.service.metrics.v3.MetricsService/StreamMetrics",
+        rx,
+    ));
     let mut later = flush;
     later.identifier = None;
+    let later: bytes::Bytes = later.encode_to_vec().into();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     loop {
