@@ -335,6 +335,10 @@ fn envoy_table(status: &StatusBody) {
             None => "-".to_string(),
         };
         let mut notes = Vec::new();
+        // With replicas: the one it is (or was last) connected to.
+        if let Some(replica) = &e.replica {
+            notes.push(format!("replica {replica}"));
+        }
         if let Some(n) = &e.nack {
             notes.push(format!("NACK of version {}: {}", n.version, n.message));
         }

@@ -111,6 +111,10 @@ def test_a_write_on_either_replica_reaches_every_envoy_and_concurrent_writes_los
     eventually(lambda: connected_acked(a, "front-a", final["version"]) and connected_acked(b, "front-b", final["version"]),
                what="both Envoys applying it")
     assert "version" in b.log() and "written by another replica" in b.log()
+    # The CLI's fleet table names each Envoy's replica.
+    shown = a.run("status").stdout
+    assert "replica a (" in shown and "replicas: a, b" in shown, shown
+    assert any("front-b" in line and "replica b" in line for line in shown.splitlines()), shown
 
 
 def test_an_envoy_whose_replica_dies_keeps_its_config_on_another(etcd, replica, start_envoy, upstreams):
