@@ -31,9 +31,36 @@ pub struct Partial {
     pub reports: LastReports,
 }
 
-fn sum_option<T: Clone>(mine: &mut Option<T>, other: &Option<T>, add: impl Fn(&mut T, &T)) {
+/// What per-Envoy (and per-replica) readings add up as.
+pub trait Summed {
+    fn sum(&mut self, other: &Self);
+}
+
+impl Summed for Histogram {
+    fn sum(&mut self, other: &Self) {
+        self.add(other);
+    }
+}
+
+impl Summed for u64 {
+    fn sum(&mut self, other: &Self) {
+        *self = self.saturating_add(*other);
+    }
+}
+
+impl Summed for Tick {
+    fn sum(&mut self, other: &Self) {
+        self.stable_requests = self.stable_requests.saturating_add(other.stable_requests);
+        self.canary_requests = self.canary_requests.saturating_add(other.canary_requests);
+        self.stable_bad = self.stable_bad.saturating_add(other.stable_bad);
+        self.canary_bad = self.canary_bad.saturating_add(other.canary_bad);
+    }
+}
+
+/// Adds `other` to `mine`; None stands for nothing reported.
+fn sum_option<T: Clone + Summed>(mine: &mut Option<T>, other: &Option<T>) {
     match (mine.as_mut(), other) {
-        (Some(m), Some(o)) => add(m, o),
+        (Some(m), Some(o)) => m.sum(o),
         (None, Some(o)) => *mine = Some(o.clone()),
         _ => {}
     }
@@ -49,28 +76,11 @@ impl Partial {
     /// Adds what was counted in another tick or replica: requests, errors, latency, routed and served
     /// requests, failures.
     pub fn add_counts(&mut self, other: &Partial) {
-        sum_option(&mut self.tick, &other.tick, |m, o| {
-            m.stable_requests = m.stable_requests.saturating_add(o.stable_requests);
-            m.canary_requests = m.canary_requests.saturating_add(o.canary_requests);
-            m.stable_bad = m.stable_bad.saturating_add(o.stable_bad);
-            m.canary_bad = m.canary_bad.saturating_add(o.canary_bad);
-        });
-        sum_option(
-            &mut self.stable_latency,
-            &other.stable_latency,
-            Histogram::add,
-        );
-        sum_option(
-            &mut self.canary_latency,
-            &other.canary_latency,
-            Histogram::add,
-        );
-        sum_option(&mut self.routed, &other.routed, |m, o| {
-            *m = m.saturating_add(*o)
-        });
-        sum_option(&mut self.served, &other.served, |m, o| {
-            *m = m.saturating_add(*o)
-        });
+        sum_option(&mut self.tick, &other.tick);
+        sum_option(&mut self.stable_latency, &other.stable_latency);
+        sum_option(&mut self.canary_latency, &other.canary_latency);
+        sum_option(&mut self.routed, &other.routed);
+        sum_option(&mut self.served, &other.served);
         let mut events: BTreeMap<Signature, Events> =
             std::mem::take(&mut self.events).into_iter().collect();
         for (signature, seen) in &other.events {

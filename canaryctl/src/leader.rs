@@ -82,23 +82,15 @@ impl Leadership {
 
     /// The lease this replica holds, while it holds one.
     pub fn lease(&self) -> Option<i64> {
-        *self
-            .lease
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        *crate::server::lock(&self.lease)
     }
 
     fn set_lease(&self, lease: Option<i64>) {
-        *self
-            .lease
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = lease;
+        *crate::server::lock(&self.lease) = lease;
     }
 
     fn lead(&self) -> std::sync::MutexGuard<'_, Lead> {
-        self.lead
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::server::lock(&self.lead)
     }
 
     /// Whether this replica may judge now, and the fence its writes carry: `None` when it may not;

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::analysis::{either_reported, Histogram, Tick};
 use crate::availability::{Availability, Hosts};
 use crate::coverage::LastReports;
-use crate::evidence::Partial;
+use crate::evidence::{Partial, Summed};
 use crate::findings::{Events, Signature};
 use crate::fleet::{EnvoyStatus, Fleet, FleetSettings, RefusedPeer, RefusedPeers};
 use crate::leader::Leadership;
@@ -719,7 +719,12 @@ impl Server {
     ) -> Result<(), SaveError> {
         let now = now_unix();
         let expected = *lock(&self.revision);
-        let known = self.fleet().known(now);
+        // The state file keeps the fleet with the state; etcd keeps each replica's apart (keep_fleet).
+        let known = if self.store.shared() {
+            Vec::new()
+        } else {
+            self.fleet().known(now)
+        };
         match self
             .store
             .save(desired, &known, rollouts, expected, fence)
@@ -1472,7 +1477,7 @@ fn cut(name: &str) -> String {
     canary_router::text::one_line(name, 128)
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means a panic elsewhere; the data itself is still consistent.
     mutex
         .lock()
@@ -1495,27 +1500,10 @@ fn of_fleet<T: Clone + Summed>(
         })
 }
 
-/// What per-Envoy readings add up as.
-trait Summed {
-    fn sum(&mut self, other: &Self);
-}
-
 impl Summed for Load {
     fn sum(&mut self, other: &Self) {
         self.requests = self.requests.saturating_add(other.requests);
         self.errors = self.errors.saturating_add(other.errors);
-    }
-}
-
-impl Summed for Histogram {
-    fn sum(&mut self, other: &Self) {
-        self.add(other);
-    }
-}
-
-impl Summed for u64 {
-    fn sum(&mut self, other: &Self) {
-        *self = self.saturating_add(*other);
     }
 }
 

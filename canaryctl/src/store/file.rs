@@ -36,9 +36,7 @@ impl FileStore {
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::server::lock(&self.held)
     }
 
     fn next_revision(&self) -> Revision {
