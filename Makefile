@@ -160,5 +160,8 @@ bench: bench-tools bench-filters ## The benchmark: instructions per request (dir
 demo: wasm canaryctl ## The local demo, no Docker: two app versions, canaryctl, Envoy, a ramp 0→100 % under traffic
 	$(PYTHON) tools/demo.py local $(DEMO_ARGS)
 
+demo-ha: wasm canaryctl install-etcd ## Replicas: 3 etcd members, 3 canaryctl, 2 Envoys, a rollout whose leader is killed
+	$(PYTHON) tools/demo.py ha $(DEMO_ARGS)
+
 clean: ## Remove build output (keeps .venv)
 	cargo clean

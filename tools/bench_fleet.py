@@ -2,7 +2,7 @@
 """How many Envoys one canaryctl (or three on etcd) holds: a simulated fleet against real canaryctl processes.
 
     .venv/bin/python tools/bench_fleet.py [--fleets 1000,10000] [--streams ads,all] [--replicas 1,3]
-                                          [--changes 5] [--smoke]
+                                          [--changes 5] [--smoke] [--profile DIR]
 
 First a real Envoy 1.40 (the shipped envoy/envoy-ads.yaml) connects to `fleet_sim capture`, which saves what it
 sends: its node, a load report, a stats flush. Then, per row, `fleet_sim swarm` runs that many Envoys, each on
@@ -104,7 +104,8 @@ class Swarm:
             self.process.kill()
 
 
-def row(workdir: str, captured: str, envoys: int, streams: str, replicas: int, changes: int) -> dict:
+def row(workdir: str, captured: str, envoys: int, streams: str, replicas: int, changes: int,
+        profile: str | None = None) -> dict:
     run = tempfile.mkdtemp(prefix=f"fleet-{envoys}-{streams}-{replicas}-", dir=workdir)
     started = []
     cluster = None
@@ -116,14 +117,14 @@ def row(workdir: str, captured: str, envoys: int, streams: str, replicas: int, c
             cluster.start()
             started += cluster.members
             for member in cluster.members:
-                subprocess.run(["taskset", "-pc", "1", str(member.process.pid)], capture_output=True)
+                subprocess.run(["taskset", "-a", "-pc", "1", str(member.process.pid)], capture_output=True)
             servers = [lab.Canaryctl(os.path.join(run), init_config=CONFIG, store=cluster.url, replica=f"r{i}")
                        for i in range(replicas)]
         for server in servers:
             server.extra_args += ["--fleet-window", "1h"]
             server.start()
             started.append(server)
-            subprocess.run(["taskset", "-pc", "0", str(server.process.pid)], capture_output=True)
+            subprocess.run(["taskset", "-a", "-pc", "0", str(server.process.pid)], capture_output=True)
         swarm = Swarm([s.xds_port for s in servers], envoys, captured, streams, os.path.join(run, "swarm.log"))
         try:
             deadline = time.monotonic() + 600
@@ -132,10 +133,15 @@ def row(workdir: str, captured: str, envoys: int, streams: str, replicas: int, c
                 connected = sum(metric(s, "canaryctl_envoys_connected") for s in servers)
                 if connected >= envoys and 1 in swarm.versions:
                     break
+                if swarm.process.poll() is not None:
+                    # Killed (-9: out of memory, as at 10,000 Envoys reporting from one core) or failed.
+                    return {"envoys": envoys, "streams": streams, "replicas": replicas,
+                            "note": f"the swarm exited ({swarm.process.returncode}) with {int(connected):,} "
+                                    f"of {envoys:,} connected"}
                 time.sleep(1)
             else:
                 return {"envoys": envoys, "streams": streams, "replicas": replicas,
-                        "note": f"{int(connected)} of {envoys} connected after 600 s"}
+                        "note": f"{int(connected):,} of {envoys:,} connected after 600 s"}
             time.sleep(5)
             p50, last, cli = [], [], []
             for i in range(changes):
@@ -161,12 +167,28 @@ def row(workdir: str, captured: str, envoys: int, streams: str, replicas: int, c
             time.sleep(5)
             pids = [s.process.pid for s in servers]
             before = [cpu_seconds(p) for p in pids]
-            time.sleep(10)
+            received = [sum(metric(s, m) for s in servers)
+                        for m in ("canaryctl_load_reports_total", "canaryctl_stats_flushes_total")]
+            if profile:
+                # The first replica's samples over the same 10 s, for `perf report -i`.
+                out = os.path.join(profile, f"perf-{envoys}-{streams}-{replicas}.data")
+                subprocess.run(["perf", "record", "--call-graph", "dwarf,16384", "-F", "250", "-o", out, "-p", str(pids[0]), "--", "sleep", "10"],
+                               capture_output=True)
+            else:
+                time.sleep(10)
             cpu = max((cpu_seconds(p) - b) / 10 for p, b in zip(pids, before))
+            # What canaryctl read over the same 10 s, against Envoy's pace (one of each per Envoy a second):
+            # below it, the swarm or canaryctl did not keep up, and the row says so.
+            after = [sum(metric(s, m) for s in servers)
+                     for m in ("canaryctl_load_reports_total", "canaryctl_stats_flushes_total")]
+            rate = [(a - b) / 10 for a, b in zip(after, received)]
+            note = ""
+            if streams == "all" and min(rate) < 0.9 * envoys:
+                note = f"read {rate[0]:,.0f} load reports and {rate[1]:,.0f} flushes a second of {envoys:,}"
             return {"envoys": envoys, "streams": streams, "replicas": replicas,
                     "p50_ms": statistics.median(p50) if p50 else None, "max_ms": max(last) if last else None,
                     "cli_ms": cli[0] if cli else None, "rss_mb": max(rss_mb(p) for p in pids),
-                    "cpu": cpu, "note": ""}
+                    "cpu": cpu, "note": note}
         finally:
             swarm.stop()
     finally:
@@ -181,6 +203,7 @@ def main():
     parser.add_argument("--replicas", default="1,3")
     parser.add_argument("--changes", type=int, default=5)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--profile", metavar="DIR", help="perf record canaryctl (the first replica) over the CPU window")
     args = parser.parse_args()
     if args.smoke:
         args.fleets, args.streams, args.replicas, args.changes = "200", "all", "1,3", 2
@@ -196,7 +219,7 @@ def main():
     for envoys in (int(n) for n in args.fleets.split(",")):
         for streams in args.streams.split(","):
             for replicas in (int(r) for r in args.replicas.split(",")):
-                r = row(workdir, captured, envoys, streams, replicas, args.changes)
+                r = row(workdir, captured, envoys, streams, replicas, args.changes, args.profile)
                 ms = lambda v: "—" if v is None or v != v else f"{v:,.0f} ms"  # noqa: E731
                 print(f"| {envoys:,} | {'ADS' if streams == 'ads' else 'ADS + LRS + stats'} | {replicas} "
                       f"| {ms(r.get('p50_ms'))} / {ms(r.get('max_ms'))} | {ms(r.get('cli_ms'))} "

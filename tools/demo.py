@@ -15,6 +15,10 @@ the reason on screen, while users see no error of it thanks to the fallback; a v
 `known`; the fixed v2 is promoted step by step, and the live split then shows every user on v2. It stops every
 process it started, on Ctrl-C too.
 
+`ha` (`make demo-ha`) runs canaryctl as 3 replicas on a 3-member etcd cluster (Debian's etcd-server) with 2 Envoys
+whose bootstraps list every replica, starts a rollout on a follower, kills the leading replica during the 25 %
+step, and shows another take the lead within its lease and promote v2 while users see no error.
+
 `drive` does the traffic and the ramp against an Envoy that is already running (e.g. `docker compose up`),
 through canaryctl or, without a control plane, by publishing files into a watched ECDS directory:
 
@@ -473,6 +477,148 @@ def local(args) -> int:
         print("stopped every process the demo started")
 
 
+def ha(args) -> int:
+    """Three canaryctl replicas on a 3-member etcd cluster, two Envoys, a rollout, and its leader killed."""
+    for path, hint in ((lab.ENVOY_BIN, "make setup"), (lab.WASM, "make wasm"), (lab.CANARYCTL, "make canaryctl"),
+                       (shutil.which(lab.ETCD) or lab.ETCD, "make install-etcd")):
+        if not os.path.exists(path):
+            print(f"missing {path}: run `{hint}` (or `make demo-ha`, which does it)", file=sys.stderr)
+            return 2
+    run_dir = os.path.join(lab.ROOT, ".run", "demo-ha")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    processes: list = []
+    signal.signal(signal.SIGTERM, _interrupt)
+    users: list[Users] = []
+    try:
+        apps = {}
+        for version in ("v1", "v2"):
+            port = lab.free_port()
+            app = lab.EnvoyProcess(f"app-{version}", lab.render_app(version, port), run_dir, workers=1)
+            processes.append(app.start())
+            apps[version] = (app, port)
+        for app, port in apps.values():
+            app.wait_serving(port)
+        os.makedirs(os.path.join(run_dir, "etcd"))
+        etcd = lab.EtcdCluster(os.path.join(run_dir, "etcd"), size=3)
+        processes.extend(etcd.members)
+        etcd.start()
+        replicas = {}
+        for name in ("a", "b", "c"):
+            os.makedirs(os.path.join(run_dir, f"canaryctl-{name}"))
+            replica = lab.Canaryctl(os.path.join(run_dir, f"canaryctl-{name}"), init_config=plugin_config(0),
+                                    store=etcd.url, replica=name)
+            processes.append(replica.start())
+            replicas[name] = replica
+        order = list(replicas.values())
+        fronts = []
+        for i, port in enumerate(args.ports[:2]):
+            # Each Envoy lists every replica, its own first (priority 0), the others after it.
+            mine = order[i:] + order[:i]
+            where = lab.FrontAddresses(listener_port=port, admin_port=lab.free_port(),
+                                       upstream_ports={v: p for v, (_, p) in apps.items()},
+                                       xds_port=mine[0].xds_port, xds_replicas=[r.xds_port for r in mine])
+            envoy = lab.EnvoyProcess(f"front-{i + 1}", lab.render_front("envoy-ads.yaml", where), run_dir,
+                                     admin_port=where.admin_port, workers=1,
+                                     extra_args=["--service-node", f"front-{i + 1}", "--service-cluster", "demo"])
+            processes.append(envoy.start())
+            fronts.append((envoy, port))
+        for envoy, _ in fronts:
+            envoy.wait_ready()
+        order[0].wait_envoys(2)
+        leader = ha_leader(replicas)
+        print(f"etcd: 3 members ({etcd.url}); canaryctl replicas a, b, c on it ({', '.join(r.server for r in order)});")
+        print(f"Envoys front-1 on :{args.ports[0]} (on replica a, then b, c) and front-2 on :{args.ports[1]} (on b, "
+              f"then c, a); logs in {run_dir}")
+        print(f"replica {leader} leads: it alone judges rollouts; every replica serves xDS, the reports and the API\n")
+        for _, port in fronts:
+            users.append(Users(f"http://127.0.0.1:{port}", args.users, args.clients))
+            users[-1].start()
+        writer = next(name for name in replicas if name != leader)
+        print(f"`canaryctl rollout start` on replica {writer} (a follower: a write works on any replica):")
+        result = subprocess.run([lab.CANARYCTL, "--server", replicas[writer].server, "rollout", "start", "web",
+                                 "--canary", "v2", "--steps", "5,25,50,100", "--hold", f"{args.release_hold:g}s",
+                                 "--min-canary-requests", "100", "--stable-cluster", "app-v1",
+                                 "--canary-cluster", "app-v2", "--canary-route-cluster", "app-v2-or-v1",
+                                 "--timeout", "15"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"canaryctl rollout start failed: {result.stderr.strip()}")
+        killed_at, moved, outcome, last = None, None, None, ""
+        started = time.monotonic()
+        while time.monotonic() - started < 180:
+            time.sleep(0.2)
+            alive = [r for r in replicas.values() if r.alive()]
+            rollout = {r["rollout"]: r for r in alive[0].api("/v1/rollouts")["rollouts"]}["web"]
+            if killed_at is None and "(25%)" in rollout["step_name"]:
+                killed_at = time.monotonic()
+                replicas[leader].kill()
+                print(f"   killed replica {leader}, the leader, at {rollout['step_name']} (SIGKILL; its lease is 4 s)")
+                continue
+            if killed_at is not None and moved is None:
+                now_leading = ha_leader(replicas, wait=False)
+                if now_leading:
+                    moved = time.monotonic() - killed_at
+                    print(f"   replica {now_leading} leads {moved:.1f} s later and goes on with the rollout's "
+                          f"evidence; {', '.join(ha_where(replicas))}")
+            line = f"{rollout_line(rollout)} │ non-2xx {sum(sum(u.non_2xx.values()) for u in users)}"
+            if rollout["step_name"] != last or rollout["phase"] != "progressing":
+                print("   " + line, flush=True)
+            last = rollout["step_name"]
+            if rollout["phase"] in ("promoted", "rolled_back", "inconclusive"):
+                outcome = rollout
+                break
+        if outcome is None:
+            raise RuntimeError("the rollout did not finish within 180 s")
+        if outcome["phase"] != "promoted":
+            raise RuntimeError(f"v2 ended {outcome['phase']}, not promoted: {outcome.get('reason')}")
+        print(f"\npromoted: {outcome['reason']}")
+        if moved is None:
+            raise RuntimeError("no replica took the lead after the leader was killed")
+        code = 0
+        for (_, port), u in zip(fronts, users):
+            u.stop()
+            bad = sum(u.non_2xx.values())
+            print(f"front on :{port}: {sum(u.total.values())} requests, non-2xx: {bad}")
+            code |= 1 if bad else 0
+        print(f"the lead moved {moved:.1f} s after the leader was killed; "
+              f"{'no user saw an error' if code == 0 else 'users saw errors'}")
+        return code
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+        return 130
+    except RuntimeError as err:
+        print(f"demo failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        for u in users:
+            u.stop()
+        for process in reversed(processes):
+            process.stop()
+        print("stopped every process the demo started")
+
+
+def ha_leader(replicas: dict, wait: bool = True) -> str | None:
+    """The name of the one live replica that says it leads (waiting up to 15 s for one, when `wait`)."""
+    deadline = time.monotonic() + (15 if wait else 0)
+    while True:
+        leading = [name for name, r in replicas.items()
+                   if r.alive() and r.status().get("store", {}).get("role") == "leader"]
+        if len(leading) == 1:
+            return leading[0]
+        if time.monotonic() >= deadline:
+            if wait:
+                raise RuntimeError("no replica leads after 15 s")
+            return None
+        time.sleep(0.05)
+
+
+def ha_where(replicas: dict) -> list[str]:
+    """Each Envoy and the replica it is connected to now, from a live replica's merged fleet view."""
+    alive = next(r for r in replicas.values() if r.alive())
+    return [f"{e['node_id']} on replica {e.get('replica') or '?'}" for e in alive.status()["envoys"]
+            if e["link"] == "connected"]
+
+
 def main(argv: list[str]) -> int:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -493,6 +639,11 @@ def main(argv: list[str]) -> int:
     p_local.add_argument("--release-hold", type=float, default=3.0,
                          help="seconds each rollout step holds at least in the release loop (3)")
     p_local.add_argument("--no-release-loop", action="store_true", help="stop after the ramp")
+    p_ha = sub.add_parser("ha", parents=[common], help="3 etcd members, 3 canaryctl replicas, 2 Envoys, a rollout "
+                                                       "whose leader is killed")
+    p_ha.add_argument("--ports", type=lambda v: [int(p) for p in v.split(",")], default=[10000, 10001],
+                      help="front-1's and front-2's listeners (10000,10001)")
+    p_ha.add_argument("--release-hold", type=float, default=4.0, help="seconds each rollout step holds at least (4)")
     p_drive = sub.add_parser("drive", parents=[common], help="traffic and ramp against a running Envoy")
     p_drive.add_argument("--url", default="http://127.0.0.1:10000")
     p_drive.add_argument("--canaryctl", metavar="URL", help="ramp with `canaryctl set` against this admin API")
@@ -511,6 +662,8 @@ def main(argv: list[str]) -> int:
         elif args.ecds_dir:
             publish = EcdsPublisher(args.admin.rstrip("/"), args.ecds_dir, args.wasm_path)
         return drive(args.url, publish, args.steps, args.hold, args.users, args.clients)
+    if args.command == "ha":
+        return ha(args)
     return local(args)
 
 

@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -44,6 +45,7 @@ use crate::tls::Refused;
 pub fn router(server: Arc<Server>) -> Router {
     let guarded = Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/progress", get(progress))
         .route("/v1/set", post(set))
         .route("/v1/promote", post(promote))
         .route("/v1/rollback", post(rollback))
@@ -116,6 +118,85 @@ async fn require_token(
         StatusCode::UNAUTHORIZED,
         "this needs the admin token (Authorization: Bearer …; canaryctl --token-file or CANARYCTL_TOKEN)",
     )
+}
+
+/// How long a progress poll waits for the fleet to move, by default and at most.
+const PROGRESS_WAIT: Duration = Duration::from_secs(1);
+const PROGRESS_WAIT_MAX: Duration = Duration::from_secs(10);
+/// A progress poll answers no sooner than this after it came, so a fleet ACKing by the thousand is read a few
+/// dozen times a second, not once per ACK.
+const PROGRESS_EVERY: Duration = Duration::from_millis(25);
+
+/// `GET /v1/progress?version=N[&since=G][&wait_ms=M]`: how far the fleet (every replica's Envoys) is in
+/// applying version N, what `set` and the other writes wait on. With `since` (the `generation` of the previous
+/// answer) it is a long poll: answered once the fleet view moved past G, or after `wait_ms` (default 1000, at
+/// most 10000). It replaces reading the whole `/v1/status` every 10 ms (2.8 MB a poll at 10,000 Envoys).
+async fn progress(State(server): State<Arc<Server>>, uri: axum::http::Uri) -> Response {
+    let arrived = tokio::time::Instant::now();
+    let query = match ProgressQuery::parse(uri.query().unwrap_or_default()) {
+        Ok(query) => query,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let mut moves = server.fleet_moves();
+    if let Some(since) = query.since {
+        let moved = moves.wait_for(|generation| *generation != since);
+        // Not moved within the wait: the same answer again, which the caller reads as "still waiting".
+        let _ = tokio::time::timeout(query.wait, moved).await;
+        tokio::time::sleep_until(arrived + PROGRESS_EVERY).await;
+    }
+    let generation = *moves.borrow_and_update();
+    let envoys = server.envoys();
+    let progress = crate::fleet::Progress::of(&envoys, query.version);
+    Json(crate::fleet::ProgressView::of(
+        &progress,
+        query.version,
+        generation,
+    ))
+    .into_response()
+}
+
+/// `/v1/progress`'s query.
+#[derive(Debug, PartialEq)]
+struct ProgressQuery {
+    version: u64,
+    since: Option<u64>,
+    wait: Duration,
+}
+
+impl ProgressQuery {
+    fn parse(query: &str) -> Result<Self, String> {
+        let mut version = None;
+        let mut since = None;
+        let mut wait = PROGRESS_WAIT;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let number = || {
+                value.parse::<u64>().map_err(|_| {
+                    format!(
+                        "{key}: {} is not a whole number",
+                        canary_router::text::quote(value)
+                    )
+                })
+            };
+            match key {
+                "version" => version = Some(number()?),
+                "since" => since = Some(number()?),
+                "wait_ms" => wait = Duration::from_millis(number()?).min(PROGRESS_WAIT_MAX),
+                other => {
+                    return Err(format!(
+                        "{}: unknown parameter (version, since, wait_ms)",
+                        canary_router::text::quote(other)
+                    ))
+                }
+            }
+        }
+        let version = version.ok_or("version: missing (the version to wait for)")?;
+        Ok(Self {
+            version,
+            since,
+            wait,
+        })
+    }
 }
 
 async fn status(State(server): State<Arc<Server>>) -> Response {
@@ -1417,7 +1498,7 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
                 &req.stable_cluster,
                 fleet
                     .as_ref()
-                    .map(|(_, members)| members.as_slice())
+                    .map(|(clusters, _)| clusters.as_slice())
                     .unwrap_or(&[]),
             ),
             server.streams_stats(),
@@ -1588,6 +1669,36 @@ async fn rollout_promote(State(server): State<Arc<Server>>, body: Bytes) -> Resp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_progress_poll_s_query_is_read_or_refused_naming_the_field() {
+        assert_eq!(
+            ProgressQuery::parse("version=7&since=3&wait_ms=60000"),
+            Ok(ProgressQuery {
+                version: 7,
+                since: Some(3),
+                wait: PROGRESS_WAIT_MAX
+            })
+        );
+        assert_eq!(
+            ProgressQuery::parse("version=7"),
+            Ok(ProgressQuery {
+                version: 7,
+                since: None,
+                wait: PROGRESS_WAIT
+            })
+        );
+        assert_eq!(
+            ProgressQuery::parse("version=x").unwrap_err(),
+            r#"version: "x" is not a whole number"#
+        );
+        assert!(ProgressQuery::parse("")
+            .unwrap_err()
+            .starts_with("version: missing"));
+        assert!(ProgressQuery::parse("version=1&timeout=3")
+            .unwrap_err()
+            .starts_with(r#""timeout": unknown parameter"#));
+    }
     use axum::http::HeaderValue;
 
     #[test]

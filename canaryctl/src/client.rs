@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::fleet::{EnvoyStatus, Link, Progress, RefusedPeer};
+use crate::fleet::{EnvoyStatus, Link, ProgressView, RefusedPeer};
 use crate::server::WriteOutcome;
 
 /// Exit code of a write that some Envoys of the fleet did not apply because they are disconnected.
@@ -486,16 +486,17 @@ fn not_durable(outcome: &WriteOutcome) -> Result<(), CliError> {
     })
 }
 
-fn names(envoys: &[&EnvoyStatus]) -> String {
+fn names<'a>(envoys: impl IntoIterator<Item = &'a EnvoyStatus>) -> String {
     envoys
-        .iter()
+        .into_iter()
         .map(|e| e.node_id.as_str())
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-/// Poll until every Envoy of the fleet has applied `version`, refused it, or is disconnected; then say
-/// which is which. A refusal or the timeout is exit 1, a disconnected Envoy exit 3.
+/// Wait until every Envoy of the fleet has applied `version`, refused it, or is disconnected; then say
+/// which is which. A refusal or the timeout is exit 1, a disconnected Envoy exit 3. Reads `/v1/progress` as a
+/// long poll: each answer comes when the fleet view moved (at most 40 a second) or after a second.
 pub async fn wait_for_fleet(client: &Client, version: u64, wait: &Wait) -> Result<(), CliError> {
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
@@ -505,9 +506,14 @@ pub async fn wait_for_fleet(client: &Client, version: u64, wait: &Wait) -> Resul
             eprint!("\r{}\r", " ".repeat(last_line.chars().count()));
         }
     };
+    let mut since: Option<u64> = None;
     loop {
-        let status: StatusBody = client.get("/v1/status").await?;
-        let progress = Progress::of(&status.envoys, version);
+        let path = match since {
+            None => format!("/v1/progress?version={version}"),
+            Some(generation) => format!("/v1/progress?version={version}&since={generation}"),
+        };
+        let progress: ProgressView = client.get(&path).await?;
+        since = Some(progress.generation);
         if !progress.refused.is_empty() {
             end_progress_line(&last_line);
             let reasons: Vec<String> = progress
@@ -526,7 +532,7 @@ pub async fn wait_for_fleet(client: &Client, version: u64, wait: &Wait) -> Resul
                 .collect();
             return Err(CliError::refused(reasons.join("; ")));
         }
-        let fleet = progress.fleet_size();
+        let fleet = progress.fleet;
         let elapsed = started.elapsed().as_secs_f64();
         if fleet == 0 {
             println!("no Envoy is in the fleet: version {version} is saved and will be served when they connect");
@@ -536,14 +542,14 @@ pub async fn wait_for_fleet(client: &Client, version: u64, wait: &Wait) -> Resul
             end_progress_line(&last_line);
             println!(
                 "applied by {}/{fleet} Envoys in {elapsed:.2} s",
-                progress.applied.len()
+                progress.applied
             );
             return report_disconnected(&progress, version, wait);
         }
         let line = format!(
             "waiting for Envoys to apply version {version}: {}/{fleet} ({elapsed:.1} s; waiting for {})",
-            progress.applied.len(),
-            names(&progress.waiting)
+            progress.applied,
+            progress.waiting_line()
         );
         if tty {
             eprint!("\r{line}");
@@ -555,19 +561,21 @@ pub async fn wait_for_fleet(client: &Client, version: u64, wait: &Wait) -> Resul
             if tty {
                 eprintln!();
             }
+            let mut missing = progress.waiting_line();
+            if !progress.disconnected.is_empty() {
+                missing = format!("{missing}; disconnected: {}", names(&progress.disconnected));
+            }
             return Err(CliError::refused(format!(
-                "timed out after {:.0} s: {} of {fleet} Envoys have not applied version {version} ({})",
+                "timed out after {:.0} s: {} of {fleet} Envoys have not applied version {version} ({missing})",
                 wait.timeout.as_secs_f64(),
-                progress.waiting.len() + progress.disconnected.len(),
-                names(&[progress.waiting.as_slice(), progress.disconnected.as_slice()].concat())
+                progress.waiting + progress.disconnected.len(),
             )));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 /// Names each disconnected Envoy of the fleet; exit 3 unless `--allow-disconnected`.
-fn report_disconnected(progress: &Progress, version: u64, wait: &Wait) -> Result<(), CliError> {
+fn report_disconnected(progress: &ProgressView, version: u64, wait: &Wait) -> Result<(), CliError> {
     if progress.disconnected.is_empty() {
         return Ok(());
     }

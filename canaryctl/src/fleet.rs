@@ -357,13 +357,63 @@ impl<'a> Progress<'a> {
         progress
     }
 
-    /// Nothing left to wait for.
-    pub fn settled(&self) -> bool {
-        self.waiting.is_empty()
-    }
-
     pub fn fleet_size(&self) -> usize {
         self.applied.len() + self.refused.len() + self.waiting.len() + self.disconnected.len()
+    }
+}
+
+/// How many waiting Envoys a write's progress names (the rest are counted).
+pub const NAMED_WAITING: usize = 20;
+
+/// `GET /v1/progress`: how far the fleet is in applying one version, as a write's wait reads it. Counts, the
+/// Envoys that refused it or are gone (each is named in the answer to the operator), and the first waiting ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressView {
+    pub version: u64,
+    /// The fleet view's generation this was read at: the next long poll waits for another.
+    pub generation: u64,
+    pub fleet: usize,
+    pub applied: usize,
+    pub refused: Vec<EnvoyStatus>,
+    pub waiting: usize,
+    /// The first [`NAMED_WAITING`] waiting Envoys' node ids.
+    pub waiting_nodes: Vec<String>,
+    pub disconnected: Vec<EnvoyStatus>,
+}
+
+impl ProgressView {
+    pub fn of(progress: &Progress, version: u64, generation: u64) -> Self {
+        let owned = |list: &[&EnvoyStatus]| list.iter().map(|e| (*e).clone()).collect();
+        Self {
+            version,
+            generation,
+            fleet: progress.fleet_size(),
+            applied: progress.applied.len(),
+            refused: owned(&progress.refused),
+            waiting: progress.waiting.len(),
+            waiting_nodes: progress
+                .waiting
+                .iter()
+                .take(NAMED_WAITING)
+                .map(|e| e.node_id.clone())
+                .collect(),
+            disconnected: owned(&progress.disconnected),
+        }
+    }
+
+    /// Nothing left to wait for.
+    pub fn settled(&self) -> bool {
+        self.waiting == 0
+    }
+
+    /// The waiting Envoys as a line: the first ones named, the rest counted.
+    pub fn waiting_line(&self) -> String {
+        let mut line = self.waiting_nodes.join(", ");
+        let more = self.waiting.saturating_sub(self.waiting_nodes.len());
+        if more > 0 {
+            line.push_str(&format!(" and {more} more"));
+        }
+        line
     }
 }
 
@@ -590,7 +640,16 @@ mod tests {
         assert_eq!(names(&progress.waiting), ["e"]);
         assert_eq!(names(&progress.disconnected), ["c"]);
         assert_eq!(progress.fleet_size(), 4, "d is outside the window");
-        assert!(!progress.settled());
+        let view = ProgressView::of(&progress, 2, 0);
+        assert!(!view.settled());
+        // A large wait names its first Envoys and counts the rest.
+        let many = ProgressView {
+            waiting: NAMED_WAITING + 5,
+            waiting_nodes: (0..NAMED_WAITING).map(|i| format!("n{i}")).collect(),
+            ..view
+        };
+        assert!(many.waiting_line().starts_with("n0, n1, "));
+        assert!(many.waiting_line().ends_with("n19 and 5 more"));
         assert_eq!(by_node(&status, "d").link, Link::Gone);
         let later = fleet.status(&HOUR, 9_000);
         assert!(!by_node(&later, "c").in_fleet && by_node(&later, "c").link == Link::Gone);
@@ -617,6 +676,18 @@ mod tests {
         let status = restored.status(&HOUR, 320);
         assert_eq!(Progress::of(&status, 8).disconnected.len(), 1);
         assert_eq!(Progress::of(&status, 7).applied.len(), 1);
+        // Gone past the grace: nothing left to wait for, and the Envoy is named as disconnected.
+        let view = ProgressView::of(&Progress::of(&status, 8), 8, 3);
+        assert_eq!(
+            (
+                view.fleet,
+                view.applied,
+                view.waiting,
+                view.disconnected.len()
+            ),
+            (1, 0, 0, 1)
+        );
+        assert!(view.settled() && view.waiting_line().is_empty());
     }
 
     #[test]

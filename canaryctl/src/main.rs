@@ -14,6 +14,7 @@ mod evidence;
 mod findings;
 mod fleet;
 mod identity;
+mod intake;
 mod leader;
 mod lrs;
 mod metrics_sink;
@@ -34,8 +35,6 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_server::LoadReportingServiceServer;
-use envoy_types::pb::envoy::service::metrics::v3::metrics_service_server::MetricsServiceServer;
 use serde_json::json;
 
 use client::{CliError, Client, Wait};
@@ -924,10 +923,8 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
         },
     );
     let ads = AggregatedDiscoveryServiceServer::new(xds::Ads::new(server.clone()));
-    let lrs = LoadReportingServiceServer::new(lrs::Lrs::new(server.clone()));
-    // Envoy's stats flush can be large (every stat): allow up to 16 MiB a message.
-    let sink = MetricsServiceServer::new(metrics_sink::Sink::new(server.clone()))
-        .max_decoding_message_size(16 << 20);
+    let lrs = intake::Served::new(Arc::new(lrs::Lrs::new(server.clone())));
+    let sink = intake::Served::new(Arc::new(metrics_sink::Sink::new(server.clone())));
     let als = AccessLogServiceServer::new(als::Als::new(server.clone()))
         .max_decoding_message_size(16 << 20);
     let xds = tonic::transport::Server::builder()

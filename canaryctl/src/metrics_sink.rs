@@ -17,14 +17,21 @@
 //! `envoy.cluster_name="app-v2"`).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::metrics::v3::metrics_service_server::MetricsService;
-use envoy_types::pb::envoy::service::metrics::v3::{StreamMetricsMessage, StreamMetricsResponse};
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::metrics::v3::StreamMetricsResponse;
 use envoy_types::pb::io::prometheus::client::{Metric, MetricFamily, MetricType};
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::server::Grpc;
 use tonic::{Request, Response, Status, Streaming};
+use tonic_prost::ProstCodec;
 
 use crate::analysis::Histogram;
+use crate::intake::{self, Call, Rpc, StatsFlush};
 use crate::server::{Metrics, Server, StreamKind};
 use crate::tls::Peer;
 use crate::xds::authorise;
@@ -34,12 +41,6 @@ const CLUSTER_TAG: &str = "envoy.cluster_name";
 
 pub struct Sink {
     server: Arc<Server>,
-}
-
-impl Sink {
-    pub fn new(server: Arc<Server>) -> Self {
-        Self { server }
-    }
 }
 
 /// One metric canaryctl uses, recognised from its family name and labels.
@@ -57,7 +58,26 @@ pub enum Reading {
 
 /// What a metric is, from its family name and its labels (Envoy's tags, when it emits them as labels).
 pub fn reading_of(name: &str, labels: &[(&str, &str)]) -> Option<Reading> {
-    let label = |key: &str| labels.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    reading_by(name, |key| {
+        labels.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    })
+}
+
+/// Whether a family of this name can hold a metric canaryctl reads, whatever its labels: the families of a
+/// flush that are decoded (most of a flush is metrics canaryctl does not read).
+pub fn may_be_read(name: &str) -> bool {
+    // Cheap tests first: this runs for every family of every flush.
+    let possible = ["upstream_rq_time", "membership_healthy", "membership_total"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
+        || name
+            .as_bytes()
+            .windows(REQUESTS.len())
+            .any(|w| w == REQUESTS.as_bytes());
+    possible && reading_by(name, |_| Some("")).is_some()
+}
+
+fn reading_by<'a>(name: &str, label: impl Fn(&str) -> Option<&'a str>) -> Option<Reading> {
     let cluster_metric = |suffix: &str| -> Option<String> {
         if let Some(c) = name
             .strip_prefix("cluster.")
@@ -248,11 +268,57 @@ pub fn read_flush(
     }
 }
 
-#[tonic::async_trait]
-impl MetricsService for Sink {
+impl Rpc for Sink {
+    const SERVICE: &'static str = "envoy.service.metrics.v3.MetricsService";
+    const PATH: &'static str = "/envoy.service.metrics.v3.MetricsService/StreamMetrics";
+    type Request = StatsFlush;
+    type Response = StreamMetricsResponse;
+    /// A flush holds every stat Envoy marks used: up to 16 MiB.
+    const MAX_REQUEST_BYTES: usize = 16 << 20;
+
+    fn serve(
+        self: Arc<Self>,
+        mut grpc: Grpc<ProstCodec<StreamMetricsResponse, StatsFlush>>,
+        request: http::Request<Body>,
+    ) -> Pin<Box<dyn Future<Output = http::Response<Body>> + Send>> {
+        Box::pin(async move {
+            let call = Call(move |request| self.clone().stream_metrics(request));
+            grpc.client_streaming(call, request).await
+        })
+    }
+}
+
+/// The families of a flush canaryctl reads ([`may_be_read`]), decoded. One that does not decode is refused
+/// (counted and logged) and the rest of the flush is read.
+fn families_read(server: &Server, node: &str, flush: &[Bytes]) -> Vec<MetricFamily> {
+    let mut read = Vec::new();
+    for encoded in flush {
+        let Some(name) = intake::family_name(encoded) else {
+            continue;
+        };
+        let name = std::str::from_utf8(&name).unwrap_or_default();
+        if !may_be_read(name) {
+            continue;
+        }
+        match intake::family(encoded) {
+            Ok(decoded) => read.push(decoded),
+            Err(error) => server.refuse_report(
+                node,
+                format!("{}: {error}", canary_router::text::quote(name)),
+            ),
+        }
+    }
+    read
+}
+
+impl Sink {
+    pub fn new(server: Arc<Server>) -> Self {
+        Self { server }
+    }
+
     async fn stream_metrics(
-        &self,
-        request: Request<Streaming<StreamMetricsMessage>>,
+        self: Arc<Self>,
+        request: Request<Streaming<StatsFlush>>,
     ) -> Result<Response<StreamMetricsResponse>, Status> {
         let peer = Peer::of(&request);
         let mut inbound = request.into_inner();
@@ -284,12 +350,8 @@ impl MetricsService for Sink {
                     crate::state::now_unix(),
                     std::sync::atomic::Ordering::Relaxed,
                 );
-                read_flush(
-                    self.server.as_ref(),
-                    node.as_deref().unwrap_or_default(),
-                    &message.envoy_metrics,
-                    &mut state,
-                );
+                let families = families_read(&self.server, id, &message.envoy_metrics);
+                read_flush(self.server.as_ref(), id, &families, &mut state);
             }
             Ok::<_, Status>(())
         }
@@ -305,6 +367,30 @@ impl MetricsService for Sink {
 mod tests {
     use super::*;
     use envoy_types::pb::io::prometheus::client::{Bucket, Histogram as PromHistogram};
+
+    #[test]
+    fn a_flush_s_families_are_decoded_only_if_their_name_can_hold_a_reading() {
+        for name in [
+            "cluster.app-v1.upstream_rq_time",
+            "cluster.upstream_rq_time",
+            "cluster.app-v2.membership_healthy",
+            "cluster.membership_total",
+            "wasmcustom.canary_router_requests",
+            "wasmcustom.canary_router_requests.rollout.web.version.v2.reason.sticky",
+        ] {
+            assert!(may_be_read(name), "{name}");
+        }
+        for name in [
+            "cluster.app-v1.upstream_rq_total",
+            "cluster..upstream_rq_time",
+            "http.ingress.downstream_rq_time",
+            "server.wip_protos",
+            "wasmcustom.canary_router_requests.rollout.web",
+            "",
+        ] {
+            assert!(!may_be_read(name), "{name}");
+        }
+    }
 
     #[test]
     fn the_metrics_canaryctl_uses_are_recognised_in_both_of_envoy_s_naming_forms() {

@@ -339,12 +339,9 @@ impl Peer {
 
     /// Who a report stream speaks for: the node id and cluster its first message names (the peer's address
     /// when it names no node, which no ADS stream holds, so its reports count for nothing).
-    pub fn reporter(
-        &self,
-        node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
-    ) -> (String, String) {
+    pub fn reporter(&self, node: Option<&impl crate::intake::Named>) -> (String, String) {
         match node {
-            Some(node) => (node.id.clone(), node.cluster.clone()),
+            Some(node) => (node.id().to_string(), node.cluster().to_string()),
             None => (
                 self.addr.map(|a| a.to_string()).unwrap_or_default(),
                 String::new(),

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    async_data_source, data_source, AsyncDataSource, DataSource, Node, TypedExtensionConfig,
+    async_data_source, data_source, AsyncDataSource, DataSource, TypedExtensionConfig,
 };
 use envoy_types::pb::envoy::extensions::dynamic_modules::v3::DynamicModuleConfig;
 use envoy_types::pb::envoy::extensions::filters::http::dynamic_modules::v3::DynamicModuleFilter;
@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::intake::Named;
 use crate::server::{Artifact, FilterSettings, Server};
 use crate::state::Desired;
 use crate::tls::{Peer, Refused};
@@ -130,32 +131,32 @@ impl AggregatedDiscoveryService for Ads {
 pub fn authorise(
     server: &Server,
     peer: &Peer,
-    node: Option<&Node>,
+    node: Option<&impl Named>,
     identified: bool,
 ) -> Result<(), Status> {
     let Some(identity) = &peer.identity else {
         return Ok(());
     };
     let refused = match node {
-        Some(node) => match identity.permits(&node.id, &node.cluster) {
-            Ok(()) => match server.cluster_of(&node.id) {
-                Some(known) if *known != node.cluster => (
+        Some(node) => match identity.permits(node.id(), node.cluster()) {
+            Ok(()) => match server.cluster_of(node.id()) {
+                Some(known) if *known != *node.cluster() => (
                     Refused::NodeOfAnotherCluster,
                     format!(
                         "node {} is an Envoy of cluster {}, not {}: a certificate cannot take over another \
                          cluster's node",
-                        canary_router::text::quote(&node.id),
+                        canary_router::text::quote(node.id()),
                         canary_router::text::quote(&known),
-                        canary_router::text::quote(&node.cluster)
+                        canary_router::text::quote(node.cluster())
                     ),
-                    Some(node.id.as_str()),
+                    Some(node.id()),
                 ),
                 _ => return Ok(()),
             },
             Err(mismatch) => (
                 Refused::IdentityMismatch,
                 mismatch.to_string(),
-                Some(node.id.as_str()),
+                Some(node.id()),
             ),
         },
         None if identified => return Ok(()),

@@ -56,3 +56,28 @@ def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout
     leftovers = subprocess.run(["pgrep", "-f", f"{lab.ROOT}/.run/demo/"],
                                capture_output=True, text=True).stdout
     assert leftovers == "", f"processes left running: {leftovers}"
+
+
+def test_the_ha_demo_kills_the_leading_replica_mid_rollout_and_another_promotes_v2_with_no_user_error():
+    holds = [lab.PortHold() for _ in range(2)]
+    try:
+        proc = subprocess.run(
+            [sys.executable, os.path.join(lab.ROOT, "tools", "demo.py"), "ha", "--users", "200", "--clients", "4",
+             "--ports", ",".join(str(hold.port) for hold in holds), "--release-hold", "2"],
+            capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        for hold in holds:
+            hold.release()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    leader = re.search(r"replica (\w) leads: it alone judges", out)
+    killed = re.search(r"killed replica (\w), the leader, at step 2/4 \(25%\)", out)
+    assert leader and killed and killed.group(1) == leader.group(1), out
+    moved = re.search(r"replica (\w) leads ([\d.]+) s later", out)
+    assert moved and moved.group(1) != leader.group(1) and float(moved.group(2)) <= 5.5, out
+    assert "promoted: every step passed" in out, out
+    assert re.findall(r"front on :\d+: (\d+) requests, non-2xx: 0", out) and "no user saw an error" in out, out
+    assert "stopped every process the demo started" in out
+    leftovers = subprocess.run(["pgrep", "-f", f"{lab.ROOT}/.run/demo-ha/"], capture_output=True, text=True).stdout
+    assert leftovers == "", f"processes left running: {leftovers}"
