@@ -304,15 +304,20 @@ def rollout_line(r: dict) -> str:
             f"(rolls back at {errors['threshold']:.0f}) │ signatures {len(signatures)}, {finding}")
 
 
-def release(control: lab.Canaryctl, users: "Users", hold: float, deadline_s: float = 180) -> dict:
-    """`canaryctl rollout start` v2, then its progress live until it is promoted or rolled back."""
-    result = subprocess.run([lab.CANARYCTL, "--server", control.server, "rollout", "start", "web", "--canary", "v2",
+def start_rollout(server: str, hold: float) -> None:
+    """`canaryctl rollout start` of v2 through 5,25,50,100 %, each step held at least `hold` seconds."""
+    result = subprocess.run([lab.CANARYCTL, "--server", server, "rollout", "start", "web", "--canary", "v2",
                              "--steps", "5,25,50,100", "--hold", f"{hold:g}s", "--min-canary-requests", "100",
                              "--stable-cluster", "app-v1", "--canary-cluster", "app-v2", "--canary-route-cluster", "app-v2-or-v1",
                              "--timeout", "15"],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"canaryctl rollout start failed: {result.stderr.strip()}")
+
+
+def release(control: lab.Canaryctl, users: "Users", hold: float, deadline_s: float = 180) -> dict:
+    """`canaryctl rollout start` v2, then its progress live until it is promoted or rolled back."""
+    start_rollout(control.server, hold)
     tty = sys.stdout.isatty()
     started, line, last_step = time.monotonic(), "", ""
     while time.monotonic() - started < deadline_s:
@@ -419,11 +424,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def local(args) -> int:
-    for path, hint in ((lab.ENVOY_BIN, "make setup"), (lab.WASM, "make wasm"), (lab.CANARYCTL, "make canaryctl")):
+def built(target: str, more: list[tuple[str, str]] | None = None) -> bool:
+    """Whether Envoy, the .wasm, canaryctl (and `more`) are there; if not, says which target makes each."""
+    for path, hint in [(lab.ENVOY_BIN, "make setup"), (lab.WASM, "make wasm"), (lab.CANARYCTL, "make canaryctl"),
+                       *(more or [])]:
         if not os.path.exists(path):
-            print(f"missing {path}: run `{hint}` (or `make demo`, which does it)", file=sys.stderr)
-            return 2
+            print(f"missing {path}: run `{hint}` (or `{target}`, which does it)", file=sys.stderr)
+            return False
+    return True
+
+
+def local(args) -> int:
+    if not built("make demo"):
+        return 2
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     ecds_dir = os.path.join(RUN_DIR, "ecds")
     os.makedirs(ecds_dir)
@@ -479,11 +492,8 @@ def local(args) -> int:
 
 def ha(args) -> int:
     """Three canaryctl replicas on a 3-member etcd cluster, two Envoys, a rollout, and its leader killed."""
-    for path, hint in ((lab.ENVOY_BIN, "make setup"), (lab.WASM, "make wasm"), (lab.CANARYCTL, "make canaryctl"),
-                       (shutil.which(lab.ETCD) or lab.ETCD, "make install-etcd")):
-        if not os.path.exists(path):
-            print(f"missing {path}: run `{hint}` (or `make demo-ha`, which does it)", file=sys.stderr)
-            return 2
+    if not built("make demo-ha", [(shutil.which(lab.ETCD) or lab.ETCD, "make install-etcd")]):
+        return 2
     run_dir = os.path.join(lab.ROOT, ".run", "demo-ha")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
@@ -536,13 +546,7 @@ def ha(args) -> int:
             users[-1].start()
         writer = next(name for name in replicas if name != leader)
         print(f"`canaryctl rollout start` on replica {writer} (a follower: a write works on any replica):")
-        result = subprocess.run([lab.CANARYCTL, "--server", replicas[writer].server, "rollout", "start", "web",
-                                 "--canary", "v2", "--steps", "5,25,50,100", "--hold", f"{args.release_hold:g}s",
-                                 "--min-canary-requests", "100", "--stable-cluster", "app-v1",
-                                 "--canary-cluster", "app-v2", "--canary-route-cluster", "app-v2-or-v1",
-                                 "--timeout", "15"], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"canaryctl rollout start failed: {result.stderr.strip()}")
+        start_rollout(replicas[writer].server, args.release_hold)
         killed_at, moved, outcome, last = None, None, None, ""
         started = time.monotonic()
         while time.monotonic() - started < 180:

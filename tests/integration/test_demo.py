@@ -8,22 +8,25 @@ import sys
 import lab
 
 
-def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout_promotes_a_fixed_one_and_cleans_up():
-    # The Envoy listeners' ports are held until the demo ends (Envoy binds beside the hold); Envoy's admin
-    # and canaryctl take port 0 and say which port they got.
-    holds = [lab.PortHold() for _ in range(3)]
-    listener, v1, v2 = (str(hold.port) for hold in holds)
+def demo(args: list[str], holds: list[lab.PortHold]) -> tuple[subprocess.CompletedProcess, str]:
+    """tools/demo.py with `args`, the ports in `holds` held until it ends (Envoy binds beside a hold); the process
+    and its output."""
     try:
-        proc = subprocess.run(
-            [sys.executable, os.path.join(lab.ROOT, "tools", "demo.py"), "local", "--hold", "1.5", "--users", "300",
-             "--port", listener, "--admin-port", "0", "--v1-port", v1, "--v2-port", v2,
-             "--xds-port", "0", "--canaryctl-port", "0", "--release-hold", "1.5"],
-            capture_output=True, text=True, timeout=300,
-        )
+        proc = subprocess.run([sys.executable, os.path.join(lab.ROOT, "tools", "demo.py"), *args],
+                              capture_output=True, text=True, timeout=300)
     finally:
         for hold in holds:
             hold.release()
-    out = proc.stdout + proc.stderr
+    return proc, proc.stdout + proc.stderr
+
+
+def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout_promotes_a_fixed_one_and_cleans_up():
+    # The Envoy listeners' ports are held until the demo ends (Envoy binds beside the hold); Envoy's admin
+    # and canaryctl take port 0 and say which port they got.
+    listener, v1, v2 = ports = [lab.PortHold() for _ in range(3)]
+    proc, out = demo(["local", "--hold", "1.5", "--users", "300", "--port", str(listener.port), "--admin-port", "0",
+                      "--v1-port", str(v1.port), "--v2-port", str(v2.port), "--xds-port", "0",
+                      "--canaryctl-port", "0", "--release-hold", "1.5"], ports)
     assert proc.returncode == 0, out
     steps = re.findall(r"canary\s+(\d+)% │ applied in\s+\d+ ms │\s+(\d+) requests │ v1\s+([\d.]+)% │ v2\s+([\d.]+)%", out)
     assert [s[0] for s in steps] == ["0", "5", "25", "50", "100"], out
@@ -60,16 +63,8 @@ def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout
 
 def test_the_ha_demo_kills_the_leading_replica_mid_rollout_and_another_promotes_v2_with_no_user_error():
     holds = [lab.PortHold() for _ in range(2)]
-    try:
-        proc = subprocess.run(
-            [sys.executable, os.path.join(lab.ROOT, "tools", "demo.py"), "ha", "--users", "200", "--clients", "4",
-             "--ports", ",".join(str(hold.port) for hold in holds), "--release-hold", "2"],
-            capture_output=True, text=True, timeout=300,
-        )
-    finally:
-        for hold in holds:
-            hold.release()
-    out = proc.stdout + proc.stderr
+    proc, out = demo(["ha", "--users", "200", "--clients", "4", "--ports", ",".join(str(h.port) for h in holds),
+                      "--release-hold", "2"], holds)
     assert proc.returncode == 0, out
     leader = re.search(r"replica (\w) leads: it alone judges", out)
     killed = re.search(r"killed replica (\w), the leader, at step 2/4 \(25%\)", out)
