@@ -7,7 +7,7 @@
 First a real Envoy 1.40 (the shipped envoy/envoy-ads.yaml) connects to `fleet_sim capture`, which saves what it
 sends: its node, a load report, a stats flush. Then, per row, `fleet_sim swarm` runs that many Envoys, each on
 its own connection sending what the real one sent under its own node id (`ads`: the ADS stream; `all`: with the
-load reports and the stats stream every second), against one `canaryctl serve` on a state file, or three replicas
+load reports at the pace canaryctl asks, as Envoy does, and a stats flush every second), against one `canaryctl serve` on a state file, or three replicas
 on a 3-member etcd cluster (the Envoys spread over them). canaryctl runs on core 0, the swarm and etcd on core 1.
 Once every Envoy is connected and has the config, --changes percentage changes are made through the admin API;
 for each: from the write's start until the median and the last Envoy received it, and the wall time of
@@ -182,9 +182,17 @@ def row(workdir: str, captured: str, envoys: int, streams: str, replicas: int, c
             after = [sum(metric(s, m) for s in servers)
                      for m in ("canaryctl_load_reports_total", "canaryctl_stats_flushes_total")]
             rate = [(a - b) / 10 for a, b in zip(after, received)]
-            note = ""
-            if streams == "all" and min(rate) < 0.9 * envoys:
-                note = f"read {rate[0]:,.0f} load reports and {rate[1]:,.0f} flushes a second of {envoys:,}"
+            # The load reports' pace each replica asked for (serve --load-report-interval auto: longer beyond
+            # 2,000 load streams on a replica); the Envoys are spread evenly over the replicas.
+            every = [max(1, metric(s, "canaryctl_load_report_interval_seconds")) for s in servers]
+            due = [sum(envoys / len(servers) / e for e in every), envoys]
+            notes = []
+            if streams == "all" and max(every) > 1:
+                notes.append("load reports every " + "/".join(f"{e:.0f}" for e in every) + " s")
+            if streams == "all" and any(r < 0.9 * d for r, d in zip(rate, due)):
+                notes.append(f"read {rate[0]:,.0f} load reports a second of {due[0]:,.0f} due and "
+                             f"{rate[1]:,.0f} flushes of {due[1]:,.0f}")
+            note = "; ".join(notes)
             return {"envoys": envoys, "streams": streams, "replicas": replicas,
                     "p50_ms": statistics.median(p50) if p50 else None, "max_ms": max(last) if last else None,
                     "cli_ms": cli[0] if cli else None, "rss_mb": max(rss_mb(p) for p in pids),

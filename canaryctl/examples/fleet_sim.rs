@@ -334,22 +334,38 @@ async fn lrs(
         rx,
     )
     .await?;
+    // As Envoy does: report every interval the server asked for, and on a new answer (a new pace) the next
+    // report comes one new interval after it.
+    let interval_of = |asked: &LoadStatsResponse| {
+        let every = asked
+            .load_reporting_interval
+            .map_or(Duration::from_secs(1), |d| {
+                Duration::from_secs(d.seconds.max(0) as u64)
+                    + Duration::from_nanos(d.nanos.max(0) as u64)
+            });
+        every.max(Duration::from_millis(100))
+    };
     let asked = answers.message().await?.ok_or("no LRS answer")?;
-    let every = asked
-        .load_reporting_interval
-        .map_or(Duration::from_secs(1), |d| {
-            Duration::from_secs(d.seconds.max(0) as u64)
-                + Duration::from_nanos(d.nanos.max(0) as u64)
-        });
-    tokio::spawn(async move { while let Ok(Some(_)) = answers.message().await {} });
+    let mut every = interval_of(&asked);
     // Envoy 1.40 sends its node in every report.
     let mut report = report;
     report.node = Some(node);
     let report: bytes::Bytes = report.encode_to_vec().into();
-    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    let mut next = tokio::time::Instant::now() + every;
     loop {
-        tick.tick().await;
-        tx.send(report.clone()).await?;
+        tokio::select! {
+            answer = answers.message() => match answer? {
+                Some(asked) => {
+                    every = interval_of(&asked);
+                    next = tokio::time::Instant::now() + every;
+                }
+                None => return Ok(()),
+            },
+            () = tokio::time::sleep_until(next) => {
+                tx.send(report.clone()).await?;
+                next = tokio::time::Instant::now() + every;
+            }
+        }
     }
 }
 

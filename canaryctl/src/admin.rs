@@ -866,6 +866,12 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         &[(String::new(), Metrics::get(&m.load_reports))],
     );
     metric(
+        "canaryctl_load_report_interval_seconds",
+        "gauge",
+        "How often this replica asks the Envoys for their load reports (serve --load-report-interval).",
+        &[(String::new(), *server.load_every.borrow())],
+    );
+    metric(
         "canaryctl_stats_flushes_total",
         "counter",
         "Stats flushes (MetricsService) received from the Envoys.",

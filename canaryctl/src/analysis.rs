@@ -520,6 +520,86 @@ pub(crate) mod tests {
         assert_eq!(sum.slower_than(1000), 60);
     }
 
+    /// A fleet whose Envoys report their load every `every` seconds, in `every` groups of staggered phases
+    /// (as Envoys connected at different times are): each tick holds the reports of one group, each report
+    /// the `every` seconds since that group's previous one. 400 requests a second in all, the canary 10 % of
+    /// them, stable failing 2 %; from second `breaks` the canary fails `ratio` times as often. Returns the
+    /// second the evidence first rejects (None: not within `horizon`).
+    fn detected_at(
+        rng: &mut Rng,
+        every: u64,
+        breaks: u64,
+        ratio: f64,
+        horizon: u64,
+    ) -> Option<u64> {
+        let mut evidence = Evidence::default();
+        let share = 1.0 / every as f64;
+        let mut held = vec![Tick::default(); every as usize];
+        for second in 0..horizon {
+            let rate = if second >= breaks { ratio } else { 1.0 };
+            for group in held.iter_mut() {
+                let stable_requests = rng.poisson(400.0 * 0.9 * share);
+                let canary_requests = rng.poisson(400.0 * 0.1 * share);
+                // Added up as the judge adds reports.
+                crate::evidence::Summed::sum(
+                    group,
+                    &Tick {
+                        stable_requests,
+                        canary_requests,
+                        stable_bad: rng.poisson(stable_requests as f64 * 0.02),
+                        canary_bad: rng.poisson(canary_requests as f64 * 0.02 * rate),
+                    },
+                );
+            }
+            let reporting = (second % every) as usize;
+            evidence.observe(std::mem::take(&mut held[reporting]));
+            if evidence.rejects(0.05) {
+                return Some(second);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn load_reported_less_often_delays_a_verdict_by_at_most_an_interval_and_adds_no_false_alarm() {
+        let mut rng = Rng(2026);
+        let runs = 1000;
+        let median = |mut v: Vec<u64>| {
+            v.sort_unstable();
+            v[v.len() / 2]
+        };
+        let mut delays = Vec::new();
+        for every in [1u64, 5, 10] {
+            // A/A for five minutes: rolled back at most α of the time, at any pace.
+            let false_alarms = (0..runs)
+                .filter(|_| detected_at(&mut rng, every, u64::MAX, 1.0, 300).is_some())
+                .count() as f64
+                / runs as f64;
+            assert!(false_alarms <= 0.05, "every {every}s: {false_alarms}");
+            // A canary that starts failing 4× after a minute: caught, and how long after.
+            let caught: Vec<u64> = (0..runs)
+                .filter_map(|_| detected_at(&mut rng, every, 60, 4.0, 360))
+                .collect();
+            assert!(
+                caught.iter().filter(|t| **t >= 60).count() as f64 / runs as f64 > 0.95,
+                "every {every}s: caught {} of {runs}",
+                caught.len()
+            );
+            let delay = median(caught.iter().map(|t| t.saturating_sub(60)).collect());
+            eprintln!(
+                "every {every}s: false alarms {false_alarms:.3}, 4x caught in {delay}s (median)"
+            );
+            delays.push((every, delay));
+        }
+        let at_one = delays[0].1;
+        for (every, delay) in delays {
+            assert!(
+                delay <= at_one + every,
+                "every {every}s: {delay}s vs {at_one}s at 1s"
+            );
+        }
+    }
+
     #[test]
     fn with_a_tolerance_only_a_canary_beyond_it_is_rolled_back_and_false_alarms_stay_within_alpha()
     {

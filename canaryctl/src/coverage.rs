@@ -5,17 +5,81 @@
 use std::collections::BTreeMap;
 
 use canary_router::text::quote;
+use serde::{Deserialize, Serialize};
 
 use crate::fleet::{EnvoyStatus, Link};
 use crate::rollout::{Rollout, Source};
 use crate::state::rfc3339;
 
-/// An Envoy reports its load and its stats every second; one whose last report is older than this missed
-/// two: it is silent, and the tick is not complete without it.
+/// An Envoy that reports every second and whose last report is older than this missed two: it is silent, and
+/// the tick is not complete without it. One that reports less often is silent after two of its intervals.
 pub const REPORT_FRESH_S: u64 = 2;
 
-/// When each node last sent a load report (`[0]`) and a stats flush (`[1]`), unix seconds.
-pub type LastReports = BTreeMap<String, [u64; 2]>;
+/// The longest interval between two reports that is taken as an Envoy's pace (Envoy's own bound for a load
+/// report's interval is a minute).
+pub const MAX_REPORT_EVERY_S: u64 = 60;
+
+/// When a node last sent a load report and a stats flush, and how often it sends them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reported {
+    /// Unix seconds of its last load report (0: none yet).
+    pub load: u64,
+    /// Unix seconds of its last stats flush (0: none yet).
+    pub stats: u64,
+    /// Seconds between its load reports: the interval canaryctl asked of it (the longer of the old and the new
+    /// one until a report comes at the new).
+    #[serde(default = "one_second")]
+    pub load_every: u64,
+    /// Seconds between its last two stats flushes (Envoy's `stats_flush_interval`, which canaryctl does not
+    /// set, as measured).
+    #[serde(default = "one_second")]
+    pub stats_every: u64,
+}
+
+fn one_second() -> u64 {
+    1
+}
+
+impl Default for Reported {
+    fn default() -> Self {
+        Self {
+            load: 0,
+            stats: 0,
+            load_every: 1,
+            stats_every: 1,
+        }
+    }
+}
+
+impl Reported {
+    /// A stats flush at `now`: the time since the previous one is the Envoy's pace.
+    pub fn flushed(&mut self, now: u64) {
+        if self.stats != 0 {
+            self.stats_every = now.saturating_sub(self.stats).clamp(1, MAX_REPORT_EVERY_S);
+        }
+        self.stats = now;
+    }
+
+    /// Whether a report last sent at `at`, by an Envoy that sends one every `every` seconds, is still current
+    /// at `now`.
+    fn fresh(at: u64, every: u64, now: u64) -> bool {
+        now.saturating_sub(at) <= REPORT_FRESH_S.max(every.saturating_mul(2))
+    }
+
+    /// The later of two records of one Envoy (two replicas' shares): each time, and the pace that goes with
+    /// the later report.
+    pub fn merge(&mut self, other: &Reported) {
+        if other.load > self.load {
+            (self.load, self.load_every) = (other.load, other.load_every);
+        }
+        if other.stats > self.stats {
+            (self.stats, self.stats_every) = (other.stats, other.stats_every);
+        }
+    }
+}
+
+/// How each node has reported, by node id.
+pub type LastReports = BTreeMap<String, Reported>;
 
 /// Whether `envoy` serves this rollout: its cluster is one of the rollout's (any, for a rollout saved before
 /// fleets existed).
@@ -146,7 +210,7 @@ pub fn standing(rollout: &Rollout, node: &str, envoy: Option<&EnvoyStatus>) -> S
 /// What this tick's evidence lacks from the fleet, one line each (empty: complete). An Envoy that is not
 /// connected is missing unless the plan allows it; a connected one must serve the rollout's last change and,
 /// with the Envoys' own streams as the source, have sent its load report (and its stats, where latency is
-/// compared) within [`REPORT_FRESH_S`].
+/// compared) within [`REPORT_FRESH_S`], or two of its intervals when it reports less often.
 pub fn fleet_gaps(
     rollout: &Rollout,
     envoys: &[EnvoyStatus],
@@ -172,11 +236,12 @@ pub fn fleet_gaps(
         connected += 1;
         let Some(envoy) = envoy else { continue };
         if rollout.plan.evidence == Source::Envoy {
-            let [load, stats] = reports.get(node).copied().unwrap_or_default();
-            if now.saturating_sub(load) > REPORT_FRESH_S {
+            let seen = reports.get(node).copied().unwrap_or_default();
+            let (load, stats) = (seen.load, seen.stats);
+            if !Reported::fresh(load, seen.load_every, now) {
                 gaps.push(format!("{}: no load report, {}", named(envoy), since(load)));
             }
-            if rollout.plan.latency && now.saturating_sub(stats) > REPORT_FRESH_S {
+            if rollout.plan.latency && !Reported::fresh(stats, seen.stats_every, now) {
                 gaps.push(format!(
                     "{}: no stats flush, {}",
                     named(envoy),
@@ -196,11 +261,11 @@ pub fn fleet_gaps(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::fleet::Nack;
 
-    fn envoy(node: &str, cluster: &str, link: Link, acked: Option<u64>) -> EnvoyStatus {
+    pub(crate) fn envoy(node: &str, cluster: &str, link: Link, acked: Option<u64>) -> EnvoyStatus {
         EnvoyStatus {
             node_id: node.to_string(),
             cluster: cluster.to_string(),
@@ -217,6 +282,63 @@ mod tests {
             certificate: None,
             replica: None,
         }
+    }
+
+    /// Reported every second, last at `load` and `stats`.
+    fn at(load: u64, stats: u64) -> Reported {
+        Reported {
+            load,
+            stats,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_envoy_that_reports_less_often_is_silent_after_two_of_its_intervals() {
+        let mut r = rollout(Source::Envoy, true);
+        r.fleet = ["front-1".to_string()].into();
+        let up = [envoy("front-1", "edge", Link::Connected, Some(7))];
+        // Asked for a load report every 5 s, flushing its stats every 3 s (as measured between two flushes).
+        let mut seen = Reported {
+            load_every: 5,
+            ..Default::default()
+        };
+        seen.flushed(193);
+        seen.flushed(196);
+        assert_eq!(seen.stats_every, 3);
+        seen.load = 190;
+        let reports = |seen: Reported| LastReports::from([("front-1".to_string(), seen)]);
+        assert_eq!(
+            fleet_gaps(&r, &up, &reports(seen), 199),
+            Vec::<String>::new()
+        );
+        let gaps = fleet_gaps(&r, &up, &reports(seen), 201);
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert!(gaps[0].contains("no load report"), "{gaps:?}");
+        assert_eq!(fleet_gaps(&r, &up, &reports(seen), 205).len(), 2);
+        // At one second, the rule is two seconds, as it always was.
+        assert_eq!(fleet_gaps(&r, &up, &reports(at(197, 198)), 200).len(), 1);
+        // A pace is measured between two flushes, within a second and a minute.
+        let mut once = Reported::default();
+        once.flushed(100);
+        assert_eq!(once.stats_every, 1);
+        once.flushed(100);
+        assert_eq!(once.stats_every, 1);
+        once.flushed(100_000);
+        assert_eq!(once.stats_every, MAX_REPORT_EVERY_S);
+        // Two replicas' records of one Envoy: the later report, with its own pace.
+        let mut merged = at(100, 100);
+        merged.merge(&Reported {
+            load: 104,
+            load_every: 5,
+            stats: 99,
+            stats_every: 7,
+        });
+        assert_eq!((merged.load, merged.load_every), (104, 5));
+        assert_eq!((merged.stats, merged.stats_every), (100, 1));
+        // Shares published before the paces existed still read, at one second.
+        let old: Reported = serde_json::from_str(r#"{"load":5,"stats":6}"#).unwrap();
+        assert_eq!(old, at(5, 6));
     }
 
     fn rollout(source: Source, latency: bool) -> Rollout {
@@ -272,8 +394,8 @@ mod tests {
         r.fleet = ["front-1".to_string(), "front-2".to_string()].into();
         let now = 200;
         let fresh: LastReports = [
-            ("front-1".to_string(), [199, 200]),
-            ("front-2".to_string(), [198, 199]),
+            ("front-1".to_string(), at(199, 200)),
+            ("front-2".to_string(), at(198, 199)),
         ]
         .into();
         let up = [
@@ -284,7 +406,7 @@ mod tests {
 
         // Silent streams: each kind named, with since when.
         let mut silent = fresh.clone();
-        silent.insert("front-2".into(), [190, 199]);
+        silent.insert("front-2".into(), at(190, 199));
         assert_eq!(
             fleet_gaps(&r, &up, &silent, now),
             [r#""front-2" (edge): no load report, none since 1970-01-01T00:03:10Z"#]

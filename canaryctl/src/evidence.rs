@@ -93,10 +93,8 @@ impl Partial {
     pub fn add_standing(&mut self, other: &Partial) {
         self.canary_hosts.extend_from_slice(&other.canary_hosts);
         self.stable_hosts.extend_from_slice(&other.stable_hosts);
-        for (node, [load, stats]) in &other.reports {
-            let mine = self.reports.entry(node.clone()).or_default();
-            mine[0] = mine[0].max(*load);
-            mine[1] = mine[1].max(*stats);
+        for (node, seen) in &other.reports {
+            self.reports.entry(node.clone()).or_default().merge(seen);
         }
     }
 
@@ -105,8 +103,8 @@ impl Partial {
     /// not read at all).
     fn report_times_moved(&self, age: u64) -> LastReports {
         let mut reports = self.reports.clone();
-        for times in reports.values_mut() {
-            for t in times.iter_mut() {
+        for seen in reports.values_mut() {
+            for t in [&mut seen.load, &mut seen.stats] {
                 if *t != 0 {
                     *t = t.saturating_add(age);
                 }
@@ -209,6 +207,7 @@ impl Counted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::coverage::Reported;
 
     fn share(requests: u64, node: &str, reported: u64) -> Partial {
         Partial {
@@ -223,7 +222,15 @@ mod tests {
                 total: 1,
             }],
             routed: Some(requests / 10),
-            reports: [(node.to_string(), [reported, reported])].into(),
+            reports: [(
+                node.to_string(),
+                Reported {
+                    load: reported,
+                    stats: reported,
+                    ..Default::default()
+                },
+            )]
+            .into(),
             ..Partial::default()
         }
     }
@@ -248,7 +255,8 @@ mod tests {
         );
         assert_eq!(sum.canary_hosts.len(), 2);
         assert_eq!(sum.routed, Some(30));
-        assert_eq!(sum.reports["front-b"], [52, 52]);
+        assert_eq!(sum.reports["front-b"].load, 52);
+        assert_eq!(sum.reports["front-b"].stats, 52);
         assert_eq!(sum.reports.len(), 2);
     }
 
@@ -271,7 +279,8 @@ mod tests {
         let again = counted.take(&docs, 109);
         assert_eq!(again["web"].tick, None);
         assert_eq!(again["web"].canary_hosts.len(), 1);
-        assert_eq!(again["web"].reports["front-b"], [108 + 1, 108 + 1]);
+        assert_eq!(again["web"].reports["front-b"].load, 108 + 1);
+        assert_eq!(again["web"].reports["front-b"].stats, 108 + 1);
         // Two ticks came while the judge was busy: both count, once.
         shares.push(published(9, 109, 10));
         shares.push(published(10, 110, 10));
@@ -307,7 +316,8 @@ mod tests {
         let docs: BTreeMap<String, Shares> = [("b".to_string(), shares)].into();
         // Seen 2 s after it was published: front-b's reports are as fresh as they were then.
         let seen = Counted::default().take(&docs, 102);
-        assert_eq!(seen["web"].reports["front-b"], [102, 102]);
+        assert_eq!(seen["web"].reports["front-b"].load, 102);
+        assert_eq!(seen["web"].reports["front-b"].stats, 102);
         // A replica that stopped publishing long ago counts for nothing.
         assert!(Counted::default().take(&docs, 100 + STALE_S + 1).is_empty());
     }

@@ -104,10 +104,10 @@ struct FamilyName {
     name: Option<Bytes>,
 }
 
-/// An encoded metric family's name, read without decoding its metrics (None: no name, or not UTF-8).
+/// An encoded metric family's name, read without decoding its metrics (None: no name). Its bytes as sent:
+/// whether they are UTF-8 is checked only for the few names that may be read.
 pub fn family_name(family: &Bytes) -> Option<Bytes> {
-    let name = FamilyName::decode(family.clone()).ok()?.name?;
-    std::str::from_utf8(&name).is_ok().then_some(name)
+    FamilyName::decode(family.clone()).ok()?.name
 }
 
 /// An encoded metric family, decoded as Envoy's generated type.
@@ -285,8 +285,11 @@ mod tests {
         );
         assert_eq!(family(&read.envoy_metrics[0]).unwrap(), family_sent);
         assert_eq!(family_name(&read.envoy_metrics[1]), None);
-        // Not UTF-8: no name. Not a family: refused when decoded, not before.
-        assert_eq!(family_name(&Bytes::from_static(&[0x0a, 0x01, 0xff])), None);
+        // Its bytes as sent, UTF-8 or not. Not a family: refused when decoded, not before.
+        assert_eq!(
+            family_name(&Bytes::from_static(&[0x0a, 0x01, 0xff])).as_deref(),
+            Some(&[0xff][..])
+        );
         assert!(family(&Bytes::from_static(&[0x22, 0x05, 0x01])).is_err());
     }
 }

@@ -15,12 +15,14 @@ mod findings;
 mod fleet;
 mod identity;
 mod intake;
+mod judge;
 mod leader;
 mod lrs;
 mod metrics_sink;
 mod prometheus;
 mod rollout;
 mod server;
+mod sources;
 mod state;
 mod store;
 mod tls;
@@ -218,6 +220,11 @@ enum Command {
         /// beyond it is refused and counted (canaryctl_reports_refused_total), never summed.
         #[arg(long, default_value_t = server::DEFAULT_MAX_REPORT_RATE, value_parser = clap::value_parser!(u64).range(1..))]
         max_report_rate: u64,
+        /// How often the Envoys send their load reports: `auto` (every second up to 2,000 Envoys streaming
+        /// their load to this replica, then a second more per 2,000, at most 10 s), or whole seconds from 1s
+        /// to 60s. A longer interval costs canaryctl less and delays a verdict by up to one interval.
+        #[arg(long, default_value = "auto", value_name = "auto|DURATION", value_parser = lrs::LoadInterval::parse)]
+        load_report_interval: lrs::LoadInterval,
     },
     /// The state store: `canaryctl store migrate --state FILE --store etcd://…`.
     Store {
@@ -505,6 +512,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             prometheus_token_file,
             prometheus_ca,
             max_report_rate,
+            load_report_interval,
         } => {
             let prometheus = match prometheus_url {
                 Some(url) => Some(prometheus_source(
@@ -548,6 +556,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 },
                 prometheus,
                 max_report_rate: *max_report_rate,
+                load_report_interval: *load_report_interval,
             };
             serve(settings, token).await
         }
@@ -611,6 +620,7 @@ struct ServeSettings {
     fleet: FleetSettings,
     prometheus: Option<prometheus::Prometheus>,
     max_report_rate: u64,
+    load_report_interval: lrs::LoadInterval,
 }
 
 /// The Prometheus source from `serve`'s flags: the token and CA files are read once, at start.
@@ -848,6 +858,7 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
         )
         .with_prometheus(settings.prometheus)
         .with_max_report_rate(settings.max_report_rate)
+        .with_load_interval(settings.load_report_interval)
         .with_leadership(if store.shared() {
             leader::Leadership::replica(&replica)
         } else {
@@ -896,6 +907,7 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
     tokio::spawn(server.clone().keep_fleet());
     tokio::spawn(reload_tls(server.clone()));
     tokio::spawn(server.clone().run_rollouts());
+    tokio::spawn(server.clone().pace_load_reports());
     let (incoming, connections) = tokio::sync::mpsc::channel(16);
     tokio::spawn(tls::accept(xds_listener, tls, server.clone(), incoming));
 

@@ -64,17 +64,14 @@ pub fn reading_of(name: &str, labels: &[(&str, &str)]) -> Option<Reading> {
 }
 
 /// Whether a family of this name can hold a metric canaryctl reads, whatever its labels: the families of a
-/// flush that are decoded (most of a flush is metrics canaryctl does not read).
-pub fn may_be_read(name: &str) -> bool {
-    // Cheap tests first: this runs for every family of every flush.
+/// flush that are decoded (most of a flush is metrics canaryctl does not read). Bytes, not text: it runs for
+/// every family of every flush, and most names are ruled out before they are checked for UTF-8.
+pub fn may_be_read(name: &[u8]) -> bool {
     let possible = ["upstream_rq_time", "membership_healthy", "membership_total"]
         .iter()
-        .any(|suffix| name.ends_with(suffix))
-        || name
-            .as_bytes()
-            .windows(REQUESTS.len())
-            .any(|w| w == REQUESTS.as_bytes());
-    possible && reading_by(name, |_| Some("")).is_some()
+        .any(|suffix| name.ends_with(suffix.as_bytes()))
+        || memchr::memmem::find(name, REQUESTS.as_bytes()).is_some();
+    possible && std::str::from_utf8(name).is_ok_and(|name| reading_by(name, |_| Some("")).is_some())
 }
 
 fn reading_by<'a>(name: &str, label: impl Fn(&str) -> Option<&'a str>) -> Option<Reading> {
@@ -296,15 +293,15 @@ fn families_read(server: &Server, node: &str, flush: &[Bytes]) -> Vec<MetricFami
         let Some(name) = intake::family_name(encoded) else {
             continue;
         };
-        let name = std::str::from_utf8(&name).unwrap_or_default();
-        if !may_be_read(name) {
+        if !may_be_read(&name) {
             continue;
         }
+        let name = String::from_utf8_lossy(&name);
         match intake::family(encoded) {
             Ok(decoded) => read.push(decoded),
             Err(error) => server.refuse_report(
                 node,
-                format!("{}: {error}", canary_router::text::quote(name)),
+                format!("{}: {error}", canary_router::text::quote(&name)),
             ),
         }
     }
@@ -344,8 +341,7 @@ impl Sink {
                 {
                     continue;
                 }
-                self.server
-                    .reported(node.as_deref().unwrap_or_default(), StreamKind::Stats);
+                self.server.stats_reported(id);
                 self.server.metrics.last_stats_unix.store(
                     crate::state::now_unix(),
                     std::sync::atomic::Ordering::Relaxed,
@@ -378,7 +374,7 @@ mod tests {
             "wasmcustom.canary_router_requests",
             "wasmcustom.canary_router_requests.rollout.web.version.v2.reason.sticky",
         ] {
-            assert!(may_be_read(name), "{name}");
+            assert!(may_be_read(name.as_bytes()), "{name}");
         }
         for name in [
             "cluster.app-v1.upstream_rq_total",
@@ -388,8 +384,11 @@ mod tests {
             "wasmcustom.canary_router_requests.rollout.web",
             "",
         ] {
-            assert!(!may_be_read(name), "{name}");
+            assert!(!may_be_read(name.as_bytes()), "{name}");
         }
+        // A name of the right shape that is not UTF-8 is not read.
+        assert!(!may_be_read(b"cluster.app-\xffv2.upstream_rq_time"));
+        assert!(may_be_read(b"cluster.app-v2.upstream_rq_time"));
     }
 
     #[test]

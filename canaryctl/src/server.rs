@@ -4,9 +4,11 @@
 //! This file keeps the state and its writes (every change, an operator's or the judge's, through
 //! [`Server::change`], guarded by the store's revision). Beside it: `server/fleet_view.rs` (the Envoys and their
 //! streams, merged across replicas), `server/reports.rs` (the evidence the report streams bring) and
-//! `server/judge.rs` (the leader's loop that applies the rollouts' verdicts). The rules themselves are pure:
-//! `rollout.rs`, `analysis.rs`, `coverage.rs`; the store is `store/`, the wire types of the report streams
-//! `intake.rs`, the xDS and admin surfaces `xds.rs` and `admin.rs`.
+//! `server/rollout_loop.rs` (the leader's loop that applies the rollouts' verdicts). The evidence sources
+//! (the Envoys' streams, Prometheus) are behind one trait in `sources.rs`; the judge, pure, is `judge.rs`,
+//! and the rules it applies are `rollout.rs`, `analysis.rs`, `coverage.rs`, `availability.rs`,
+//! `findings.rs`. The store is `store/` (a file or etcd), the leader's election `leader.rs`, the wire types
+//! of the report streams `intake.rs`, the xDS and admin surfaces `xds.rs` and `admin.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -18,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::analysis::{either_reported, Histogram, Tick};
-use crate::availability::{Availability, Hosts};
+use crate::availability::Hosts;
 use crate::coverage::LastReports;
 use crate::evidence::{Partial, Summed};
 use crate::findings::{Events, Signature};
@@ -32,8 +34,8 @@ use crate::tls::{Refused, TlsState};
 use canary_router::config::RawConfig;
 
 mod fleet_view;
-mod judge;
 mod reports;
+mod rollout_loop;
 
 /// Which build of the filter the Envoys load, and where they find it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,12 +202,19 @@ pub struct Server {
     /// Requests the filter sent to each (rollout, version) since the last tick, from Envoys that also stream
     /// their load (so the canary's hosts' load can be held against it).
     routed: Mutex<BTreeMap<(String, String, String), u64>>,
+    /// Requests the filter sent, per Envoy and (rollout, version), since that Envoy's last load report: they
+    /// join `routed` with its next one.
+    routed_held: Mutex<BTreeMap<String, RoutedSince>>,
     /// Requests per Envoy and upstream cluster since the last tick from Envoys that also stream their stats.
     load_paired: Mutex<BTreeMap<(String, String), u64>>,
     /// Open load and stats streams per node.
     streams: Mutex<BTreeMap<String, [u32; 2]>>,
-    /// When each node last sent a load report and a stats flush.
+    /// When each node last sent a load report and a stats flush, and at what pace.
     last_reports: Mutex<LastReports>,
+    /// How often the load streams are asked to report (`serve --load-report-interval`), and the seconds asked
+    /// now (each load stream follows it).
+    load_interval: crate::lrs::LoadInterval,
+    pub load_every: watch::Sender<u64>,
     /// What the other replicas published (a shared store): their fleets, which of them live, their evidence.
     remote: Mutex<Remote>,
     /// Which of the other replicas' published ticks this replica, judging, has counted.
@@ -260,6 +269,9 @@ fn keep_published<T: serde::de::DeserializeOwned>(
         }
     }
 }
+
+/// Requests one Envoy's filter routed per (rollout, version) since its last load report.
+type RoutedSince = BTreeMap<(String, String), u64>;
 
 /// The two report streams an Envoy opens besides ADS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,9 +334,12 @@ impl Server {
             recent_latency: Mutex::new(BTreeMap::new()),
             hosts: Mutex::new(BTreeMap::new()),
             routed: Mutex::new(BTreeMap::new()),
+            routed_held: Mutex::new(BTreeMap::new()),
             load_paired: Mutex::new(BTreeMap::new()),
             streams: Mutex::new(BTreeMap::new()),
             last_reports: Mutex::new(BTreeMap::new()),
+            load_interval: crate::lrs::LoadInterval::Auto,
+            load_every: watch::channel(1).0,
             remote: Mutex::new(Remote::default()),
             counted: Mutex::new(Default::default()),
             shares: Mutex::new(crate::evidence::Shares {
@@ -344,6 +359,13 @@ impl Server {
     /// Rollouts are judged only while `leadership` leads (replicas sharing etcd).
     pub fn with_leadership(mut self, leadership: Arc<Leadership>) -> Self {
         self.leadership = leadership;
+        self
+    }
+
+    /// The load streams are asked to report at this pace (`serve --load-report-interval`).
+    pub fn with_load_interval(mut self, interval: crate::lrs::LoadInterval) -> Self {
+        self.load_every.send_replace(interval.seconds(0, 1));
+        self.load_interval = interval;
         self
     }
 
@@ -389,6 +411,18 @@ impl Server {
         let mut counters = Counters::default();
         counters.advance(samples, now_unix());
         lock(&self.prometheus_counters).insert(rollout.to_string(), counters);
+    }
+
+    /// What a rollout's Prometheus counters moved since its previous answer (`samples` is the new one).
+    pub fn prometheus_advance(
+        &self,
+        rollout: &str,
+        samples: &[crate::prometheus::Sample],
+    ) -> crate::prometheus::Deltas {
+        lock(&self.prometheus_counters)
+            .entry(rollout.to_string())
+            .or_default()
+            .advance(samples, now_unix())
     }
 
     /// One Prometheus query, counted for /metrics; a failure is logged (once a minute while it repeats).
@@ -849,7 +883,7 @@ pub fn carry_out(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use judge::{events_of, tick_of};
+    use rollout_loop::{events_of, tick_of};
 
     fn server(state: &std::path::Path, percent: &str) -> Server {
         let json = format!(
@@ -953,6 +987,40 @@ mod tests {
         );
         assert!(!server.holding());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn what_the_filter_routed_joins_the_tick_with_its_envoy_s_next_load_report_at_any_pace() {
+        let dir = std::env::temp_dir();
+        let server = server(&dir.join("canaryctl-unused-state.json"), "20");
+        let routed = |server: &Server| std::mem::take(&mut *lock(&server.routed));
+        // Without a load stream, nothing to hold it against: not counted.
+        server.report_routed("front-1", "web", "v2", 5);
+        server.load_reported("front-1", 1);
+        assert!(routed(&server).is_empty());
+        server.stream_opened("front-1", StreamKind::Load);
+        server.stream_opened("front-1", StreamKind::Stats);
+        // Five flushes (five seconds) before the Envoy's next load report, at a pace of 5 s: held, then in
+        // the tick of that report, whole.
+        for _ in 0..5 {
+            server.report_routed("front-1", "web", "v2", 10);
+            assert!(routed(&server).is_empty());
+        }
+        server.load_reported("front-1", 5);
+        let key = ("front-1".to_string(), "web".to_string(), "v2".to_string());
+        assert_eq!(routed(&server).get(&key), Some(&50));
+        assert_eq!(lock(&server.last_reports)["front-1"].load_every, 5);
+        // A new pace asked: waited for over the longer until the next report.
+        server.load_pace_asked("front-1", 5);
+        server.load_reported("front-1", 2);
+        assert_eq!(lock(&server.last_reports)["front-1"].load_every, 2);
+        // Its load stream gone, what it held is dropped: no report will pair it.
+        server.report_routed("front-1", "web", "v2", 7);
+        server.stream_closed("front-1", StreamKind::Load);
+        server.stream_opened("front-1", StreamKind::Load);
+        server.load_reported("front-1", 1);
+        assert!(routed(&server).is_empty());
+        assert_eq!(server.load_streams(), 1);
     }
 
     #[test]

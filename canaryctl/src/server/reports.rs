@@ -32,6 +32,10 @@ impl Server {
 
     /// A load or stats stream of `node` ended.
     pub fn stream_closed(&self, node: &str, kind: StreamKind) {
+        if kind == StreamKind::Load {
+            // No report will come to pair them with.
+            lock(&self.routed_held).remove(node);
+        }
         let mut streams = lock(&self.streams);
         if let Some(open) = streams.get_mut(node) {
             if let Some(n) = open.get_mut(kind as usize) {
@@ -43,15 +47,69 @@ impl Server {
         }
     }
 
-    /// A load report or stats flush arrived from `node`: its evidence for this second is in.
-    pub fn reported(&self, node: &str, kind: StreamKind) {
-        let mut last = lock(&self.last_reports);
-        if let Some(at) = last
+    /// A load report arrived from `node`, asked of it every `every` seconds: its evidence is in, and so are
+    /// the requests its filter routed since its previous report (held until now, so that what the canary's
+    /// hosts got and what the filter sent them cover the same time, at any pace).
+    pub fn load_reported(&self, node: &str, every: u64) {
+        {
+            let mut last = lock(&self.last_reports);
+            let seen = last.entry(node.to_string()).or_default();
+            seen.load = now_unix();
+            seen.load_every = every;
+        }
+        let held = lock(&self.routed_held).remove(node);
+        if let Some(held) = held {
+            let mut routed = lock(&self.routed);
+            for ((rollout, version), requests) in held {
+                let entry = routed
+                    .entry((node.to_string(), rollout, version))
+                    .or_default();
+                *entry = entry.saturating_add(requests);
+            }
+        }
+    }
+
+    /// `node` was asked for its load reports at a new pace: it is waited for over `every` seconds until its
+    /// next report.
+    pub fn load_pace_asked(&self, node: &str, every: u64) {
+        lock(&self.last_reports)
             .entry(node.to_string())
             .or_default()
-            .get_mut(kind as usize)
-        {
-            *at = now_unix();
+            .load_every = every;
+    }
+
+    /// A stats flush arrived from `node`.
+    pub fn stats_reported(&self, node: &str) {
+        lock(&self.last_reports)
+            .entry(node.to_string())
+            .or_default()
+            .flushed(now_unix());
+    }
+
+    /// The load streams open on this replica.
+    pub fn load_streams(&self) -> usize {
+        lock(&self.streams)
+            .values()
+            .filter(|open| open.get(StreamKind::Load as usize).is_some_and(|n| *n > 0))
+            .count()
+    }
+
+    /// Sets the pace of the load reports for the load streams open now (`serve --load-report-interval`), each
+    /// second: every open stream is asked for the new one when it changes.
+    pub async fn pace_load_reports(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let streams = self.load_streams();
+            let current = *self.load_every.borrow();
+            let wanted = self.load_interval.seconds(streams, current);
+            if wanted != current {
+                eprintln!(
+                    "canaryctl: load reports asked every {wanted}s instead of {current}s ({streams} Envoys stream their load to this replica)"
+                );
+                self.load_every.send_replace(wanted);
+            }
         }
     }
 
@@ -71,11 +129,18 @@ impl Server {
         );
     }
 
-    /// The hosts of `cluster` as each Envoy that streamed its stats in the last [`HOSTS_FRESH_S`] sees them.
+    /// The hosts of `cluster` as each Envoy that streamed its stats in the last [`HOSTS_FRESH_S`] (or two of
+    /// its flush intervals, when they are longer) sees them.
     pub(super) fn fresh_hosts(&self, cluster: &str, fleet: &BTreeSet<String>) -> Vec<Hosts> {
         let now = now_unix();
         let mut hosts = lock(&self.hosts);
-        hosts.retain(|_, (_, at)| now.saturating_sub(*at) <= HOSTS_FRESH_S);
+        {
+            let paces = lock(&self.last_reports);
+            hosts.retain(|(node, _), (_, at)| {
+                let every = paces.get(node).map_or(1, |r| r.stats_every);
+                now.saturating_sub(*at) <= HOSTS_FRESH_S.max(every.saturating_mul(2))
+            });
+        }
         hosts
             .iter()
             .filter(|((node, c), _)| c == cluster && fleet.contains(node))
@@ -84,14 +149,17 @@ impl Server {
     }
 
     /// Requests the filter of one Envoy sent to a rollout's version since its previous flush. Counted only
-    /// for an Envoy that also streams its load, so that what the canary's hosts got can be held against it.
+    /// for an Envoy that also streams its load, so that what the canary's hosts got can be held against it,
+    /// and held until that Envoy's next load report.
     pub fn report_routed(&self, node: &str, rollout: &str, version: &str, requests: u64) {
         if !self.streaming(node, StreamKind::Load) {
             return;
         }
-        let mut routed = lock(&self.routed);
-        let entry = routed
-            .entry((node.to_string(), rollout.to_string(), version.to_string()))
+        let mut held = lock(&self.routed_held);
+        let entry = held
+            .entry(node.to_string())
+            .or_default()
+            .entry((rollout.to_string(), version.to_string()))
             .or_default();
         *entry = entry.saturating_add(requests);
     }

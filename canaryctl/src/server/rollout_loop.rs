@@ -1,20 +1,11 @@
-//! The judge: each second, the leader reads each active rollout's evidence (its own Envoys' reports, the
-//! other replicas' published shares, or Prometheus), hands it to the rollout's rules (`rollout.rs`, pure) and
-//! writes what they decide like an operator's change, fenced by its lead. A replica that does not lead
-//! publishes its share of the evidence instead.
+//! The leader's loop: each second, the leader reads each active rollout's evidence (its own Envoys' reports,
+//! the other replicas' published shares, or Prometheus: `sources.rs`), hands it to the judge (`judge.rs`,
+//! pure) and writes what it decides like an operator's change, fenced by its lead. A replica that does not
+//! lead publishes its share of the evidence instead.
 
 use super::*;
-
-/// What a rollout's analysis gets in one tick: errors, latency of stable and the canary, and whether the
-/// canary is up.
-#[derive(Debug, Default)]
-struct Inputs {
-    tick: Option<Tick>,
-    latency: Option<(Histogram, Histogram)>,
-    availability: Availability,
-    /// What the source lacks this tick (Prometheus did not answer, or did not scrape an Envoy).
-    missing: Vec<String>,
-}
+use crate::judge::{judge, Round};
+use crate::sources::{EnvoyStreams, EvidenceSource, Inputs, PrometheusScrapes};
 
 impl Server {
     /// This replica's share of a rollout's evidence since the last tick: what the Envoys of its fleet connected
@@ -36,12 +27,15 @@ impl Server {
             e.link == crate::fleet::Link::Connected
                 && (plan.fleet_clusters.is_empty() || plan.fleet_clusters.contains(&e.cluster))
         };
-        let reports = lock(&self.last_reports);
-        let reports = own_envoys
-            .iter()
-            .filter(|e| fleet.contains(&e.node_id) || joining(e))
-            .filter_map(|e| Some((e.node_id.clone(), *reports.get(&e.node_id)?)))
-            .collect();
+        // Taken, and the lock let go, before the hosts below (which read the paces).
+        let reports = {
+            let last = lock(&self.last_reports);
+            own_envoys
+                .iter()
+                .filter(|e| fleet.contains(&e.node_id) || joining(e))
+                .filter_map(|e| Some((e.node_id.clone(), *last.get(&e.node_id)?)))
+                .collect()
+        };
         Partial {
             tick: tick_of(load, rollout),
             stable_latency: of_fleet(latency, fleet, &plan.stable_cluster),
@@ -85,70 +79,11 @@ impl Server {
         let _ = etcd.put_leased(key, value, lease).await;
     }
 
-    /// A rollout's inputs for this tick: from the Envoys' reports (this replica's share and the others'
-    /// published ones), or from Prometheus.
+    /// A rollout's inputs for this tick, from its evidence source.
     async fn inputs(&self, rollout: &Rollout, share: &Partial) -> Inputs {
-        let plan = &rollout.plan;
-        let canary_route = plan.canary_latency_cluster();
-        match plan.evidence {
-            Source::Envoy => Inputs {
-                tick: share.tick,
-                latency: either_reported(
-                    share.stable_latency.as_ref(),
-                    share.canary_latency.as_ref(),
-                ),
-                availability: Availability {
-                    canary: share.canary_hosts.clone(),
-                    stable: share.stable_hosts.clone(),
-                    routed: share.routed,
-                    served: share.served,
-                },
-                missing: Vec::new(),
-            },
-            Source::Prometheus => {
-                let wanted = crate::prometheus::Wanted {
-                    stable: &plan.stable_cluster,
-                    canary: &plan.canary_cluster,
-                    canary_route,
-                    rollout: &plan.rollout,
-                    version: &plan.canary,
-                };
-                let query = crate::prometheus::counters_query(&wanted, &plan.prometheus_selector);
-                // No tick without an answer: the counters stay where they were, and the next answer's
-                // differences cover the gap.
-                let samples = match self.prometheus_query(&query).await {
-                    Ok(samples) => samples,
-                    Err(err) => {
-                        return Inputs {
-                            // Its cause, without the query's URL: "operation timed out".
-                            missing: vec![format!(
-                                "Prometheus: no answer ({})",
-                                err.rsplit(": ").next().unwrap_or(&err)
-                            )],
-                            ..Inputs::default()
-                        };
-                    }
-                };
-                let deltas = lock(&self.prometheus_counters)
-                    .entry(plan.rollout.clone())
-                    .or_default()
-                    .advance(&samples, now_unix());
-                let latency_of = |c: &str| deltas.clusters.get(c).map(|d| d.latency.clone());
-                let stable = latency_of(&plan.stable_cluster);
-                let canary = latency_of(canary_route);
-                let moved = |h: &Option<Histogram>| h.as_ref().is_some_and(|h| h.count > 0);
-                Inputs {
-                    tick: crate::prometheus::tick_of(&deltas, &plan.stable_cluster, canary_route),
-                    latency: (moved(&stable) || moved(&canary))
-                        .then(|| (stable.unwrap_or_default(), canary.unwrap_or_default())),
-                    availability: crate::prometheus::availability_of(&deltas, &wanted),
-                    missing: deltas
-                        .silent
-                        .iter()
-                        .map(|envoy| format!("Prometheus: no series from {envoy} (not scraped)"))
-                        .collect(),
-                }
-            }
+        match rollout.plan.evidence {
+            Source::Envoy => EnvoyStreams { share }.inputs(rollout).await,
+            Source::Prometheus => PrometheusScrapes { server: self }.inputs(rollout).await,
         }
     }
 
@@ -224,33 +159,15 @@ impl Server {
                         let Some(rollout) = rollouts.get_mut(&name) else {
                             return Ok((config.clone(), Vec::new()));
                         };
-                        crate::coverage::join(rollout, &envoys);
-                        let mut missing = inputs.missing.clone();
-                        missing.extend(crate::coverage::fleet_gaps(rollout, &envoys, reports, now));
-                        let covered = rollout.observe_coverage(missing, now);
-                        rollout.note_tick(
+                        let round = Round {
+                            inputs: &inputs,
+                            events: &events,
+                            envoys: &envoys,
+                            reports,
+                            steps_wait,
                             now,
-                            inputs.tick.as_ref(),
-                            inputs.latency.as_ref().map(|(s, c)| (s, c)),
-                            &inputs.availability,
-                        );
-                        // Each test sees the tick (the first to reach its threshold names the rollback),
-                        // then the step rules run.
-                        let action = rollout
-                            .observe_availability(&inputs.availability, now)
-                            .or_else(|| rollout.observe_errors(inputs.tick, covered, now))
-                            .or_else(|| {
-                                let (stable, canary) = inputs.latency.as_ref()?;
-                                rollout.observe_latency(stable, canary, now)
-                            })
-                            .or_else(|| rollout.observe_findings(events.clone(), inputs.tick, now))
-                            .or_else(|| {
-                                if steps_wait {
-                                    None
-                                } else {
-                                    rollout.advance(now)
-                                }
-                            });
+                        };
+                        let action = judge(rollout, &round);
                         match action {
                             Some(action) => carry_out(config, rollout, &action),
                             None => Ok((config.clone(), Vec::new())),
