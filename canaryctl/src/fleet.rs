@@ -514,6 +514,40 @@ impl RefusedPeers {
     }
 }
 
+/// In etcd a replica's fleet is this many documents (`fleets/<replica>/<shard>`), each Envoy in the one its
+/// node id hashes to: one value for the whole fleet (about 320 bytes an Envoy) would pass etcd's request
+/// limit (1.5 MiB by default) at about 4,500 Envoys, and each change would rewrite all of it.
+pub const FLEET_SHARDS: u32 = 16;
+
+/// The shard an Envoy's row is kept in (FNV-1a, stable across builds and replicas).
+pub fn shard_of(node_id: &str) -> u32 {
+    (canary_router::hash::fnv1a64(&[node_id.as_bytes()]) % u64::from(FLEET_SHARDS)) as u32
+}
+
+/// A replica's Envoys split into its [`FLEET_SHARDS`] documents (an empty one for a shard with none).
+pub fn shards(envoys: &[EnvoyStatus], at_unix: u64) -> Vec<FleetDoc> {
+    let mut docs: Vec<FleetDoc> = (0..FLEET_SHARDS)
+        .map(|_| FleetDoc {
+            at_unix,
+            envoys: Vec::new(),
+        })
+        .collect();
+    for envoy in envoys {
+        if let Some(doc) = docs.get_mut(shard_of(&envoy.node_id) as usize) {
+            doc.envoys.push(envoy.clone());
+        }
+    }
+    docs
+}
+
+/// The replica and shard of a fleet document's key (`<replica>/<shard>` after `fleets/`; a replica's name may
+/// hold a `/`, the shard never does).
+pub fn shard_key(rest: &str) -> Option<(&str, u32)> {
+    let (replica, shard) = rest.rsplit_once('/')?;
+    let shard: u32 = shard.parse().ok()?;
+    (!replica.is_empty() && shard < FLEET_SHARDS).then_some((replica, shard))
+}
+
 /// What another replica published of its Envoys, and whether it is alive.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetDoc {
@@ -799,6 +833,55 @@ mod tests {
             nack: None,
             certificate: None,
             replica: Some(replica.to_string()),
+        }
+    }
+
+    #[test]
+    fn a_replica_s_fleet_is_split_in_stable_shards_each_far_below_etcd_s_limit() {
+        // Pinned: every replica (and every release) must put a node in the same shard (FNV-1a 64 of the node id,
+        // modulo 16, computed by hand).
+        let golden: Vec<u32> = ["front-1", "front-2", "edge-7", ""]
+            .iter()
+            .map(|n| shard_of(n))
+            .collect();
+        assert_eq!(golden, [10, 7, 12, 5]);
+        // 10,000 Envoys with realistic rows: every Envoy in exactly one shard, each shard's document well under
+        // etcd's 1.5 MiB (one document for all of them was about 3 MiB).
+        let envoys: Vec<EnvoyStatus> = (0..10_000)
+            .map(|i| {
+                let name = format!("front-{i:05}.edge.example.internal");
+                let mut e = seen(
+                    &name,
+                    Link::Connected,
+                    1_796_000_000,
+                    "canaryctl-0.canaryctl.svc:9902",
+                );
+                e.peer = "10.20.30.40:51234".to_string();
+                e
+            })
+            .collect();
+        let whole = serde_json::to_vec(&FleetDoc {
+            at_unix: 1,
+            envoys: envoys.clone(),
+        })
+        .unwrap();
+        assert!(whole.len() > 1_572_864, "{}", whole.len());
+        let docs = shards(&envoys, 7);
+        assert_eq!(docs.len(), FLEET_SHARDS as usize);
+        assert_eq!(
+            docs.iter().map(|d| d.envoys.len()).sum::<usize>(),
+            envoys.len()
+        );
+        for (shard, doc) in (0u32..).zip(&docs) {
+            assert!(doc.envoys.iter().all(|e| shard_of(&e.node_id) == shard));
+            let bytes = serde_json::to_vec(doc).unwrap().len();
+            assert!(bytes < 400_000, "shard {shard}: {bytes} bytes");
+        }
+        // Keys: the replica's name may hold a slash; the shard is the last part, and one of ours.
+        assert_eq!(shard_key("a/3"), Some(("a", 3)));
+        assert_eq!(shard_key("ns/a/15"), Some(("ns/a", 15)));
+        for bad in ["a", "a/16", "a/x", "/3", "a/-1"] {
+            assert_eq!(shard_key(bad), None, "{bad}");
         }
     }
 

@@ -244,8 +244,8 @@ pub struct Server {
 /// What the other replicas sharing the store published, as this replica last saw it.
 #[derive(Debug, Default)]
 struct Remote {
-    /// Replica → its Envoys.
-    fleets: BTreeMap<String, crate::fleet::FleetDoc>,
+    /// Replica and shard → its Envoys in that shard (no shard: a replica of a release before the shards, its whole fleet).
+    fleets: BTreeMap<(String, Option<u32>), crate::fleet::FleetDoc>,
     /// The replicas whose lease lives.
     live: BTreeSet<String>,
     /// Replicas whose lease ended, since when (unix seconds).
@@ -255,17 +255,17 @@ struct Remote {
 }
 
 /// Keeps what another replica published (a value that does not read as one is dropped, as a deleted one).
-fn keep_published<T: serde::de::DeserializeOwned>(
-    map: &mut BTreeMap<String, T>,
-    replica: &str,
+fn keep_published<K: Ord, T: serde::de::DeserializeOwned>(
+    map: &mut BTreeMap<K, T>,
+    key: K,
     value: Option<&[u8]>,
 ) {
     match value.map(serde_json::from_slice) {
         Some(Ok(read)) => {
-            map.insert(replica.to_string(), read);
+            map.insert(key, read);
         }
         Some(Err(_)) | None => {
-            map.remove(replica);
+            map.remove(&key);
         }
     }
 }
@@ -776,14 +776,29 @@ impl Server {
                 } else if remote.live.remove(replica) {
                     remote.gone_since.insert(replica.to_string(), now);
                 }
+            } else if let Some(rest) = entry.key.strip_prefix("fleets/") {
+                // One shard of a replica's fleet, kept under `<replica>/<shard>`.
+                if let Some((replica, shard)) = crate::fleet::shard_key(rest) {
+                    if replica != me {
+                        let key = (replica.to_string(), Some(shard));
+                        keep_published(&mut remote.fleets, key, entry.value.as_deref());
+                        self.fleet_moved();
+                    }
+                }
             } else if let Some(replica) = entry.key.strip_prefix("fleet/") {
+                // A replica of a release before the shards: its whole fleet in one document.
                 if replica != me {
-                    keep_published(&mut remote.fleets, replica, entry.value.as_deref());
+                    let key = (replica.to_string(), None);
+                    keep_published(&mut remote.fleets, key, entry.value.as_deref());
                     self.fleet_moved();
                 }
             } else if let Some(replica) = entry.key.strip_prefix("evidence/") {
                 if replica != me {
-                    keep_published(&mut remote.evidence, replica, entry.value.as_deref());
+                    keep_published(
+                        &mut remote.evidence,
+                        replica.to_string(),
+                        entry.value.as_deref(),
+                    );
                 }
             }
         }

@@ -82,7 +82,7 @@ impl Server {
         if remote.fleets.is_empty() {
             return local;
         }
-        let others = remote.fleets.iter().map(|(replica, doc)| {
+        let others = remote.fleets.iter().map(|((replica, _), doc)| {
             let gone = (!remote.live.contains(replica)).then(|| {
                 remote
                     .gone_since

@@ -3,8 +3,11 @@
 //! - `state`: the desired config, its version and the rollouts, as one JSON value (the state file's form,
 //!   without the fleet). Every write is a transaction guarded by the `mod_revision` it was made from; a
 //!   judge's write is also guarded by its leader key's `create_revision`.
-//! - `fleet/<replica>`: each replica's view of the Envoys it serves and has served, written by that replica
-//!   only (on connect, disconnect, and a change of what an Envoy applied; not per heartbeat).
+//! - `fleets/<replica>/<shard>`: each replica's view of the Envoys it serves and has served, in
+//!   [`crate::fleet::FLEET_SHARDS`] documents (an Envoy in the one its node id hashes to), written by that
+//!   replica only (on connect, disconnect, and a change of what an Envoy applied; not per heartbeat), and only
+//!   the documents that changed. `fleet/<replica>`, one document for the whole fleet, is what releases before
+//!   the shards wrote: still read, and deleted by the replica's first sharded save.
 //! - `leader`: the judge's key, held by a lease (see `crate::leader`).
 //! - `replicas/<replica>`: each live replica, held by its lease.
 
@@ -87,6 +90,9 @@ pub struct EtcdStore {
     pinned: std::sync::atomic::AtomicUsize,
     options: ConnectOptions,
     settings: EtcdSettings,
+    /// Each fleet shard's Envoys as this replica last wrote them (a shard is written again only when they
+    /// change).
+    fleet_written: std::sync::Mutex<std::collections::BTreeMap<u32, Vec<EnvoyStatus>>>,
 }
 
 fn failed(what: &str, err: impl std::fmt::Display) -> StateError {
@@ -165,6 +171,7 @@ impl EtcdStore {
             pinned: std::sync::atomic::AtomicUsize::new(0),
             options,
             settings,
+            fleet_written: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         };
         // With auth, the credentials are checked now (on the first member that answers), not at the first write.
         store.client().await?;
@@ -264,8 +271,13 @@ impl EtcdStore {
         format!("{}{rest}", self.settings.prefix).into_bytes()
     }
 
-    fn fleet_key(&self) -> Vec<u8> {
+    /// Where releases before the shards kept this replica's whole fleet.
+    fn legacy_fleet_key(&self) -> Vec<u8> {
         self.key(&format!("fleet/{}", self.settings.replica))
+    }
+
+    fn fleet_shard_key(&self, shard: u32) -> Vec<u8> {
+        self.key(&format!("fleets/{}/{shard}", self.settings.replica))
     }
 
     /// One key's value and revisions (`what`: for the error, "read the state").
@@ -293,21 +305,39 @@ impl EtcdStore {
         Ok(Some((saved, kv.mod_revision())))
     }
 
-    /// This replica's fleet as it last saved it (empty when it never did, or the value is not a fleet).
+    /// This replica's fleet as it last saved it (empty when it never did; a document that is not a fleet is
+    /// skipped, and said).
     async fn load_fleet(&self) -> Result<Vec<KnownEnvoy>, StateError> {
-        let Some(kv) = self.get(self.fleet_key(), "read the fleet").await? else {
-            return Ok(Vec::new());
-        };
-        Ok(serde_json::from_slice::<FleetDoc>(kv.value())
-            .map(|doc| doc.envoys.iter().map(KnownEnvoy::of).collect())
-            .unwrap_or_else(|err| {
-                eprintln!(
-                    "canaryctl: {}: this replica's fleet is not readable, starting without it: {}",
+        let prefix = self.key(&format!("fleets/{}/", self.settings.replica));
+        let mut response = self
+            .retrying(|mut c| {
+                let key = prefix.clone();
+                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await
+            .map_err(|err| failed("read the fleet", brief(&err)))?;
+        let mut values: Vec<Vec<u8>> = response
+            .take_kvs()
+            .into_iter()
+            .map(|kv| kv.value().to_vec())
+            .collect();
+        if values.is_empty() {
+            if let Some(kv) = self.get(self.legacy_fleet_key(), "read the fleet").await? {
+                values.push(kv.value().to_vec());
+            }
+        }
+        let mut known = Vec::new();
+        for value in values {
+            match serde_json::from_slice::<FleetDoc>(&value) {
+                Ok(doc) => known.extend(doc.envoys.iter().map(KnownEnvoy::of)),
+                Err(err) => eprintln!(
+                    "canaryctl: {}: part of this replica's fleet is not readable, starting without it: {}",
                     self.describe(),
                     canary_router::text::one_line(&err.to_string(), canary_router::text::MAX_LINE)
-                );
-                Vec::new()
-            }))
+                ),
+            }
+        }
+        Ok(known)
     }
 
     pub async fn create(&self, saved: &Saved) -> Result<Option<Revision>, StateError> {
@@ -317,22 +347,13 @@ impl EtcdStore {
             &saved.rollouts,
             Some(&self.settings.replica),
         )?;
-        // A migrated state's fleet: this replica's to start from, until its Envoys reconnect.
-        let fleet = serde_json::to_vec(&FleetDoc {
-            at_unix: crate::state::now_unix(),
-            envoys: saved.fleet.iter().map(known_as_status).collect(),
-        })
-        .map_err(|err| StateError::Io(format!("cannot encode the fleet: {err}")))?;
         let txn = Txn::new()
             .when([Compare::create_revision(
                 self.key("state"),
                 CompareOp::Equal,
                 0,
             )])
-            .and_then([
-                TxnOp::put(self.key("state"), body, None),
-                TxnOp::put(self.fleet_key(), fleet, None),
-            ]);
+            .and_then([TxnOp::put(self.key("state"), body, None)]);
         let response = self
             .retrying(|mut c| {
                 let txn = txn.clone();
@@ -340,9 +361,14 @@ impl EtcdStore {
             })
             .await
             .map_err(|err| failed("create the state", brief(&err)))?;
-        Ok(response
-            .succeeded()
-            .then(|| response.header().map_or(0, |h| h.revision())))
+        if !response.succeeded() {
+            return Ok(None);
+        }
+        let revision = response.header().map_or(0, |h| h.revision());
+        // A migrated state's fleet: this replica's to start from, until its Envoys reconnect.
+        let fleet: Vec<EnvoyStatus> = saved.fleet.iter().map(known_as_status).collect();
+        self.save_fleet(&fleet).await?;
+        Ok(Some(revision))
     }
 
     pub async fn save(
@@ -398,21 +424,42 @@ impl EtcdStore {
     }
 
     /// Publishes this replica's Envoys (what other replicas merge into their fleet view, and what this one
-    /// restarts from).
+    /// restarts from): each shard whose Envoys changed since the last save, one request each (so that no request
+    /// nears etcd's limit, whatever the fleet).
     pub async fn save_fleet(&self, envoys: &[EnvoyStatus]) -> Result<(), StateError> {
-        let doc = FleetDoc {
-            at_unix: crate::state::now_unix(),
-            envoys: envoys.to_vec(),
+        let docs = crate::fleet::shards(envoys, crate::state::now_unix());
+        let first = {
+            let written = crate::server::lock(&self.fleet_written);
+            written.is_empty()
         };
-        let value = serde_json::to_vec(&doc)
-            .map_err(|err| StateError::Io(format!("cannot encode the fleet: {err}")))?;
-        let key = self.fleet_key();
-        self.retrying(|mut c| {
-            let (key, value) = (key.clone(), value.clone());
-            async move { c.put(key, value, None).await }
-        })
-        .await
-        .map_err(|err| failed("save the fleet", brief(&err)))?;
+        for (shard, doc) in (0u32..).zip(&docs) {
+            let unchanged = crate::server::lock(&self.fleet_written)
+                .get(&shard)
+                .is_some_and(|before| *before == doc.envoys);
+            if unchanged {
+                continue;
+            }
+            let value = serde_json::to_vec(doc)
+                .map_err(|err| StateError::Io(format!("cannot encode the fleet: {err}")))?;
+            let key = self.fleet_shard_key(shard);
+            self.retrying(|mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move { c.put(key, value, None).await }
+            })
+            .await
+            .map_err(|err| failed("save the fleet", brief(&err)))?;
+            crate::server::lock(&self.fleet_written).insert(shard, doc.envoys.clone());
+        }
+        if first {
+            // What a release before the shards wrote, now superseded (nothing when there is none).
+            let key = self.legacy_fleet_key();
+            self.retrying(|mut c| {
+                let key = key.clone();
+                async move { c.delete(key, None).await }
+            })
+            .await
+            .map_err(|err| failed("save the fleet", brief(&err)))?;
+        }
         Ok(())
     }
 
