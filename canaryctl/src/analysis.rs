@@ -373,6 +373,19 @@ pub(crate) mod tests {
         }
     }
 
+    /// One simulated tick: about `requests` requests, `share` of them to the canary, stable failing at `rate`
+    /// and the canary at `ratio` × `rate` (Poisson draws).
+    fn draw_tick(rng: &mut Rng, requests: f64, share: f64, rate: f64, ratio: f64) -> Tick {
+        let canary_requests = rng.poisson(requests * share);
+        let stable_requests = rng.poisson(requests * (1.0 - share));
+        Tick {
+            stable_requests,
+            canary_requests,
+            stable_bad: rng.poisson(stable_requests as f64 * rate),
+            canary_bad: rng.poisson(canary_requests as f64 * rate * ratio),
+        }
+    }
+
     /// One simulated rollout: `ticks` ticks of `requests` requests, `share` of them to the canary, stable
     /// failing at `rate` and the canary at `ratio` × `rate`; returns the tick that rolled back, if one did.
     fn rollout(
@@ -386,15 +399,7 @@ pub(crate) mod tests {
     ) -> Option<u64> {
         let mut evidence = Evidence::default();
         for t in 1..=ticks {
-            let canary_requests = rng.poisson(requests * share);
-            let stable_requests = rng.poisson(requests * (1.0 - share));
-            let tick = Tick {
-                stable_requests,
-                canary_requests,
-                stable_bad: rng.poisson(stable_requests as f64 * rate),
-                canary_bad: rng.poisson(canary_requests as f64 * rate * ratio),
-            };
-            evidence.observe(tick);
+            evidence.observe(draw_tick(rng, requests, share, rate, ratio));
             if evidence.rejects(alpha) {
                 return Some(t);
             }
@@ -536,20 +541,11 @@ pub(crate) mod tests {
         let share = 1.0 / every as f64;
         let mut held = vec![Tick::default(); every as usize];
         for second in 0..horizon {
-            let rate = if second >= breaks { ratio } else { 1.0 };
+            let canary_ratio = if second >= breaks { ratio } else { 1.0 };
             for group in held.iter_mut() {
-                let stable_requests = rng.poisson(400.0 * 0.9 * share);
-                let canary_requests = rng.poisson(400.0 * 0.1 * share);
                 // Added up as the judge adds reports.
-                crate::evidence::Summed::sum(
-                    group,
-                    &Tick {
-                        stable_requests,
-                        canary_requests,
-                        stable_bad: rng.poisson(stable_requests as f64 * 0.02),
-                        canary_bad: rng.poisson(canary_requests as f64 * 0.02 * rate),
-                    },
-                );
+                let second_of_group = draw_tick(rng, 400.0 * share, 0.1, 0.02, canary_ratio);
+                crate::evidence::Summed::sum(group, &second_of_group);
             }
             let reporting = (second % every) as usize;
             evidence.observe(std::mem::take(&mut held[reporting]));

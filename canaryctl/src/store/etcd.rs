@@ -296,6 +296,21 @@ impl EtcdStore {
         Ok(response.take_kvs().into_iter().next())
     }
 
+    /// Every key under `rest` (under the store's prefix), with their values (`what`: for the error).
+    async fn get_prefix(
+        &self,
+        rest: &str,
+        what: &str,
+    ) -> Result<etcd_client::GetResponse, StateError> {
+        let key = self.key(rest);
+        self.retrying(|mut c| {
+            let key = key.clone();
+            async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await
+        .map_err(|err| failed(what, brief(&err)))
+    }
+
     pub async fn load(&self) -> Result<Option<(Saved, Revision)>, StateError> {
         let Some(kv) = self.get(self.key("state"), "read the state").await? else {
             return Ok(None);
@@ -308,14 +323,8 @@ impl EtcdStore {
     /// This replica's fleet as it last saved it (empty when it never did; a document that is not a fleet is
     /// skipped, and said).
     async fn load_fleet(&self) -> Result<Vec<KnownEnvoy>, StateError> {
-        let prefix = self.key(&format!("fleets/{}/", self.settings.replica));
-        let mut response = self
-            .retrying(|mut c| {
-                let key = prefix.clone();
-                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await
-            .map_err(|err| failed("read the fleet", brief(&err)))?;
+        let prefix = format!("fleets/{}/", self.settings.replica);
+        let mut response = self.get_prefix(&prefix, "read the fleet").await?;
         let mut values: Vec<Vec<u8>> = response
             .take_kvs()
             .into_iter()
@@ -502,14 +511,7 @@ impl EtcdStore {
 
     /// Every key under the prefix (its part after the prefix, its value), and the store's revision then.
     pub async fn load_all(&self) -> Result<(Vec<Entry>, Revision), StateError> {
-        let key = self.key("");
-        let mut response = self
-            .retrying(|mut c| {
-                let key = key.clone();
-                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await
-            .map_err(|err| failed("read the store", brief(&err)))?;
+        let mut response = self.get_prefix("", "read the store").await?;
         let revision = response.header().map_or(0, |h| h.revision());
         let entries = response
             .take_kvs()
