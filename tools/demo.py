@@ -360,7 +360,27 @@ def redeploy(apps: dict, version: str, fail_percent: int, run_dir: str,
     build.release_holds()
 
 
-def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list) -> int:
+NOTIFY_SECRET = b"the demo's notification secret, 0123456789"
+
+
+def notification_log(path: str):
+    """Appends each notification's text to `path`."""
+    def log(line: str):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+    return log
+
+
+def notified(receiver: "lab.Receiver", seen: int) -> int:
+    """Prints the notifications the receiver got since the `seen` first; returns how many it has."""
+    events = list(receiver.events)
+    for e in events[seen:]:
+        check = "signature verified" if e["verified"] else "SIGNATURE DID NOT VERIFY"
+        print(f"   notified ({check}): {e['body']['event']}: {e['body']['text']}")
+    return len(events)
+
+
+def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list, receiver: "lab.Receiver") -> int:
     print("\nThe release loop: `canaryctl rollout start` moves v2 through 5,25,50,100 % by itself, comparing its")
     print("errors, latency and error signatures with v1's, from Envoy's reports (they count the attempts the fallback")
     print("hid from users) and its failure access logs. Traffic now: 59 % GET /, 40 % GET /search, 1 % POST /checkout;")
@@ -369,6 +389,7 @@ def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list) -> i
     users = Users(f"http://127.0.0.1:{args.port}", args.users, args.clients, RELEASE_REQUESTS)
     users.start()
     expected_failures = {("GET", "/search", 500)}
+    seen = len(receiver.events)
     try:
         for title, fail_percent, faults, expected in (
                 ("1. A buggy v2 (503 on 5 % of its requests; /healthz stays green):", 5, None, "rolled_back"),
@@ -383,6 +404,13 @@ def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list) -> i
             outcome = release(control, users, args.release_hold)
             if outcome["phase"] != expected:
                 raise RuntimeError(f"v2 ended {outcome['phase']}, not {expected}: {outcome.get('reason')}")
+            # The receiver has the verdict within a moment (delivery never holds the rollout up).
+            try:
+                lab.eventually(lambda: any(e["body"]["event"] == expected for e in receiver.events[seen:]),
+                               deadline_s=10, interval_s=0.1, what=f"the {expected} notification")
+            except AssertionError as err:
+                raise RuntimeError(str(err)) from err
+            seen = notified(receiver, seen)
             if expected == "rolled_back":
                 print(f"   rolled back: {outcome['reason']}\n")
             else:
@@ -441,10 +469,13 @@ def local(args) -> int:
     ecds_dir = os.path.join(RUN_DIR, "ecds")
     os.makedirs(ecds_dir)
     processes: list[lab.EnvoyProcess] = []
+    stops = []
 
     def stop_all(*_):
         for process in reversed(processes):
             process.stop()
+        for stop in stops:
+            stop()
 
     # SIGTERM (e.g. `kill`) stops the children too, like Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -457,9 +488,17 @@ def local(args) -> int:
             apps[version] = (app, port)
         for app, port in apps.values():
             app.wait_serving(port)
+        # A webhook receiver stands for the team's chat: canaryctl posts every change of a rollout to it, signed.
+        secret_path = os.path.join(RUN_DIR, "notify-secret")
+        with open(secret_path, "wb") as f:
+            f.write(NOTIFY_SECRET)
+        receiver = lab.Receiver(secret=NOTIFY_SECRET, log=notification_log(os.path.join(RUN_DIR, "notifications.log")))
+        stops.append(receiver.close)
         # Port 0 (canaryctl's ports, Envoy's admin): a free port, learned once the process runs.
         control = lab.Canaryctl(RUN_DIR, init_config=plugin_config(args.steps[0]), xds_port=args.xds_port,
-                                admin_port=args.canaryctl_port)
+                                admin_port=args.canaryctl_port,
+                                extra_args=["--notify", receiver.url + "/hooks/releases",
+                                            "--notify-secret-file", secret_path])
         processes.append(control.start())
         where = lab.FrontAddresses(listener_port=args.port, admin_port=args.admin_port,
                                    upstream_ports={"v1": args.v1_port, "v2": args.v2_port}, xds_port=control.xds_port)
@@ -472,13 +511,15 @@ def local(args) -> int:
         print(f"Envoy on http://127.0.0.1:{args.port} (admin http://127.0.0.1:{envoy.admin_port}), "
               f"app v1 on :{args.v1_port}, app v2 on :{args.v2_port}, canaryctl on {control.server}; "
               f"logs in {RUN_DIR}")
+        print(f"notifications: every change of a rollout is posted (signed) to the receiver on {receiver.url}, "
+              f"logged in {os.path.join(RUN_DIR, 'notifications.log')}")
         print(f"{args.users} users on {args.clients} connections; canary steps {args.steps} by `canaryctl set`, "
               f"{args.hold:g} s each\n")
         code = drive(f"http://127.0.0.1:{args.port}", CanaryctlPublisher(control.server), args.steps, args.hold,
                      args.users, args.clients)
         if code != 0 or args.no_release_loop:
             return code
-        return release_loop(args, control, apps, processes)
+        return release_loop(args, control, apps, processes, receiver)
     except KeyboardInterrupt:
         print("\ninterrupted")
         return 130

@@ -763,3 +763,72 @@ def eventually(check, deadline_s: float = 10.0, interval_s: float = 0.02, what: 
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what} did not hold within {deadline_s} s (last: {last!r})")
         time.sleep(interval_s)
+
+
+# --------------------------------------------------------------------------------------------------
+# A webhook receiver for `canaryctl serve --notify`: the tests' and the demo's.
+# --------------------------------------------------------------------------------------------------
+class Receiver:
+    """An HTTP server on loopback that keeps every POST it gets (headers, body, when) and verifies each
+    body's signature (x-canaryctl-signature-256: sha256=HMAC-SHA256(secret, body)) with Python's hmac, not
+    canaryctl's code. `hang`: accept and never answer (a receiver that hangs). `log`: print each event's text
+    as it comes (the demo's log)."""
+
+    def __init__(self, secret: bytes | None = None, port: int = 0, hang: bool = False, log=None):
+        import hashlib
+        import hmac
+        import http.server
+        import threading
+
+        self.events: list[dict] = []
+        self.bad_signatures = 0
+        self.lock = threading.Lock()
+        self.hang = threading.Event()
+        if hang:
+            self.hang.set()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                if receiver.hang.is_set():
+                    time.sleep(3600)
+                    return
+                signature = self.headers.get("x-canaryctl-signature-256")
+                verified = None
+                if secret is not None:
+                    want = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+                    verified = signature is not None and hmac.compare_digest(want, signature)
+                event = {"path": self.path, "headers": dict(self.headers.items()), "body": json.loads(body),
+                         "verified": verified, "at": time.monotonic()}
+                with receiver.lock:
+                    receiver.events.append(event)
+                    if verified is False:
+                        receiver.bad_signatures += 1
+                if log is not None:
+                    text = event["body"].get("text", "")
+                    log(f"notification received: {text}")
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def bodies(self, path: str | None = None) -> list[dict]:
+        with self.lock:
+            return [e["body"] for e in self.events if path is None or e["path"] == path]
+
+    def close(self):
+        self.hang.clear()
+        self.server.shutdown()
+        self.server.server_close()

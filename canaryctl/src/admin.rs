@@ -111,7 +111,17 @@ async fn require_token(
     next: Next,
 ) -> Response {
     if server.authorised(bearer(request.headers())) {
-        return next.run(request).await;
+        // Who asks, for the events its writes cause (the token's name, never the token).
+        let actor = crate::notify::Actor {
+            token: server.token_name().map(str::to_string),
+            address: request
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0.to_string()),
+        };
+        return crate::notifier::OPERATOR
+            .scope(actor, next.run(request))
+            .await;
     }
     Metrics::bump(&server.metrics.unauthorized);
     error(
@@ -932,6 +942,47 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         "counter",
         "Saves of the state file that failed (full or read-only disk, ...).",
         &[(String::new(), durability.failures)],
+    );
+    let lanes = server
+        .notifier
+        .as_ref()
+        .map(|n| n.lanes().to_vec())
+        .unwrap_or_default();
+    let per_lane = |count: &dyn Fn(&crate::notifier::Lane) -> u64| -> Vec<(String, u64)> {
+        lanes
+            .iter()
+            .map(|l| {
+                (
+                    format!("{{target=\"{}\"}}", label(&l.target.label)),
+                    count(l),
+                )
+            })
+            .collect()
+    };
+    use std::sync::atomic::Ordering::Relaxed;
+    metric(
+        "canaryctl_notifications_sent_total",
+        "counter",
+        "Events delivered to a --notify target (by its number and host; a webhook's path is never shown).",
+        &per_lane(&|l| l.sent.load(Relaxed)),
+    );
+    metric(
+        "canaryctl_notifications_failed_total",
+        "counter",
+        "Attempts to deliver an event that failed (no answer, or not 2xx): each is tried again unless refused.",
+        &per_lane(&|l| l.failed.load(Relaxed)),
+    );
+    metric(
+        "canaryctl_notifications_dropped_total",
+        "counter",
+        "Events given up: refused by the receiver (4xx), older than 24h, or pushed out of a full queue.",
+        &per_lane(&|l| l.dropped.load(Relaxed)),
+    );
+    metric(
+        "canaryctl_notifications_waiting",
+        "gauge",
+        "Events queued for a target and not delivered yet.",
+        &per_lane(&|l| l.waiting() as u64),
     );
     metric(
         "canaryctl_fleet_ahead",

@@ -19,6 +19,8 @@ mod judge;
 mod leader;
 mod lrs;
 mod metrics_sink;
+mod notifier;
+mod notify;
 mod prometheus;
 mod rollout;
 mod server;
@@ -225,6 +227,18 @@ enum Command {
         /// to 60s. A longer interval costs canaryctl less and delays a verdict by up to one interval.
         #[arg(long, default_value = "auto", value_name = "auto|DURATION", value_parser = lrs::LoadInterval::parse)]
         load_report_interval: lrs::LoadInterval,
+        /// Post an event for every change of a rollout (started, step passed, paused, inconclusive, resumed,
+        /// rolled back, promoted) to URL, as JSON (docs/canaryctl.md, Notifications). Repeatable. For one
+        /// rollout, or Slack's form: rollout=web,format=slack,url=https://hooks.slack.com/…
+        #[arg(
+            long = "notify",
+            value_name = "URL|rollout=R,format=json|slack,url=URL"
+        )]
+        notify: Vec<String>,
+        /// A file holding the secret that signs each notification's body (HMAC-SHA256, in the
+        /// x-canaryctl-signature-256 header as sha256=<hex>).
+        #[arg(long, value_name = "FILE", requires = "notify")]
+        notify_secret_file: Option<PathBuf>,
     },
     /// The state store: `canaryctl store migrate --state FILE --store etcd://…`.
     Store {
@@ -513,7 +527,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             prometheus_ca,
             max_report_rate,
             load_report_interval,
+            notify,
+            notify_secret_file,
         } => {
+            let notifier = notifier(notify, notify_secret_file.as_deref())?;
             let prometheus = match prometheus_url {
                 Some(url) => Some(prometheus_source(
                     url,
@@ -557,6 +574,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 prometheus,
                 max_report_rate: *max_report_rate,
                 load_report_interval: *load_report_interval,
+                notifier,
             };
             serve(settings, token).await
         }
@@ -621,6 +639,41 @@ struct ServeSettings {
     prometheus: Option<prometheus::Prometheus>,
     max_report_rate: u64,
     load_report_interval: lrs::LoadInterval,
+    notifier: Option<Arc<notifier::Notifier>>,
+}
+
+/// The notification targets from `serve --notify`, and the signing secret (read once, at start).
+fn notifier(
+    targets: &[String],
+    secret_file: Option<&std::path::Path>,
+) -> Result<Option<Arc<notifier::Notifier>>, CliError> {
+    if targets.is_empty() {
+        return Ok(None);
+    }
+    let targets = targets
+        .iter()
+        .enumerate()
+        .map(|(i, text)| notify::Target::parse(text, i + 1))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(fail)?;
+    let secret = match secret_file {
+        Some(path) => {
+            let text = std::fs::read(path)
+                .map_err(|err| fail(format!("--notify-secret-file {}: {err}", path.display())))?;
+            let secret = text.trim_ascii_end().to_vec();
+            if secret.len() < 16 {
+                return Err(fail(format!(
+                    "--notify-secret-file {}: {} bytes: give a secret of at least 16",
+                    path.display(),
+                    secret.len()
+                )));
+            }
+            Some(secret)
+        }
+        None => None,
+    };
+    let notifier = notifier::Notifier::new(targets, secret).map_err(fail)?;
+    Ok(Some(Arc::new(notifier)))
 }
 
 /// The Prometheus source from `serve`'s flags: the token and CA files are read once, at start.
@@ -859,6 +912,7 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
         .with_prometheus(settings.prometheus)
         .with_max_report_rate(settings.max_report_rate)
         .with_load_interval(settings.load_report_interval)
+        .with_notifier(settings.notifier.clone())
         .with_leadership(if store.shared() {
             leader::Leadership::replica(&replica)
         } else {
@@ -908,6 +962,29 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
     tokio::spawn(reload_tls(server.clone()));
     tokio::spawn(server.clone().run_rollouts());
     tokio::spawn(server.clone().pace_load_reports());
+    if let Some(notifier) = &settings.notifier {
+        notifier.spawn();
+        for lane in notifier.lanes() {
+            let target = &lane.target;
+            eprintln!(
+                "canaryctl: notify {}: {} events of {}{}",
+                target.label,
+                match target.format {
+                    notify::Format::Json => "JSON",
+                    notify::Format::Slack => "Slack-form",
+                },
+                target
+                    .rollout
+                    .as_deref()
+                    .map_or("every rollout".to_string(), |r| format!("rollout {r}")),
+                if notifier.signs() {
+                    ", signed"
+                } else {
+                    ", unsigned (no --notify-secret-file)"
+                }
+            );
+        }
+    }
     let (incoming, connections) = tokio::sync::mpsc::channel(16);
     tokio::spawn(tls::accept(xds_listener, tls, server.clone(), incoming));
 
@@ -929,11 +1006,14 @@ async fn serve(settings: ServeSettings, token: Option<String>) -> Result<(), Cli
     let mut stop_admin = stop_tx.subscribe();
     let mut stop_xds = stop_tx.subscribe();
 
-    let admin = axum::serve(admin_listener, admin::router(server.clone())).with_graceful_shutdown(
-        async move {
-            let _ = stop_admin.recv().await;
-        },
-    );
+    // The peer's address is kept for the events an operator's write causes.
+    let admin = axum::serve(
+        admin_listener,
+        admin::router(server.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop_admin.recv().await;
+    });
     let ads = AggregatedDiscoveryServiceServer::new(xds::Ads::new(server.clone()));
     let lrs = intake::Served::new(Arc::new(lrs::Lrs::new(server.clone())));
     let sink = intake::Served::new(Arc::new(metrics_sink::Sink::new(server.clone())));

@@ -411,6 +411,10 @@ pub struct Rollout {
     /// When the last tick after the warm-up was observed.
     #[serde(default)]
     pub last_tick_unix: u64,
+    /// How many changes it has made that people are told of (started, a step passed, paused…): the
+    /// sequence number of its last notification, so a receiver can tell a repeat from a new one.
+    #[serde(default)]
+    pub notices: u64,
 }
 
 /// Evidence that is missing: since when, and what (one line each: a silent source, a silent Envoy, an Envoy
@@ -485,6 +489,7 @@ impl Rollout {
             step_covered_s: 0,
             gap: None,
             last_tick_unix: 0,
+            notices: 0,
         };
         rollout.record(now, format!("started at {}", rollout.step_name()));
         if rollout.plan.latency {
@@ -502,10 +507,15 @@ impl Rollout {
 
     /// The canary's percentage at the current step (a gate holds the previous one).
     pub fn percent(&self) -> Percent {
+        self.percent_at(self.step)
+    }
+
+    /// The canary's percentage at step `step` (an index into the plan's steps; a gate holds the previous one).
+    pub fn percent_at(&self, step: usize) -> Percent {
         self.plan
             .steps
             .iter()
-            .take(self.step + 1)
+            .take(step + 1)
             .rev()
             .find_map(|s| match s {
                 Step::Percent(p) => Some(*p),
@@ -516,11 +526,16 @@ impl Rollout {
 
     /// "step 2/5 (5%)".
     pub fn step_name(&self) -> String {
-        let name = match self.plan.steps.get(self.step) {
+        self.name_of_step(self.step)
+    }
+
+    /// "step 2/5 (5%)" for step `step` (an index into the plan's steps).
+    pub fn name_of_step(&self, step: usize) -> String {
+        let name = match self.plan.steps.get(step) {
             Some(Step::Pause) => "pause".to_string(),
-            _ => format!("{}%", self.percent()),
+            _ => format!("{}%", self.percent_at(step)),
         };
-        format!("step {}/{} ({name})", self.step + 1, self.plan.steps.len())
+        format!("step {}/{} ({name})", step + 1, self.plan.steps.len())
     }
 
     /// One analysis tick (the load reports since the previous one, none when nothing arrived) at `now`: the

@@ -239,6 +239,8 @@ pub struct Server {
     pub max_report_rate: u64,
     /// When a refused report of each node was last logged (once a minute per node).
     refused_logged: Mutex<BTreeMap<String, u64>>,
+    /// Where the rollouts' changes are told (`serve --notify`).
+    pub notifier: Option<Arc<crate::notifier::Notifier>>,
 }
 
 /// What the other replicas sharing the store published, as this replica last saw it.
@@ -353,7 +355,14 @@ impl Server {
             prometheus_logged: Mutex::new((String::new(), 0)),
             max_report_rate: DEFAULT_MAX_REPORT_RATE,
             refused_logged: Mutex::new(BTreeMap::new()),
+            notifier: None,
         }
+    }
+
+    /// The rollouts' changes are told to `notifier`'s targets.
+    pub fn with_notifier(mut self, notifier: Option<Arc<crate::notifier::Notifier>>) -> Self {
+        self.notifier = notifier;
+        self
     }
 
     /// Rollouts are judged only while `leadership` leads (replicas sharing etcd).
@@ -463,6 +472,11 @@ impl Server {
     }
 
     /// True when no token is configured, or `given` is the token (compared in constant time).
+    /// The name events give the admin token (None: serve runs without one).
+    pub fn token_name(&self) -> Option<&str> {
+        self.token.as_ref().map(|_| "admin")
+    }
+
     pub fn authorised(&self, given: Option<&str>) -> bool {
         match &self.token {
             None => true,
@@ -572,6 +586,9 @@ impl Server {
             rollout.change_pending = false;
             rollout.change_version = Some(next.version);
         }
+        // What people are told of, numbered in the state saved with it: a write made again after another
+        // replica's is compared again, from what that replica saved.
+        let told = self.changes_to_tell(&mut rollouts);
         let saved_rollouts: Vec<Rollout> = rollouts.values().cloned().collect();
         let warning = match self.persist(&next, &saved_rollouts, fence).await {
             Ok(()) => None,
@@ -595,6 +612,7 @@ impl Server {
             }
         };
         *lock(&self.rollouts) = rollouts;
+        self.tell(told);
         let version = next.version;
         if config_changed {
             if ends_hold {
@@ -613,6 +631,43 @@ impl Server {
             durable: warning.is_none(),
             warning,
         })
+    }
+
+    /// The changes this write makes to each rollout that people are told of, each numbered (the rollout's
+    /// `notices` counts them), as the events to send once the write is made.
+    fn changes_to_tell(
+        &self,
+        rollouts: &mut BTreeMap<String, Rollout>,
+    ) -> Vec<crate::notify::Notice> {
+        let before = lock(&self.rollouts);
+        let by = crate::notifier::current_operator();
+        let now = now_unix();
+        let mut told = Vec::new();
+        for (name, after) in rollouts.iter_mut() {
+            let kinds = crate::notify::transitions(before.get(name), after);
+            for kind in kinds {
+                after.notices += 1;
+                // An admin request's changes are its operator's (a gate passed by a resume too); the judge's
+                // loop runs outside any request, so its changes carry none.
+                told.push(crate::notify::notice(
+                    after,
+                    kind,
+                    after.notices,
+                    by.as_ref(),
+                    now,
+                ));
+            }
+        }
+        told
+    }
+
+    /// Queues the events of a write that was made (never waits on a receiver).
+    fn tell(&self, told: Vec<crate::notify::Notice>) {
+        if let Some(notifier) = &self.notifier {
+            for notice in &told {
+                notifier.send(notice);
+            }
+        }
     }
 
     /// Saves the state, keeping track of whether the store holds what is served (logged, and shown in

@@ -55,6 +55,11 @@ def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout
     assert out.count("non-2xx: 0 (a canary change lost no request)") == 1, out
     assert "non-2xx: 0 other (the fallback hid every 503 of the buggy v2)" in out, out
     assert re.search(r"GET /search 500: \d+ \(the flaky search both versions share", out), out
+    # Every change of each release was posted to the demo's receiver, signed, and verified by it.
+    notified = re.findall(r"   notified \(signature verified\): (\w+): rollout web: v2 ", out)
+    assert notified.count("started") == 3 and notified.count("rolled_back") == 2, out
+    assert notified.count("promoted") == 1 and notified.count("step_passed") >= 3, out
+    assert "SIGNATURE DID NOT VERIFY" not in out and "notifications: every change of a rollout is posted" in out, out
     assert "stopped every process the demo started" in out
     leftovers = subprocess.run(["pgrep", "-f", f"{lab.ROOT}/.run/demo/"],
                                capture_output=True, text=True).stdout
