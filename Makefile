@@ -15,7 +15,7 @@ BOOTSTRAPS  := envoy/envoy-inline.yaml envoy/envoy-ecds.yaml envoy/envoy-ads.yam
 # A base id no test uses, so validation can run beside a running Envoy.
 VALIDATE_BASE_ID := 77
 
-.PHONY: help setup install-protoc install-etcd install-docker-compose install-prometheus install-podman install-openssl compose-test certs wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench-fleet bench demo compose-prep clean
+.PHONY: help setup install-protoc install-etcd install-docker-compose install-prometheus install-podman install-openssl install-chromium compose-test certs wasm canaryctl native native-panic skew-wasm skew-native unit lint validate integration test bench-tools bench-filters bench-quick bench-fleet bench demo compose-prep clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -72,6 +72,15 @@ install-podman:
 	  echo "podman-compose or runc is missing: sudo apt-get install podman podman-compose runc (make compose-test runs the compose file with them)"; exit 1; \
 	fi
 
+# Debian's chromium and its chromedriver: the rollout page's tests drive a real browser, headless. Only the tests
+# need them.
+install-chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	else \
+	  echo "chromium or chromedriver is missing: sudo apt-get install chromium chromium-driver (the rollout page's tests drive it)"; exit 1; \
+	fi
+
 install-openssl:
 	@command -v openssl >/dev/null || if [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; \
@@ -121,7 +130,7 @@ validate: wasm native certs install-docker-compose ## envoy --mode validate on e
 	done
 	docker-compose -f docker-compose.yaml config -q && echo "valid: docker-compose.yaml"
 
-integration: wasm native native-panic canaryctl skew-wasm skew-native certs install-docker-compose install-prometheus install-etcd ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
+integration: wasm native native-panic canaryctl skew-wasm skew-native certs install-docker-compose install-prometheus install-etcd install-chromium ## Real-Envoy tests (starts Envoy 1.40 and upstreams on loopback)
 	cd tests/integration && ../../$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test: unit validate integration ## Everything: host tests, config validation, real-Envoy tests

@@ -511,6 +511,8 @@ def local(args) -> int:
         print(f"Envoy on http://127.0.0.1:{args.port} (admin http://127.0.0.1:{envoy.admin_port}), "
               f"app v1 on :{args.v1_port}, app v2 on :{args.v2_port}, canaryctl on {control.server}; "
               f"logs in {RUN_DIR}")
+        print(f"the rollout page: {control.server}/ (open it in a browser: the fleet, each rollout's steps, charts, "
+              f"tests, findings and history, live; no token in this demo)")
         print(f"notifications: every change of a rollout is posted (signed) to the receiver on {receiver.url}, "
               f"logged in {os.path.join(RUN_DIR, 'notifications.log')}")
         print(f"{args.users} users on {args.clients} connections; canary steps {args.steps} by `canaryctl set`, "

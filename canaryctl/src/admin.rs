@@ -15,7 +15,9 @@
 //! POST /v1/rollouts/start  {"rollout", "canary", "steps": ["1", "5", "pause", "100"], "stable_cluster",
 //!                           "canary_cluster", "hold_s"?, "max_step_s"?, "alpha"?, "min_canary_requests"?}
 //! POST /v1/rollouts/{pause,resume,abort,promote}  {"rollout"}
+//! GET  /v1/rollouts/chart?rollout=R&chart=traffic|errors|latency|evidence   one chart of a rollout (SVG)
 //! GET  /metrics                       Prometheus text
+//! GET  /, /page.js, /page.css         the rollout page (no data in them: it reads /v1 with the token)
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -51,6 +53,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/rollback", post(rollback))
         .route("/v1/apply", post(apply))
         .route("/v1/rollouts", get(rollouts))
+        .route("/v1/rollouts/chart", get(rollout_chart))
         .route("/v1/rollouts/start", post(rollout_start))
         .route("/v1/rollouts/pause", post(rollout_pause))
         .route("/v1/rollouts/resume", post(rollout_resume))
@@ -63,6 +66,9 @@ pub fn router(server: Arc<Server>) -> Router {
         ));
     Router::new()
         .merge(guarded)
+        .route("/", get(page_html))
+        .route("/page.js", get(page_js))
+        .route("/page.css", get(page_css))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -1195,6 +1201,105 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         let _ = writeln!(out, "canaryctl_rollout_findings{labels} {n}");
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The rollout page's files, built into the binary. They hold no data: the page reads `/v1` with the token
+/// typed into it. The policy lets the page load only its own script and style, and images it made itself.
+const PAGE_HTML: &str = include_str!("page/index.html");
+const PAGE_JS: &str = include_str!("page/page.js");
+const PAGE_CSS: &str = include_str!("page/page.css");
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                           img-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+fn page_file(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn page_html() -> Response {
+    page_file("text/html; charset=utf-8", PAGE_HTML)
+}
+
+async fn page_js() -> Response {
+    page_file("text/javascript; charset=utf-8", PAGE_JS)
+}
+
+async fn page_css() -> Response {
+    page_file("text/css; charset=utf-8", PAGE_CSS)
+}
+
+/// `GET /v1/rollouts/chart?rollout=web&chart=errors`: one of the page's charts, as SVG.
+async fn rollout_chart(State(server): State<Arc<Server>>, uri: axum::http::Uri) -> Response {
+    let mut rollout = None;
+    let mut chart = None;
+    for pair in uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8_lossy()
+            .into_owned();
+        match key {
+            "rollout" => rollout = Some(value),
+            "chart" => chart = Some(value),
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "chart: unknown parameter {} (rollout, chart)",
+                        canary_router::text::quote(other)
+                    ),
+                )
+            }
+        }
+    }
+    let (Some(name), Some(chart)) = (rollout, chart) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "chart: give ?rollout=NAME&chart=traffic|errors|latency|evidence",
+        );
+    };
+    let Some(r) = server
+        .rollouts()
+        .into_iter()
+        .find(|r| r.plan.rollout == name)
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "rollout: no progressive rollout of {}",
+                canary_router::text::quote(&name)
+            ),
+        );
+    };
+    match crate::charts::render(&r, &chart) {
+        Ok(svg) => (
+            [
+                (header::CONTENT_TYPE, "image/svg+xml"),
+                (
+                    header::CONTENT_SECURITY_POLICY,
+                    "default-src 'none'; style-src 'unsafe-inline'",
+                ),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            svg,
+        )
+            .into_response(),
+        Err(message) => error(StatusCode::BAD_REQUEST, message),
+    }
 }
 
 /// Each Envoy of a rollout's fleet against the rollout's last change.

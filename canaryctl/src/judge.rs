@@ -46,7 +46,7 @@ pub fn judge(rollout: &mut Rollout, round: &Round) -> Option<Action> {
         inputs.latency.as_ref().map(|(s, c)| (s, c)),
         &inputs.availability,
     );
-    rollout
+    let action = rollout
         .observe_availability(&inputs.availability, now)
         .or_else(|| rollout.observe_errors(inputs.tick, covered, now))
         .or_else(|| {
@@ -60,7 +60,9 @@ pub fn judge(rollout: &mut Rollout, round: &Round) -> Option<Action> {
             } else {
                 rollout.advance(now)
             }
-        })
+        });
+    rollout.note_chart(now);
+    action
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod admin;
 mod als;
 mod analysis;
 mod availability;
+mod charts;
 mod client;
 mod coverage;
 mod durability;

@@ -411,6 +411,9 @@ pub struct Rollout {
     /// When the last tick after the warm-up was observed.
     #[serde(default)]
     pub last_tick_unix: u64,
+    /// Its totals over time, for the rollout page's charts (see [`ChartPoint`]).
+    #[serde(default)]
+    pub chart: Vec<ChartPoint>,
     /// How many changes it has made that people are told of (started, a step passed, paused…): the
     /// sequence number of its last notification, so a receiver can tell a repeat from a new one.
     #[serde(default)]
@@ -448,6 +451,28 @@ pub struct TickSeen {
     /// Envoys that see a healthy canary host, of those that report its hosts.
     pub canary_up_on: (usize, usize),
 }
+
+/// One point of a rollout's charts: what its tests had counted by then, and where it stood. Totals, not
+/// rates: a chart's rate is the difference of two points, so dropping points (to keep [`CHART_POINTS`])
+/// loses resolution, never a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChartPoint {
+    pub at_unix: u64,
+    /// The canary's percentage then.
+    pub percent: Percent,
+    /// The errors test's totals: stable's requests and errors, the canary's requests and errors.
+    pub errors: [u64; 4],
+    /// Each latency check's totals (stable's requests and slow ones, the canary's), in the checks' order.
+    pub latency: Vec<[u64; 4]>,
+    /// Each test's evidence over its threshold (errors, each latency check, then the strongest error
+    /// signature): 1 rolls back. Always finite (the state is JSON).
+    pub evidence: Vec<f64>,
+}
+
+/// A rollout keeps at most this many chart points: one a second, then fewer as it runs longer (half of
+/// them are dropped when it is full, and the pace halves), so an hour's rollout has a point every 15 s.
+pub const CHART_POINTS: usize = 480;
 
 /// The history keeps this many lines (the oldest go first).
 const HISTORY: usize = 50;
@@ -490,6 +515,7 @@ impl Rollout {
             gap: None,
             last_tick_unix: 0,
             notices: 0,
+            chart: Vec::new(),
         };
         rollout.record(now, format!("started at {}", rollout.step_name()));
         if rollout.plan.latency {
@@ -878,6 +904,67 @@ impl Rollout {
                 Some(self.finish_rolled_back(now, why))
             }
         }
+    }
+
+    /// Adds a point to the charts at `now` (at most one every `elapsed / (CHART_POINTS / 2)` seconds).
+    pub fn note_chart(&mut self, now: u64) {
+        let every = (now.saturating_sub(self.started_unix) / (CHART_POINTS as u64 / 2)).max(1);
+        if self
+            .chart
+            .last()
+            .is_some_and(|last| now < last.at_unix.saturating_add(every))
+        {
+            return;
+        }
+        if self.chart.len() >= CHART_POINTS {
+            // Every other point goes; the first stays (the start).
+            let mut index = 0;
+            self.chart.retain(|_| {
+                index += 1;
+                index % 2 == 1
+            });
+        }
+        let totals = |e: &crate::analysis::Evidence| {
+            [
+                e.stable_requests,
+                e.stable_bad,
+                e.canary_requests,
+                e.canary_bad,
+            ]
+        };
+        // Three significant digits: a chart needs no more, and the state stays small (it is saved each tick).
+        let over = |e: f64, threshold: f64| {
+            let ratio = e / threshold;
+            if ratio.is_nan() {
+                0.0
+            } else {
+                let ratio = ratio.clamp(0.0, 1e300);
+                format!("{ratio:.2e}").parse().unwrap_or(ratio)
+            }
+        };
+        let test_threshold = 1.0 / self.plan.test_alpha();
+        let mut evidence = vec![over(self.errors.e_value(), test_threshold)];
+        evidence.extend(
+            self.latency
+                .iter()
+                .map(|c| over(c.evidence.e_value(), test_threshold)),
+        );
+        let alpha = self.plan.findings_alpha();
+        let strongest = self
+            .findings
+            .signatures
+            .iter()
+            .filter(|f| f.canary > 0)
+            .map(|f| over(f.evidence.e_value(), 1.0 / f.alpha(alpha)))
+            .fold(0.0, f64::max);
+        evidence.push(strongest);
+        self.chart.push(ChartPoint {
+            at_unix: now,
+            percent: self.percent(),
+            errors: totals(&self.errors),
+            latency: self.latency.iter().map(|c| totals(&c.evidence)).collect(),
+            evidence,
+        });
     }
 
     /// Keeps what one tick brought (the last [`RECENT_TICKS`]).

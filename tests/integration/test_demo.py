@@ -59,6 +59,8 @@ def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout
     notified = re.findall(r"   notified \(signature verified\): (\w+): rollout web: v2 ", out)
     assert notified.count("started") == 3 and notified.count("rolled_back") == 2, out
     assert notified.count("promoted") == 1 and notified.count("step_passed") >= 3, out
+    page = re.search(r"the rollout page: (http://127\.0\.0\.1:\d+/) ", out)
+    assert page, out
     assert "SIGNATURE DID NOT VERIFY" not in out and "notifications: every change of a rollout is posted" in out, out
     assert "stopped every process the demo started" in out
     leftovers = subprocess.run(["pgrep", "-f", f"{lab.ROOT}/.run/demo/"],
