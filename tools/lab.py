@@ -697,8 +697,8 @@ class Prometheus(ManagedProcess):
     another is tried if that one was taken meanwhile."""
 
     def __init__(self, workdir: str, targets: list[str], job: str = "envoy", scrape_interval: str = "1s",
-                 port: int = 0):
-        """`port` 0: a free one."""
+                 port: int = 0, apps: list[str] | None = None):
+        """`port` 0: a free one. `apps`: applications whose own /metrics it scrapes too (job "app")."""
         super().__init__("prometheus", os.path.join(workdir, "prometheus.log"))
         self.workdir = workdir
         self.port = port
@@ -713,6 +713,12 @@ scrape_configs:
     metrics_path: /stats/prometheus
     static_configs:
       - targets: [{", ".join(targets)}]
+""")
+            if apps:
+                f.write(f"""  - job_name: app
+    metrics_path: /metrics
+    static_configs:
+      - targets: [{", ".join(apps)}]
 """)
 
     @property

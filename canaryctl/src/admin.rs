@@ -1403,6 +1403,22 @@ pub fn rollout_view(r: &Rollout, envoys: &[crate::fleet::EnvoyStatus]) -> serde_
             }).collect::<Vec<_>>(),
         },
         "findings": findings_view(r),
+        "metrics": r.plan.metrics.iter().zip(r.metrics.iter()).map(|(m, e)| {
+            let (canary_rate, stable_rate) = e.rates();
+            json!({
+                "name": m.name,
+                "events_query": m.events,
+                "requests_query": m.requests,
+                "e_value": e.e_value(),
+                "threshold": 1.0 / r.plan.test_alpha(),
+                "canary_requests": e.canary_requests,
+                "canary_events": e.canary_bad,
+                "canary_rate": canary_rate,
+                "stable_requests": e.stable_requests,
+                "stable_events": e.stable_bad,
+                "stable_rate": stable_rate,
+            })
+        }).collect::<Vec<_>>(),
         "availability": {
             "down_since_unix": r.availability.down_since,
             "why": r.availability.why,
@@ -1528,6 +1544,9 @@ struct StartRequest {
     /// Steps may pass while Envoys of the fleet are disconnected (they are still named).
     #[serde(default)]
     allow_missing_envoys: bool,
+    /// The application's count metrics, from Prometheus.
+    #[serde(default)]
+    metrics: Vec<crate::user_metrics::MetricPlan>,
 }
 
 fn yes() -> bool {
@@ -1643,6 +1662,36 @@ async fn prometheus_start(
     Ok((baseline, true))
 }
 
+/// Before a rollout takes the application's metrics: each is checked, its query answered by Prometheus (a
+/// query Prometheus refuses is refused here, with its error), and the answer becomes its starting point.
+async fn metrics_start(server: &Server, req: &StartRequest) -> Result<(), (StatusCode, String)> {
+    if req.metrics.is_empty() {
+        return Ok(());
+    }
+    for metric in &req.metrics {
+        metric.check().map_err(|m| (StatusCode::BAD_REQUEST, m))?;
+    }
+    let stable = server
+        .desired()
+        .config
+        .rollouts
+        .iter()
+        .find(|r| r.name == req.rollout)
+        .map(|r| r.stable.clone())
+        .unwrap_or_default();
+    for metric in &req.metrics {
+        let query = crate::user_metrics::query(metric, &stable, &req.canary);
+        let samples = server.prometheus_query(&query).await.map_err(|err| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("metric {}: Prometheus: {err}", metric.name),
+            )
+        })?;
+        server.metric_start(&req.rollout, metric, &samples, &stable, &req.canary);
+    }
+    Ok(())
+}
+
 async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Response {
     let req: StartRequest = match parse_body(&body) {
         Ok(req) => req,
@@ -1670,6 +1719,9 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
             Err((status, message)) => return error(status, message),
         },
     };
+    if let Err((status, message)) = metrics_start(&server, &req).await {
+        return error(status, message);
+    }
     rollout_write(&server, Writer::Rollout, name, move |config, rollouts| {
         if let Some(running) = rollouts.get(&req.rollout).filter(|r| !r.phase.finished()) {
             return Err(StateError::Edit(format!(
@@ -1719,6 +1771,7 @@ async fn rollout_start(State(server): State<Arc<Server>>, body: Bytes) -> Respon
             findings: req.findings,
             fleet_clusters: Vec::new(),
             allow_missing_envoys: req.allow_missing_envoys,
+            metrics: req.metrics.clone(),
         };
         let (mut rollout, action) = Rollout::start(
             plan,

@@ -117,6 +117,7 @@ pub fn render(r: &Rollout, which: &str) -> Result<String, String> {
                     .iter()
                     .map(|c| format!("latency > {}", duration_text(c.bound_us))),
             );
+            names.extend(r.plan.metrics.iter().map(|m| format!("metric {}", m.name)));
             names.push("strongest error signature".to_string());
             let last = names.len() - 1;
             let lines = names

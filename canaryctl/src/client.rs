@@ -787,6 +787,53 @@ fn versus(r: &Value, test: &Value, bad: &str, decimals: usize) -> String {
     )
 }
 
+/// `--metric NAME=EVENTS` and `--metric-requests NAME=REQUESTS`, paired by name, in the order given.
+pub fn metric_plans(events: &[String], requests: &[String]) -> Result<Value, CliError> {
+    let split = |flag: &str, text: &str| -> Result<(String, String), CliError> {
+        text.split_once('=')
+            .map(|(name, query)| (name.trim().to_string(), query.trim().to_string()))
+            .filter(|(name, _)| !name.is_empty())
+            .ok_or_else(|| {
+                CliError::refused(format!(
+                    "--{flag} {}: give NAME=SELECTOR",
+                    canary_router::text::quote(text)
+                ))
+            })
+    };
+    let mut by_name: Vec<(String, String)> = Vec::new();
+    for text in events {
+        let (name, query) = split("metric", text)?;
+        if by_name.iter().any(|(n, _)| *n == name) {
+            return Err(CliError::refused(format!("--metric {name}: given twice")));
+        }
+        by_name.push((name, query));
+    }
+    let mut paired: std::collections::BTreeMap<String, String> = Default::default();
+    for text in requests {
+        let (name, query) = split("metric-requests", text)?;
+        if !by_name.iter().any(|(n, _)| *n == name) {
+            return Err(CliError::refused(format!(
+                "--metric-requests {name}: no --metric {name}=… to count out of"
+            )));
+        }
+        if paired.insert(name.clone(), query).is_some() {
+            return Err(CliError::refused(format!(
+                "--metric-requests {name}: given twice"
+            )));
+        }
+    }
+    let mut plans = Vec::new();
+    for (name, events) in by_name {
+        let Some(requests) = paired.remove(&name) else {
+            return Err(CliError::refused(format!(
+                "--metric {name}: give what its events are counted out of, --metric-requests {name}=SELECTOR"
+            )));
+        };
+        plans.push(json!({ "name": name, "events": events, "requests": requests }));
+    }
+    Ok(Value::Array(plans))
+}
+
 fn print_rollout(r: &Value) {
     println!("{}", rollout_headline(r));
     if let Some(held) = r.get("held").and_then(Value::as_str) {
@@ -840,6 +887,17 @@ fn print_rollout(r: &Value) {
             "  latency, slower than {}: {}",
             text(check, &["slower_than"]),
             versus(r, check, "slow", 1)
+        );
+    }
+    for metric in at(r, &["metrics"])
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "  metric {}: {}",
+            text(metric, &["name"]),
+            versus(r, metric, "events", 2)
         );
     }
     let signatures = at(r, &["findings", "signatures"])

@@ -53,6 +53,7 @@ pub fn judge(rollout: &mut Rollout, round: &Round) -> Option<Action> {
             let (stable, canary) = inputs.latency.as_ref()?;
             rollout.observe_latency(stable, canary, now)
         })
+        .or_else(|| rollout.observe_metrics(&inputs.metrics, now))
         .or_else(|| rollout.observe_findings(round.events.clone(), inputs.tick, now))
         .or_else(|| {
             if round.steps_wait {

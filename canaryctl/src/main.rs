@@ -29,6 +29,7 @@ mod sources;
 mod state;
 mod store;
 mod tls;
+mod user_metrics;
 mod xds;
 
 use std::net::SocketAddr;
@@ -355,6 +356,16 @@ enum RolloutCommand {
         /// Let steps pass while Envoys of the fleet are disconnected (they are still named in the status).
         #[arg(long)]
         allow_missing_envoys: bool,
+        /// One of the application's count metrics, from Prometheus (`serve --prometheus-url`), compared canary
+        /// against stable like the errors: NAME=SELECTOR of the events' counter, with {version} for the
+        /// version, e.g. declines='payments_declined_total{version="{version}"}'. Needs --metric-requests NAME=…
+        /// Repeatable.
+        #[arg(long = "metric", value_name = "NAME=EVENTS")]
+        metrics: Vec<String>,
+        /// What a --metric's events are counted out of: NAME=SELECTOR of that counter, with {version}, e.g.
+        /// declines='payments_total{version="{version}"}'.
+        #[arg(long = "metric-requests", value_name = "NAME=REQUESTS")]
+        metric_requests: Vec<String>,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -1117,8 +1128,11 @@ async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliErr
             no_rollback_on_findings,
             fleet_clusters,
             allow_missing_envoys,
+            metrics,
+            metric_requests,
             wait,
         } => (
+            // The metrics are checked once more by serve; pairing them is the CLI's.
             "/v1/rollouts/start".to_string(),
             json!({
                 "rollout": rollout,
@@ -1137,6 +1151,7 @@ async fn rollout(command: &RolloutCommand, client: &Client) -> Result<(), CliErr
                 "findings": !no_rollback_on_findings,
                 "fleet_clusters": fleet_clusters,
                 "allow_missing_envoys": allow_missing_envoys,
+                "metrics": client::metric_plans(metrics, metric_requests)?,
             }),
             wait.wait(),
         ),

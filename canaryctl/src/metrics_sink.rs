@@ -618,6 +618,7 @@ mod tests {
                 evidence: Source::Envoy,
                 prometheus_selector: String::new(),
                 findings: true,
+                metrics: Vec::new(),
             };
             let mut fleet: Vec<SimEnvoy> = (0..envoys)
                 .map(|_| SimEnvoy {

@@ -120,6 +120,9 @@ pub struct Plan {
     /// named. Evidence from the connected ones must still be complete.
     #[serde(default)]
     pub allow_missing_envoys: bool,
+    /// The application's own count metrics, from Prometheus (`--metric`): each a test of its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<crate::user_metrics::MetricPlan>,
 }
 
 /// Where a rollout's evidence comes from.
@@ -176,13 +179,15 @@ pub const LATENCY_WARM_UP_REQUESTS: u64 = 100;
 pub const LATENCY_FLOOR_US: u64 = 1000;
 
 impl Plan {
-    /// How many tests share the false-rollback budget: errors, each latency check, the findings.
+    /// How many tests share the false-rollback budget: errors, each latency check, the findings, each of the
+    /// application's metrics.
     pub fn tests(&self) -> usize {
         1 + if self.latency {
             LATENCY_QUANTILES.len()
         } else {
             0
         } + usize::from(self.findings)
+            + self.metrics.len()
     }
 
     /// The α of each test: the budget split evenly over the tests.
@@ -266,6 +271,19 @@ impl Plan {
             crate::prometheus::check_selector(&self.prometheus_selector)?;
         } else if !self.prometheus_selector.is_empty() {
             return Err("prometheus-selector: only with evidence from Prometheus".to_string());
+        }
+        if self.metrics.len() > crate::user_metrics::MAX_METRICS {
+            return Err(format!(
+                "metric: {} metrics, at most {}",
+                self.metrics.len(),
+                crate::user_metrics::MAX_METRICS
+            ));
+        }
+        for (i, metric) in self.metrics.iter().enumerate() {
+            metric.check()?;
+            if self.metrics.iter().take(i).any(|m| m.name == metric.name) {
+                return Err(format!("metric {}: named twice", metric.name));
+            }
         }
         if self.stable_cluster == self.canary_cluster {
             return Err(format!(
@@ -411,6 +429,9 @@ pub struct Rollout {
     /// When the last tick after the warm-up was observed.
     #[serde(default)]
     pub last_tick_unix: u64,
+    /// The evidence of each of the plan's own metrics (`--metric`), in the plan's order.
+    #[serde(default)]
+    pub metrics: Vec<Evidence>,
     /// Its totals over time, for the rollout page's charts (see [`ChartPoint`]).
     #[serde(default)]
     pub chart: Vec<ChartPoint>,
@@ -490,6 +511,7 @@ impl Rollout {
         let Some(Step::Percent(first)) = plan.steps.first().copied() else {
             return Err("steps: the first step must be a percentage".to_string());
         };
+        let plan_metrics = plan.metrics.len();
         let mut rollout = Self {
             plan,
             phase: Phase::Progressing,
@@ -515,6 +537,7 @@ impl Rollout {
             gap: None,
             last_tick_unix: 0,
             notices: 0,
+            metrics: vec![Evidence::default(); plan_metrics],
             chart: Vec::new(),
         };
         rollout.record(now, format!("started at {}", rollout.step_name()));
@@ -635,6 +658,47 @@ impl Rollout {
             return Some(self.finish_rolled_back(now, why));
         }
         None
+    }
+
+    /// Each of the application's metrics sees what it moved this tick (`ticks`, in the plan's order; None:
+    /// nothing moved or no answer). Rolls back when one's evidence reaches its threshold.
+    pub fn observe_metrics(&mut self, ticks: &[Option<Tick>], now: u64) -> Option<Action> {
+        if self.phase.finished() || now < self.counted_from_unix {
+            return None;
+        }
+        let alpha = self.plan.test_alpha();
+        let mut rejected = None;
+        for (i, tick) in ticks.iter().enumerate() {
+            let (Some(tick), Some(evidence)) = (tick, self.metrics.get_mut(i)) else {
+                continue;
+            };
+            evidence.observe(*tick);
+            if rejected.is_none() && evidence.rejects(alpha) {
+                rejected = Some(i);
+            }
+        }
+        let i = rejected?;
+        let (Some(metric), Some(e)) = (self.plan.metrics.get(i), self.metrics.get(i)) else {
+            return None;
+        };
+        let (canary, stable) = e.rates();
+        let why = format!(
+            "metric {}: {:.2}% on {} vs {:.2}% on {} ({}/{} vs {}/{} events per request), evidence {} ≥ {:.0} ({}) at {}",
+            metric.name,
+            canary * 100.0,
+            self.plan.canary,
+            stable * 100.0,
+            self.plan.stable,
+            e.canary_bad,
+            e.canary_requests,
+            e.stable_bad,
+            e.stable_requests,
+            evidence_text(e.e_value()),
+            1.0 / alpha,
+            self.alpha_text(),
+            self.step_name()
+        );
+        Some(self.finish_rolled_back(now, why))
     }
 
     /// A test's rollback line, led by the canary's health when its hosts are down: the errors of a canary that
@@ -949,6 +1013,11 @@ impl Rollout {
                 .iter()
                 .map(|c| over(c.evidence.e_value(), test_threshold)),
         );
+        evidence.extend(
+            self.metrics
+                .iter()
+                .map(|m| over(m.e_value(), test_threshold)),
+        );
         let alpha = self.plan.findings_alpha();
         let strongest = self
             .findings
@@ -1227,6 +1296,7 @@ pub(crate) mod tests {
             evidence: Source::Envoy,
             prometheus_selector: String::new(),
             findings: false,
+            metrics: Vec::new(),
         }
     }
 

@@ -239,6 +239,8 @@ pub struct Server {
     pub max_report_rate: u64,
     /// When a refused report of each node was last logged (once a minute per node).
     refused_logged: Mutex<BTreeMap<String, u64>>,
+    /// Per (rollout, metric name): the application's counters, as last read from Prometheus.
+    metric_counters: Mutex<BTreeMap<(String, String), crate::user_metrics::MetricCounters>>,
     /// Where the rollouts' changes are told (`serve --notify`).
     pub notifier: Option<Arc<crate::notifier::Notifier>>,
 }
@@ -356,6 +358,7 @@ impl Server {
             max_report_rate: DEFAULT_MAX_REPORT_RATE,
             refused_logged: Mutex::new(BTreeMap::new()),
             notifier: None,
+            metric_counters: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -420,6 +423,36 @@ impl Server {
         let mut counters = Counters::default();
         counters.advance(samples, now_unix());
         lock(&self.prometheus_counters).insert(rollout.to_string(), counters);
+    }
+
+    /// A rollout's metric starts from this answer.
+    pub fn metric_start(
+        &self,
+        rollout: &str,
+        metric: &crate::user_metrics::MetricPlan,
+        samples: &[crate::prometheus::Sample],
+        stable: &str,
+        canary: &str,
+    ) {
+        let mut counters = crate::user_metrics::MetricCounters::default();
+        counters.advance(samples, stable, canary);
+        lock(&self.metric_counters).insert((rollout.to_string(), metric.name.clone()), counters);
+    }
+
+    /// What a rollout's metric moved since its previous answer (`samples`). A replica that did not start the
+    /// rollout (or restarted) takes its first answer as a starting point.
+    pub fn metric_advance(
+        &self,
+        rollout: &str,
+        metric: &crate::user_metrics::MetricPlan,
+        samples: &[crate::prometheus::Sample],
+        stable: &str,
+        canary: &str,
+    ) -> crate::user_metrics::Moved {
+        lock(&self.metric_counters)
+            .entry((rollout.to_string(), metric.name.clone()))
+            .or_default()
+            .advance(samples, stable, canary)
     }
 
     /// What a rollout's Prometheus counters moved since its previous answer (`samples` is the new one).

@@ -20,6 +20,8 @@ pub struct Inputs {
     pub availability: Availability,
     /// What the source lacks this tick (Prometheus did not answer, or did not scrape an Envoy).
     pub missing: Vec<String>,
+    /// What each of the application's metrics moved (the plan's order; None: nothing, or no answer).
+    pub metrics: Vec<Option<Tick>>,
 }
 
 /// A source of a rollout's evidence.
@@ -47,6 +49,7 @@ impl EvidenceSource for EnvoyStreams<'_> {
                 served: share.served,
             },
             missing: Vec::new(),
+            metrics: Vec::new(),
         }
     }
 }
@@ -99,6 +102,7 @@ impl EvidenceSource for PrometheusScrapes<'_> {
                 .iter()
                 .map(|envoy| format!("Prometheus: no series from {envoy} (not scraped)"))
                 .collect(),
+            metrics: Vec::new(),
         }
     }
 }

@@ -123,16 +123,19 @@ def canaryctl(processes):
 
 @pytest.fixture
 def prometheus(processes):
-    """prometheus(envoys, job="envoy", port=0) -> a real Prometheus server scraping those Envoys' /stats/prometheus every second
-    (job "envoy"), ready and with every target up."""
+    """prometheus(envoys, job="envoy", port=0, apps=None) -> a real Prometheus server scraping those Envoys'
+    /stats/prometheus every second (job "envoy"), and the `apps` (upstreams) /metrics (job "app"), ready and with
+    every target up."""
 
-    def start(envoys, job="envoy", port=0):
+    def start(envoys, job="envoy", port=0, apps=None):
+        apps = apps or []
         server = lab.Prometheus(tempfile.mkdtemp(prefix="prometheus-test-"),
-                                [f"127.0.0.1:{e.admin_port}" for e in envoys], job=job, port=port)
+                                [f"127.0.0.1:{e.admin_port}" for e in envoys], job=job, port=port,
+                                apps=[f"127.0.0.1:{a.port}" for a in apps])
         processes.append(server)
         server.start()
-        lab.eventually(lambda: server.scraped(len(envoys)), deadline_s=30, interval_s=0.2,
-                       what="Prometheus scraping every Envoy")
+        lab.eventually(lambda: server.scraped(len(envoys) + len(apps)), deadline_s=30, interval_s=0.2,
+                       what="Prometheus scraping every Envoy and app")
         return server
 
     return start

@@ -37,7 +37,9 @@ class Upstream:
     same per request ("POST /checkout": 0.3, or (0.3, 500) for another status, by method and path prefix; the
     first match wins over `fail_rate`);
     with `delay_s`, every answer but /healthz's waits that long. `app_requests` counts the requests that are not
-    health checks."""
+    health checks. A business counter of its own, per version, on GET /metrics (Prometheus's text format): every
+    app request is a payment (`payments_total`), and `decline_rate` of them are declined
+    (`payments_declined_total`), answered 200 all the same: only the app's own metric sees it."""
 
     def __init__(self, version: str):
         self.version = version
@@ -47,8 +49,12 @@ class Upstream:
         self.fail_rules: dict[str, float] = {}
         self.delay_s = 0.0
         self.failed = 0
+        self.decline_rate = 0.0
+        self.payments = 0
+        self.declined = 0
         upstream = self
         failures = random.Random(version)
+        declines = random.Random("declines-" + version)
         counting = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +65,17 @@ class Upstream:
                 length = int(self.headers.get("content-length") or 0)
                 if length:
                     self.rfile.read(length)
+                if self.path == "/metrics":
+                    with counting:
+                        text = (f'payments_total{{version="{upstream.version}"}} {upstream.payments}\n'
+                                f'payments_declined_total{{version="{upstream.version}"}} {upstream.declined}\n')
+                    body = text.encode()
+                    self.send_response(200)
+                    self.send_header("content-type", "text/plain; version=0.0.4")
+                    self.send_header("content-length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 upstream.requests += 1
                 if self.path != "/healthz":
                     with counting:
@@ -68,6 +85,9 @@ class Upstream:
                         rate, status = rule if isinstance(rule, tuple) else (rule, 503)
                         fail = rate and failures.random() < rate
                         upstream.failed += 1 if fail else 0
+                        if not fail:
+                            upstream.payments += 1
+                            upstream.declined += 1 if declines.random() < upstream.decline_rate else 0
                     if upstream.delay_s:
                         time.sleep(upstream.delay_s)
                     if fail:

@@ -191,6 +191,14 @@ function showRollout(r, status) {
     tr.dataset.test = "latency_" + c.slower_than_us;
     tests.push(tr);
   }
+  for (const m of r.metrics || []) {
+    const tr = row(["metric " + m.name,
+      m.canary_events + " / " + m.canary_requests + " (" + pct(m.canary_rate) + ")",
+      m.stable_events + " / " + m.stable_requests + " (" + pct(m.stable_rate) + ")",
+      evidence(m.e_value), evidence(m.threshold)], [1, 2, 3, 4]);
+    tr.dataset.test = "metric_" + m.name;
+    tests.push(tr);
+  }
   fill($("tests").querySelector("tbody"), tests);
 
   const f = r.findings;

@@ -87,6 +87,37 @@ impl Server {
         }
     }
 
+    /// The application's metrics of a rollout (`--metric`), from Prometheus: what each moved since the
+    /// previous tick. A metric without an answer, or without a version's requests, is evidence missing: the
+    /// step holds.
+    async fn metric_inputs(&self, rollout: &Rollout, inputs: &mut Inputs) {
+        let plan = &rollout.plan;
+        for metric in &plan.metrics {
+            let query = crate::user_metrics::query(metric, &plan.stable, &plan.canary);
+            let moved = match self.prometheus_query(&query).await {
+                Ok(samples) => {
+                    self.metric_advance(&plan.rollout, metric, &samples, &plan.stable, &plan.canary)
+                }
+                Err(err) => {
+                    inputs.missing.push(format!(
+                        "metric {}: Prometheus: no answer ({})",
+                        metric.name,
+                        err.rsplit(": ").next().unwrap_or(&err)
+                    ));
+                    inputs.metrics.push(None);
+                    continue;
+                }
+            };
+            for version in &moved.missing {
+                inputs.missing.push(format!(
+                    "metric {}: no series of {version}'s requests",
+                    metric.name
+                ));
+            }
+            inputs.metrics.push(moved.tick);
+        }
+    }
+
     /// Runs the rollouts: every second, the load reported since the previous tick goes to each active
     /// rollout, and what it decides (a step, a promotion, a rollback) is written like an operator's change.
     pub async fn run_rollouts(self: Arc<Self>) {
@@ -150,7 +181,8 @@ impl Server {
             for current in active {
                 let name = current.plan.rollout.clone();
                 let share = shares.remove(&name).unwrap_or_default();
-                let inputs = self.inputs(&current, &share).await;
+                let mut inputs = self.inputs(&current, &share).await;
+                self.metric_inputs(&current, &mut inputs).await;
                 let reports = &share.reports;
                 let events: BTreeMap<Signature, Events> = share.events.iter().cloned().collect();
                 let now = now_unix();
