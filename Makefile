@@ -166,7 +166,7 @@ bench: bench-tools bench-filters ## The benchmark: instructions per request (dir
 	cargo run --release --example microbench
 	$(PYTHON) tools/bench.py $(BENCH_ARGS)
 
-demo: wasm canaryctl ## The local demo, no Docker: two app versions, canaryctl, Envoy, a ramp 0→100 % under traffic
+demo: wasm canaryctl install-prometheus ## The local demo, no Docker: two app versions, canaryctl, Envoy, a ramp 0→100 % under traffic
 	$(PYTHON) tools/demo.py local $(DEMO_ARGS)
 
 demo-ha: wasm canaryctl install-etcd ## Replicas: 3 etcd members, 3 canaryctl, 2 Envoys, a rollout whose leader is killed

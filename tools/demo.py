@@ -66,7 +66,10 @@ class Users:
     """Simulated users on keep-alive connections; each request is one user's, chosen at random, and one of
     `requests` ((weight, method, path) with `{n}` for a random number), chosen independently of the user."""
 
-    def __init__(self, url: str, users: int, clients: int, requests: list[tuple[int, str, str]] | None = None):
+    def __init__(self, url: str, users: int, clients: int, requests: list[tuple[int, str, str]] | None = None,
+                 on_answer=None):
+        """`on_answer(method, path, version, status)`: called for each answer (the demo's business metrics)."""
+        self.on_answer = on_answer
         parsed = urllib.parse.urlsplit(url)
         self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
         # Realistic, diverse ids (seeded, so every run has the same users).
@@ -103,6 +106,8 @@ class Users:
                 with self.lock:
                     self.non_2xx[type(err).__name__] += 1
                 continue
+            if self.on_answer is not None:
+                self.on_answer(method, path, version, status)
             with self.lock:
                 if 200 <= status < 300:
                     self.total[version] += 1
@@ -304,20 +309,27 @@ def rollout_line(r: dict) -> str:
             f"(rolls back at {errors['threshold']:.0f}) │ signatures {len(signatures)}, {finding}")
 
 
-def start_rollout(server: str, hold: float) -> None:
-    """`canaryctl rollout start` of v2 through 5,25,50,100 %, each step held at least `hold` seconds."""
+# The business metric the local demo's releases are also judged on: searches that found nothing, per search.
+BUSINESS_METRIC = ["--metric", 'empty_searches=demo_searches_empty_total{job="app",version="{version}"}',
+                   "--metric-requests", 'empty_searches=demo_searches_total{job="app",version="{version}"}']
+
+
+def start_rollout(server: str, hold: float, metric: list[str] | None = None) -> None:
+    """`canaryctl rollout start` of v2 through 5,25,50,100 %, each step held at least `hold` seconds, judged on
+    `metric` too (--metric flags)."""
     result = subprocess.run([lab.CANARYCTL, "--server", server, "rollout", "start", "web", "--canary", "v2",
                              "--steps", "5,25,50,100", "--hold", f"{hold:g}s", "--min-canary-requests", "100",
                              "--stable-cluster", "app-v1", "--canary-cluster", "app-v2", "--canary-route-cluster", "app-v2-or-v1",
-                             "--timeout", "15"],
+                             "--timeout", "15", *(metric or [])],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"canaryctl rollout start failed: {result.stderr.strip()}")
 
 
-def release(control: lab.Canaryctl, users: "Users", hold: float, deadline_s: float = 180) -> dict:
+def release(control: lab.Canaryctl, users: "Users", hold: float, deadline_s: float = 180,
+            metric: list[str] | None = None) -> dict:
     """`canaryctl rollout start` v2, then its progress live until it is promoted or rolled back."""
-    start_rollout(control.server, hold)
+    start_rollout(control.server, hold, metric)
     tty = sys.stdout.isatty()
     started, line, last_step = time.monotonic(), "", ""
     while time.monotonic() - started < deadline_s:
@@ -363,6 +375,55 @@ def redeploy(apps: dict, version: str, fail_percent: int, run_dir: str,
 NOTIFY_SECRET = b"the demo's notification secret, 0123456789"
 
 
+class SearchMetrics:
+    """Stands in for the apps' own business metrics (the demo's apps are Envoys answering fixed bodies, and count
+    nothing of the kind): for each GET /search a version answered 200, the demo counts a search of that version,
+    and marks it empty (found nothing) at the share `empty` gives that version, as a build with a broken index
+    would. Served on /metrics in Prometheus's text format (demo_searches_total, demo_searches_empty_total, by
+    version), for a real Prometheus to scrape."""
+
+    def __init__(self):
+        import http.server
+        self.empty = {"v1": 0.02, "v2": 0.02}
+        self.searches = Counter()
+        self.found_nothing = Counter()
+        self.lock = threading.Lock()
+        self.rng = random.Random(7)
+        metrics = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                with metrics.lock:
+                    lines = [line for v in sorted(metrics.searches) for line in (
+                        f'demo_searches_total{{version="{v}"}} {metrics.searches[v]}',
+                        f'demo_searches_empty_total{{version="{v}"}} {metrics.found_nothing[v]}')]
+                body = ("\n".join(lines) + "\n").encode()
+                self.send_response(200)
+                self.send_header("content-type", "text/plain; version=0.0.4")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def on_answer(self, method: str, path: str, version: str, status: int):
+        if method == "GET" and path.startswith("/search") and status == 200 and version in self.empty:
+            with self.lock:
+                self.searches[version] += 1
+                if self.rng.random() < self.empty[version]:
+                    self.found_nothing[version] += 1
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def notification_log(path: str):
     """Appends each notification's text to `path`."""
     def log(line: str):
@@ -380,28 +441,35 @@ def notified(receiver: "lab.Receiver", seen: int) -> int:
     return len(events)
 
 
-def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list, receiver: "lab.Receiver") -> int:
+def release_loop(args, control: lab.Canaryctl, apps: dict, processes: list, receiver: "lab.Receiver",
+                 search: SearchMetrics) -> int:
     print("\nThe release loop: `canaryctl rollout start` moves v2 through 5,25,50,100 % by itself, comparing its")
     print("errors, latency and error signatures with v1's, from Envoy's reports (they count the attempts the fallback")
     print("hid from users) and its failure access logs. Traffic now: 59 % GET /, 40 % GET /search, 1 % POST /checkout;")
-    print("GET /search fails 2.5 % of the time on both versions (a flaky dependency: a known caveat of v1).\n")
+    print("GET /search fails 2.5 % of the time on both versions (a flaky dependency: a known caveat of v1).")
+    print("Each release is also judged on a business metric, from a real Prometheus: searches that found nothing, per")
+    print("search (2 % on v1), as `--metric empty_searches=…` (the demo counts them for its apps, which cannot).\n")
     CanaryctlPublisher(control.server)(0)
-    users = Users(f"http://127.0.0.1:{args.port}", args.users, args.clients, RELEASE_REQUESTS)
+    users = Users(f"http://127.0.0.1:{args.port}", args.users, args.clients, RELEASE_REQUESTS,
+                  on_answer=search.on_answer)
     users.start()
     expected_failures = {("GET", "/search", 500)}
     seen = len(receiver.events)
     try:
-        for title, fail_percent, faults, expected in (
-                ("1. A buggy v2 (503 on 5 % of its requests; /healthz stays green):", 5, None, "rolled_back"),
+        for title, fail_percent, faults, empty, expected in (
+                ("1. A buggy v2 (503 on 5 % of its requests; /healthz stays green):", 5, None, 0.02, "rolled_back"),
                 ("2. A v2 that breaks one endpoint (POST /checkout answers 500 half the time, 0.5 % of its requests):",
-                 0, {"POST /checkout": (500, 50.0)}, "rolled_back"),
-                ("3. v2 fixed:", 0, None, "promoted")):
+                 0, {"POST /checkout": (500, 50.0)}, 0.02, "rolled_back"),
+                ("3. A v2 whose searches find nothing 3 times as often (6 %; every answer a 200: Envoy sees no error):",
+                 0, None, 0.06, "rolled_back"),
+                ("4. v2 fixed:", 0, None, 0.02, "promoted")):
             print(title)
+            search.empty["v2"] = empty
             redeploy(apps, "v2", fail_percent, RUN_DIR, faults)
             processes.append(apps["v2"][0])
             if faults:
                 expected_failures |= {(e.split()[0], e.split()[1], status) for e, (status, _) in faults.items()}
-            outcome = release(control, users, args.release_hold)
+            outcome = release(control, users, args.release_hold, metric=BUSINESS_METRIC)
             if outcome["phase"] != expected:
                 raise RuntimeError(f"v2 ended {outcome['phase']}, not {expected}: {outcome.get('reason')}")
             # The receiver has the verdict within a moment (delivery never holds the rollout up).
@@ -465,6 +533,10 @@ def built(target: str, more: list[tuple[str, str]] | None = None) -> bool:
 def local(args) -> int:
     if not built("make demo"):
         return 2
+    if not args.no_release_loop and shutil.which(lab.PROMETHEUS) is None:
+        print(f"missing {lab.PROMETHEUS}: run `make demo`, which installs Debian's prometheus (the release loop "
+              f"judges each release on a business metric read from it), or pass --no-release-loop", file=sys.stderr)
+        return 2
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     ecds_dir = os.path.join(RUN_DIR, "ecds")
     os.makedirs(ecds_dir)
@@ -495,10 +567,13 @@ def local(args) -> int:
         receiver = lab.Receiver(secret=NOTIFY_SECRET, log=notification_log(os.path.join(RUN_DIR, "notifications.log")))
         stops.append(receiver.close)
         # Port 0 (canaryctl's ports, Envoy's admin): a free port, learned once the process runs.
+        # A real Prometheus scrapes Envoy and the business metric: its port is chosen now, for canaryctl.
+        prometheus_port = lab.free_port()
         control = lab.Canaryctl(RUN_DIR, init_config=plugin_config(args.steps[0]), xds_port=args.xds_port,
                                 admin_port=args.canaryctl_port,
                                 extra_args=["--notify", receiver.url + "/hooks/releases",
-                                            "--notify-secret-file", secret_path])
+                                            "--notify-secret-file", secret_path,
+                                            "--prometheus-url", f"http://127.0.0.1:{prometheus_port}"])
         processes.append(control.start())
         where = lab.FrontAddresses(listener_port=args.port, admin_port=args.admin_port,
                                    upstream_ports={"v1": args.v1_port, "v2": args.v2_port}, xds_port=control.xds_port)
@@ -521,7 +596,17 @@ def local(args) -> int:
                      args.users, args.clients)
         if code != 0 or args.no_release_loop:
             return code
-        return release_loop(args, control, apps, processes, receiver)
+        search = SearchMetrics()
+        stops.append(search.close)
+        prometheus_dir = os.path.join(RUN_DIR, "prometheus")
+        os.makedirs(prometheus_dir)
+        prometheus = lab.Prometheus(prometheus_dir, [f"127.0.0.1:{envoy.admin_port}"], port=prometheus_port,
+                                    apps=[f"127.0.0.1:{search.port}"])
+        processes.append(prometheus.start())
+        lab.eventually(lambda: prometheus.scraped(2), deadline_s=30, interval_s=0.2,
+                       what="Prometheus scraping Envoy and the search metrics")
+        print(f"Prometheus on {prometheus.url} scrapes Envoy and the business metric (searches that found nothing)")
+        return release_loop(args, control, apps, processes, receiver, search)
     except KeyboardInterrupt:
         print("\ninterrupted")
         return 130

@@ -1130,7 +1130,8 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         &shares,
     );
     // Real numbers: written apart from the integer samples above. One series per test: the errors, each
-    // latency bound ("latency_1000us": slower than 1 ms), and the findings (the signature with most evidence).
+    // latency bound ("latency_1000us": slower than 1 ms), each of the application's metrics ("metric_declines"),
+    // and the findings (the signature with most evidence).
     let tests: Vec<(&Rollout, String, f64, f64)> = rollouts
         .iter()
         .flat_map(|r| {
@@ -1147,6 +1148,15 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
                         threshold,
                     )
                 }))
+                .chain(
+                    r.plan
+                        .metrics
+                        .iter()
+                        .zip(r.metrics.iter())
+                        .map(move |(m, e)| {
+                            (r, format!("metric_{}", m.name), e.e_value(), threshold)
+                        }),
+                )
                 .chain(std::iter::once(findings))
         })
         .collect();

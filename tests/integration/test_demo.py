@@ -20,7 +20,7 @@ def demo(args: list[str], holds: list[lab.PortHold]) -> tuple[subprocess.Complet
     return proc, proc.stdout + proc.stderr
 
 
-def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout_promotes_a_fixed_one_and_cleans_up():
+def test_the_local_demo_ramps_rolls_back_a_buggy_v2_one_that_breaks_checkout_and_one_that_hurts_a_business_metric_promotes_a_fixed_one_and_cleans_up():
     # The Envoy listeners' ports are held until the demo ends (Envoy binds beside the hold); Envoy's admin
     # and canaryctl take port 0 and say which port they got.
     listener, v1, v2 = ports = [lab.PortHold() for _ in range(3)]
@@ -36,7 +36,7 @@ def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout
     # none of its 503s: the fallback retried them). Its failures show as errors of v2's hosts, as slower requests
     # on v2's route, and as failed attempts in Envoy's access logs.
     rolled_back = re.findall(r"   rolled back: (.*)", out)
-    assert len(rolled_back) == 2, out
+    assert len(rolled_back) == 3, out
     assert re.match(r"(errors [\d.]+% on v2 vs [\d.]+% on v1|latency: [\d.]+% of v2 requests slower than .* vs [\d.]+% "
                     r"of v1|finding new on v2: attempt GET / 503) .*evidence \S+ ≥ \d+ ", rolled_back[0]), out
     # 2: the v2 that breaks only POST /checkout (0.5 % of its requests) is rolled back, by that signature or by its
@@ -46,7 +46,12 @@ def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout
                     r"errors [\d.]+% on v2 vs [\d.]+% on v1) .*evidence \S+ ≥ \d+ ", rolled_back[1]), out
     assert re.search(r"new\b.*? \d+ \([\d.]+%\) +0 \(0\.00%\) .* (request|attempt) POST /checkout/\{n\} 500", out), out
     assert re.search(r"known .* (request|attempt) GET /search 500", out), out
-    # 3: the fixed v2 promoted.
+    # 3: the v2 whose searches find nothing 3× as often, answering 200 to all: rolled back by the business metric
+    # read from a real Prometheus, Envoy's errors test seeing nothing.
+    assert re.match(r"metric empty_searches: [\d.]+% on v2 vs [\d.]+% on v1 \(\d+/\d+ vs \d+/\d+ events per request\), "
+                    r"evidence \S+ ≥ \d+ ", rolled_back[2]), out
+    assert re.search(r"Prometheus on http://127\.0\.0\.1:\d+ scrapes Envoy and the business metric", out), out
+    # 4: the fixed v2 promoted.
     assert "   promoted: every step passed: v2 is stable now" in out, out
     # ... and after it every user is on v2 (Envoy's default route still serves v1).
     after = re.search(r"   after the promotion: v2 served (\d+) of (\d+) requests \(100\.0%\)", out)
@@ -57,7 +62,7 @@ def test_the_local_demo_ramps_rolls_back_a_buggy_v2_and_one_that_breaks_checkout
     assert re.search(r"GET /search 500: \d+ \(the flaky search both versions share", out), out
     # Every change of each release was posted to the demo's receiver, signed, and verified by it.
     notified = re.findall(r"   notified \(signature verified\): (\w+): rollout web: v2 ", out)
-    assert notified.count("started") == 3 and notified.count("rolled_back") == 2, out
+    assert notified.count("started") == 4 and notified.count("rolled_back") == 3, out
     assert notified.count("promoted") == 1 and notified.count("step_passed") >= 3, out
     page = re.search(r"the rollout page: (http://127\.0\.0\.1:\d+/) ", out)
     assert page, out

@@ -5,6 +5,7 @@ equal one is promoted. A query Prometheus refuses is refused at the start, namin
 
 import os
 import tempfile
+import urllib.request
 
 from harness import Traffic
 from lab import eventually, free_port
@@ -78,3 +79,8 @@ def test_a_canary_declining_payments_three_times_as_often_is_rolled_back_by_that
     assert float(total[0]["value"][1]) > 0, total
     shown = server.run("rollout", "status", "web")
     assert "metric declines: v2 " in shown.stdout, shown.stdout
+    with urllib.request.urlopen(f"{server.server}/metrics") as r:
+        text = r.read().decode()
+    assert 'canaryctl_rollout_evidence{rollout="web",metric="metric_declines"} ' in text, text
+    # The figures behind the closing note.
+    print(f"\n3x declines: {worse['reason']}\nequal: {equal['metrics'][0]}")
