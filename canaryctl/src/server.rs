@@ -8,7 +8,8 @@
 //! (the Envoys' streams, Prometheus) are behind one trait in `sources.rs`; the judge, pure, is `judge.rs`,
 //! and the rules it applies are `rollout.rs`, `analysis.rs`, `coverage.rs`, `availability.rs`,
 //! `findings.rs`. The store is `store/` (a file or etcd), the leader's election `leader.rs`, the wire types
-//! of the report streams `intake.rs`, the xDS and admin surfaces `xds.rs` and `admin.rs`.
+//! of the report streams `intake.rs`, the xDS and admin surfaces `xds.rs` and `admin.rs` (with the rollout
+//! page, `page/` and `charts.rs`). Each write's changes to a rollout are told by `notify.rs` and `notifier.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
