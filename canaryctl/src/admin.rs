@@ -1281,11 +1281,7 @@ async fn rollout_chart(State(server): State<Arc<Server>>, uri: axum::http::Uri) 
             "chart: give ?rollout=NAME&chart=traffic|errors|latency|evidence",
         );
     };
-    let Some(r) = server
-        .rollouts()
-        .into_iter()
-        .find(|r| r.plan.rollout == name)
-    else {
+    let Some(r) = server.rollout(&name) else {
         return error(
             StatusCode::NOT_FOUND,
             format!(
@@ -1582,10 +1578,8 @@ async fn rollout_write(
     match server.change(by, edit).await {
         Ok(outcome) => {
             let view = server
-                .rollouts()
-                .iter()
-                .find(|r| r.plan.rollout == name)
-                .map(|r| rollout_view(r, &server.envoys()));
+                .rollout(&name)
+                .map(|r| rollout_view(&r, &server.envoys()));
             Json(json!({
                 "version": outcome.version,
                 "changed": outcome.changed,
@@ -1663,9 +1657,8 @@ async fn prometheus_start(
         .map(|samples| crate::prometheus::histogram_of(&samples));
     // A running rollout of that name keeps its counters (the start is refused below).
     let running = server
-        .rollouts()
-        .iter()
-        .any(|r| r.plan.rollout == req.rollout && !r.phase.finished());
+        .rollout(&req.rollout)
+        .is_some_and(|r| !r.phase.finished());
     if !running {
         server.prometheus_start(&req.rollout, &samples);
     }

@@ -681,23 +681,7 @@ impl Rollout {
         let (Some(metric), Some(e)) = (self.plan.metrics.get(i), self.metrics.get(i)) else {
             return None;
         };
-        let (canary, stable) = e.rates();
-        let why = format!(
-            "metric {}: {:.2}% on {} vs {:.2}% on {} ({}/{} vs {}/{} events per request), evidence {} ≥ {:.0} ({}) at {}",
-            metric.name,
-            canary * 100.0,
-            self.plan.canary,
-            stable * 100.0,
-            self.plan.stable,
-            e.canary_bad,
-            e.canary_requests,
-            e.stable_bad,
-            e.stable_requests,
-            evidence_text(e.e_value()),
-            1.0 / alpha,
-            self.alpha_text(),
-            self.step_name()
-        );
+        let why = self.versus_line(&format!("metric {}:", metric.name), e, "events per request");
         Some(self.finish_rolled_back(now, why))
     }
 
@@ -1118,10 +1102,15 @@ impl Rollout {
 
     /// The line a person reads at 05:00: the metric, canary vs stable, the evidence and its threshold.
     pub fn rollback_reason(&self) -> String {
-        let e = &self.errors;
+        self.versus_line("errors", &self.errors, "requests")
+    }
+
+    /// "`test` 2.00% on v2 vs 0.10% on v1 (3/150 vs 1/1000 `per`), evidence 120.3 ≥ 100 (1/α, …) at step …":
+    /// a count test's rollback line (the errors, or an application's metric), at the test's share of α.
+    fn versus_line(&self, test: &str, e: &Evidence, per: &str) -> String {
         let (canary, stable) = e.rates();
         format!(
-            "errors {:.2}% on {} vs {:.2}% on {} ({}/{} vs {}/{} requests), evidence {} ≥ {:.0} ({}) at {}",
+            "{test} {:.2}% on {} vs {:.2}% on {} ({}/{} vs {}/{} {per}), evidence {} ≥ {:.0} ({}) at {}",
             canary * 100.0,
             self.plan.canary,
             stable * 100.0,

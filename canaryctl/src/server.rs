@@ -426,7 +426,7 @@ impl Server {
         lock(&self.prometheus_counters).insert(rollout.to_string(), counters);
     }
 
-    /// A rollout's metric starts from this answer.
+    /// A rollout's metric starts from this answer (whatever an earlier rollout of that name left).
     pub fn metric_start(
         &self,
         rollout: &str,
@@ -435,9 +435,8 @@ impl Server {
         stable: &str,
         canary: &str,
     ) {
-        let mut counters = crate::user_metrics::MetricCounters::default();
-        counters.advance(samples, stable, canary);
-        lock(&self.metric_counters).insert((rollout.to_string(), metric.name.clone()), counters);
+        lock(&self.metric_counters).remove(&(rollout.to_string(), metric.name.clone()));
+        self.metric_advance(rollout, metric, samples, stable, canary);
     }
 
     /// What a rollout's metric moved since its previous answer (`samples`). A replica that did not start the
@@ -936,6 +935,11 @@ impl Server {
 
     pub fn rollouts(&self) -> Vec<Rollout> {
         lock(&self.rollouts).values().cloned().collect()
+    }
+
+    /// The rollout of that name (active or finished), without copying the others.
+    pub fn rollout(&self, name: &str) -> Option<Rollout> {
+        lock(&self.rollouts).get(name).cloned()
     }
 }
 

@@ -3,24 +3,16 @@ business counters per version (payments and declined payments: every answer is a
 whose payments are declined three times as often is rolled back by that metric, while Envoy sees no error; an
 equal one is promoted. A query Prometheus refuses is refused at the start, naming the metric."""
 
-import os
 import tempfile
 import urllib.request
 
 from harness import Traffic
 from lab import eventually, free_port
 from test_rollout import CLUSTERS, NOT_ABOUT_LATENCY, config, fleet, rollout
+from test_rollout_prometheus import reset
 
 DECLINES = ["--metric", 'declines=payments_declined_total{job="app",version="{version}"}',
             "--metric-requests", 'declines=payments_total{job="app",version="{version}"}']
-
-
-def reset(server, workdir: str):
-    path = os.path.join(workdir, "config.json")
-    with open(path, "w") as f:
-        f.write(config())
-    result = server.run("apply", "-f", path)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def start(server, *args: str):

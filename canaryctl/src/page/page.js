@@ -178,28 +178,21 @@ function showRollout(r, status) {
       (op === "resume" && r.phase === "progressing");
   }
 
-  const e = r.evidence.errors;
-  const tests = [row(["errors", e.canary_errors + " / " + e.canary_requests + " (" + pct(e.canary_rate) + ")",
-    e.stable_errors + " / " + e.stable_requests + " (" + pct(e.stable_rate) + ")", evidence(e.e_value),
-    evidence(e.threshold)], [1, 2, 3, 4])];
-  tests[0].dataset.test = "errors";
-  for (const c of r.latency.checks || []) {
-    const tr = row(["slower than " + c.slower_than,
-      c.canary_slow + " / " + c.canary_requests + " (" + pct(c.canary_rate) + ")",
-      c.stable_slow + " / " + c.stable_requests + " (" + pct(c.stable_rate) + ")",
-      evidence(c.e_value), evidence(c.threshold)], [1, 2, 3, 4]);
-    tr.dataset.test = "latency_" + c.slower_than_us;
-    tests.push(tr);
-  }
-  for (const m of r.metrics || []) {
-    const tr = row(["metric " + m.name,
-      m.canary_events + " / " + m.canary_requests + " (" + pct(m.canary_rate) + ")",
-      m.stable_events + " / " + m.stable_requests + " (" + pct(m.stable_rate) + ")",
-      evidence(m.e_value), evidence(m.threshold)], [1, 2, 3, 4]);
-    tr.dataset.test = "metric_" + m.name;
-    tests.push(tr);
-  }
-  fill($("tests").querySelector("tbody"), tests);
+  // One row a count test: `bad` names its events in the API ("errors", "slow", "events").
+  const testRow = (key, name, t, bad) => {
+    const tr = row([name,
+      t["canary_" + bad] + " / " + t.canary_requests + " (" + pct(t.canary_rate) + ")",
+      t["stable_" + bad] + " / " + t.stable_requests + " (" + pct(t.stable_rate) + ")",
+      evidence(t.e_value), evidence(t.threshold)], [1, 2, 3, 4]);
+    tr.dataset.test = key;
+    return tr;
+  };
+  fill($("tests").querySelector("tbody"), [
+    testRow("errors", "errors", r.evidence.errors, "errors"),
+    ...(r.latency.checks || []).map((c) =>
+      testRow("latency_" + c.slower_than_us, "slower than " + c.slower_than, c, "slow")),
+    ...(r.metrics || []).map((m) => testRow("metric_" + m.name, "metric " + m.name, m, "events")),
+  ]);
 
   const f = r.findings;
   $("findings-note").textContent = f.canary_requests + " requests on " + r.canary + ", " + f.stable_requests +
